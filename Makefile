@@ -1,0 +1,49 @@
+# The README's commands. `make demo` and `make test` set everything up first (idempotent, fast the second time).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rvla_peft-setup
+# CPU-only machines take the CPU build of torch (a multi-GB CUDA build otherwise); where a GPU driver answers,
+# the default CUDA build.
+TORCH_SPEC ?= $(shell nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check --no-input
+
+.PHONY: setup demo test test-slow test-all lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile rvla_peft/renderer.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e ".[sim,quant,dev]" "$(TORCH_SPEC)"
+	$(PY) -m rvla_peft.renderer install
+	$(PY) -m rvla_peft.renderer check
+	@touch $@
+
+demo: setup
+	$(PY) -m rvla_peft.train recipes/tiny_cpu.yaml overwrite_output_dir=true $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q -m "" $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: setup
+	$(PY) bench/bench_iteration.py
+	$(PY) bench/bench_env.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

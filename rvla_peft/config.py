@@ -1,0 +1,423 @@
+"""Typed configuration: a YAML recipe plus dotted ``key=value`` overrides, checked before anything heavy loads.
+
+    cfg = load_config("recipes/tiny_cpu.yaml", ["ppo.learning_rate=3e-5", "env.num_envs=4"])
+
+Every field carries help text (``python -m rvla_peft.train --help-config`` prints it). An unknown key, a value
+of the wrong type or an impossible value raises :class:`ConfigError` naming the key and, for a typo, the
+nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or an override that cannot be used; the message names the key and the fix."""
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = field(
+        default="builtin:tiny-llava",
+        metadata={
+            "help": "Hub id or local folder of an image-text-to-text model (loaded with Auto classes), or "
+            "'builtin:tiny-llava', a tiny random model built locally from a config (no download)."
+        },
+    )
+    hub_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id recorded as the adapter's base_model_name_or_path. Defaults to name_or_path when "
+            "that is a Hub id; set it when the base is loaded from a local folder."
+        },
+    )
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "Dtype the base weights are loaded in."}
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention kernel passed to from_pretrained ('sdpa', 'eager', ...)."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint."})
+    revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the base model."})
+
+
+@dataclass
+class PolicyConfig:
+    family: str = field(
+        default="action_tokens",
+        metadata={"help": "Policy family (see rvla_peft.policies.registry): 'action_tokens' = OpenVLA-style."},
+    )
+    prompt_template: str = field(
+        default="In: What action should the robot take to {instruction}?\nOut:",
+        metadata={"help": "Prompt; {instruction} is replaced by the task's instruction."},
+    )
+    action_dim: int = field(default=7, metadata={"help": "Dimensions of the action the env executes."})
+    n_bins: int = field(default=256, metadata={"help": "Action bins, on the last n_bins vocabulary ids."})
+    action_low: list[float] | None = field(
+        default=None,
+        metadata={"help": "Per-dimension q01 used to un-normalise [-1, 1] to env actions (None: identity)."},
+    )
+    action_high: list[float] | None = field(
+        default=None, metadata={"help": "Per-dimension q99 used to un-normalise (None: identity)."}
+    )
+    value_head_hidden: int = field(default=256, metadata={"help": "Width of the value head's hidden layer."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of action tokens."})
+
+
+@dataclass
+class LoraSettings:
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    target_modules: list[str] | str = field(
+        default="all-linear", metadata={"help": "Module names to adapt, or 'all-linear'."}
+    )
+    exclude_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names never adapted (peft's exclude_modules)."}
+    )
+
+
+@dataclass
+class EnvConfig:
+    task: str = field(default="PickCube-v1", metadata={"help": "ManiSkill3 task id."})
+    num_envs: int = field(default=2, metadata={"help": "Parallel environments per process."})
+    image_size: int = field(default=64, metadata={"help": "Camera width and height in pixels."})
+    camera: str = field(default="base_camera", metadata={"help": "Camera whose RGB image the policy sees."})
+    control_mode: str = field(default="pd_ee_delta_pose", metadata={"help": "ManiSkill controller."})
+    max_episode_steps: int = field(default=50, metadata={"help": "Time limit; the episode is truncated there."})
+    reward_mode: str = field(default="normalized_dense", metadata={"help": "ManiSkill reward mode."})
+    sim_backend: Literal["auto", "physx_cpu", "physx_cuda"] = field(
+        default="auto", metadata={"help": "'auto': physx_cuda when CUDA exists, else CPU envs."}
+    )
+    render_backend: Literal["auto", "cpu", "gpu"] = field(
+        default="auto", metadata={"help": "'auto': gpu with CUDA, else cpu (lavapipe)."}
+    )
+    vectorization: Literal["sync", "async"] = field(
+        default="sync",
+        metadata={"help": "CPU only: gymnasium SyncVectorEnv (one process) or AsyncVectorEnv (a worker per env)."},
+    )
+    instruction: str | None = field(
+        default=None, metadata={"help": "Instruction text; None uses the task's built-in instruction."}
+    )
+    state_keys: list[str] = field(
+        default_factory=lambda: ["agent.qpos", "extra.tcp_pose"],
+        metadata={"help": "Observation entries concatenated into obs['state'] (dotted paths)."},
+    )
+
+
+@dataclass
+class PerturbationSpec:
+    name: str = field(metadata={"help": "Perturbation name (see rvla_peft.envs.perturbations)."})
+    severity: float = field(default=0.5, metadata={"help": "Strength in [0, 1], mapped to a physical range."})
+
+
+@dataclass
+class PerturbConfig:
+    train: list[PerturbationSpec] = field(
+        default_factory=list, metadata={"help": "Perturbations applied while collecting training rollouts."}
+    )
+    eval: list[PerturbationSpec] = field(
+        default_factory=list, metadata={"help": "Perturbed settings evaluated periodically (besides clean)."}
+    )
+
+
+@dataclass
+class PPOConfig:
+    learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate."})
+    num_steps: int = field(default=32, metadata={"help": "Rollout length per env per update."})
+    num_minibatches: int = field(default=4, metadata={"help": "Minibatches per epoch."})
+    update_epochs: int = field(default=2, metadata={"help": "Passes over each rollout."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches each minibatch is split into (saves memory)."}
+    )
+    gamma: float = field(default=0.99, metadata={"help": "Discount factor."})
+    gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    clip_coef: float = field(default=0.2, metadata={"help": "PPO ratio clip."})
+    clip_vloss: bool = field(default=True, metadata={"help": "Clip the value loss around the old values."})
+    vf_coef: float = field(default=0.5, metadata={"help": "Value loss weight."})
+    ent_coef: float = field(default=0.0, metadata={"help": "Entropy bonus weight."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Global gradient-norm clip."})
+    target_kl: float | None = field(
+        default=None, metadata={"help": "Stop the epochs early when approx KL exceeds this (None: never)."}
+    )
+    norm_adv: bool = field(default=True, metadata={"help": "Normalise advantages per minibatch."})
+
+
+@dataclass
+class JacobianConfig:
+    weight: float = field(default=0.0, metadata={"help": "alpha: weight of the Jacobian penalty (0 = off, free)."})
+    form: Literal["hutchinson", "grad_penalty"] = field(
+        default="hutchinson",
+        metadata={
+            "help": "'hutchinson': ||d mean_action / d pixel_values||_F^2 with Rademacher probes; "
+            "'grad_penalty': min(||d log pi(a|s) / d s||^2, g_max), s = visual embeddings (the paper)."
+        },
+    )
+    num_probes: int = field(default=1, metadata={"help": "Hutchinson probes per sample."})
+    fraction: float = field(default=0.25, metadata={"help": "Share of each minibatch the penalty is computed on."})
+    g_max: float = field(default=10.0, metadata={"help": "Clip of the squared gradient norm ('grad_penalty')."})
+
+
+@dataclass
+class SmoothnessConfig:
+    weight: float = field(default=0.0, metadata={"help": "beta: weight of the smoothness penalty (0 = off)."})
+    form: Literal["old_policy", "temporal"] = field(
+        default="old_policy",
+        metadata={
+            "help": "'old_policy': E||mu(s) - mu_old(s)||^2 (the paper); "
+            "'temporal': E||mu(s_t) - mu(s_t+1)||^2 within an episode (CAPS)."
+        },
+    )
+    fraction: float = field(default=0.25, metadata={"help": "'temporal': share of each minibatch used."})
+
+
+@dataclass
+class RegularizerConfig:
+    jacobian: JacobianConfig = field(default_factory=JacobianConfig)
+    smoothness: SmoothnessConfig = field(default_factory=SmoothnessConfig)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = field(default="outputs/run", metadata={"help": "Where the adapter, logs and checkpoints go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output_dir that already holds an adapter."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of envs, sampling and initialisation."})
+    total_updates: int = field(default=10, metadata={"help": "PPO updates (rollout + optimisation) to run."})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(
+        default="no", metadata={"help": "Autocast precision for forward passes."}
+    )
+    cpu: bool = field(default=False, metadata={"help": "Force the CPU even where CUDA exists."})
+    eval_every: int = field(default=0, metadata={"help": "Evaluate every N updates (0: only at the end)."})
+    eval_episodes: int = field(default=4, metadata={"help": "Episodes per evaluated setting (0: no eval)."})
+    save_every: int = field(default=0, metadata={"help": "Checkpoint every N updates (0: never)."})
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"], metadata={"help": "Trackers: 'tensorboard' or none ([])."}
+    )
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    regularizers: RegularizerConfig = field(default_factory=RegularizerConfig)
+
+    def validate(self) -> None:
+        """Values that parse but cannot work. Raises ConfigError naming the key."""
+        from rvla_peft.envs.perturbations import validate_specs  # light: no simulator import
+
+        _check(self.total_updates >= 1, "total_updates", "must be >= 1")
+        _check(self.lora.r >= 1, "lora.r", "must be >= 1")
+        _check(0 <= self.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+        _check(self.env.num_envs >= 1, "env.num_envs", "must be >= 1")
+        _check(self.env.image_size >= 16, "env.image_size", "must be >= 16 pixels")
+        _check(self.env.max_episode_steps >= 1, "env.max_episode_steps", "must be >= 1")
+        _check(self.policy.action_dim >= 1, "policy.action_dim", "must be >= 1")
+        _check(self.policy.n_bins >= 2, "policy.n_bins", "must be >= 2")
+        _check(self.policy.temperature > 0, "policy.temperature", "must be > 0")
+        _check("{instruction}" in self.policy.prompt_template, "policy.prompt_template", "must contain {instruction}")
+        for key in ("action_low", "action_high"):
+            value = getattr(self.policy, key)
+            _check(
+                value is None or len(value) == self.policy.action_dim,
+                f"policy.{key}",
+                f"needs {self.policy.action_dim} values (policy.action_dim), got {value and len(value)}",
+            )
+        ppo = self.ppo
+        _check(ppo.learning_rate > 0, "ppo.learning_rate", "must be > 0")
+        _check(ppo.num_steps >= 1, "ppo.num_steps", "must be >= 1")
+        _check(ppo.update_epochs >= 1, "ppo.update_epochs", "must be >= 1")
+        _check(0 < ppo.gamma <= 1, "ppo.gamma", "must be in (0, 1]")
+        _check(0 <= ppo.gae_lambda <= 1, "ppo.gae_lambda", "must be in [0, 1]")
+        _check(ppo.clip_coef > 0, "ppo.clip_coef", "must be > 0")
+        _check(ppo.max_grad_norm > 0, "ppo.max_grad_norm", "must be > 0")
+        batch = ppo.num_steps * self.env.num_envs
+        _check(
+            1 <= ppo.num_minibatches <= batch,
+            "ppo.num_minibatches",
+            f"must be in [1, num_steps * env.num_envs = {batch}]",
+        )
+        minibatch = batch // ppo.num_minibatches
+        _check(
+            1 <= ppo.gradient_accumulation_steps <= minibatch,
+            "ppo.gradient_accumulation_steps",
+            f"must be in [1, minibatch size = {minibatch}]",
+        )
+        jac, smooth = self.regularizers.jacobian, self.regularizers.smoothness
+        _check(jac.weight >= 0, "regularizers.jacobian.weight", "must be >= 0")
+        _check(jac.num_probes >= 1, "regularizers.jacobian.num_probes", "must be >= 1")
+        _check(0 < jac.fraction <= 1, "regularizers.jacobian.fraction", "must be in (0, 1]")
+        _check(jac.g_max > 0, "regularizers.jacobian.g_max", "must be > 0")
+        _check(smooth.weight >= 0, "regularizers.smoothness.weight", "must be >= 0")
+        _check(0 < smooth.fraction <= 1, "regularizers.smoothness.fraction", "must be in (0, 1]")
+        _check(self.eval_every >= 0 and self.save_every >= 0, "eval_every/save_every", "must be >= 0")
+        _check(self.eval_episodes >= 0, "eval_episodes", "must be >= 0")
+        for key in ("train", "eval"):
+            try:
+                validate_specs(getattr(self.perturb, key))
+            except ValueError as e:
+                raise ConfigError(f"perturb.{key}: {e}") from None
+        for tracker in self.report_to:
+            _check(tracker in ("tensorboard",), "report_to", f"unknown tracker {tracker!r}; use ['tensorboard'] or []")
+        from rvla_peft.policies.registry import POLICY_FAMILIES
+
+        _check(
+            self.policy.family in POLICY_FAMILIES,
+            "policy.family",
+            f"unknown family {self.policy.family!r}; choose one of {sorted(POLICY_FAMILIES)}",
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dict <-> dataclass, with errors that name the key
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            raise ConfigError(
+                f"{key}: {value!r} is not one of {list(choices)}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            suggestion = f"; did you mean '{prefix}{hint[0]}'?" if hint else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{prefix}{key}'{suggestion}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing required key(s): {', '.join(prefix + m for m in missing)}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one ``a.b.c=value`` override to a nested dict; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key=value, e.g. ppo.learning_rate=3e-5")
+    dotted, raw = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: '{k}' is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a recipe (or the defaults when ``path`` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r} not found; see the recipes/ folder for examples")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping of sections")
+    for override in overrides or []:
+        apply_override(data, override)
+    cfg = from_dict(TrainConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def help_text(cls: type = TrainConfig, prefix: str = "") -> str:
+    """Every key with its default and help, for ``--help-config``."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(help_text(hints[f.name], f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
+        )
+        lines.append(f"  {prefix}{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

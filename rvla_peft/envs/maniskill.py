@@ -1,0 +1,382 @@
+"""Batched ManiSkill3 environments behind one small interface, on GPU or CPU simulation.
+
+    envs = make_envs(cfg.env)          # a VecEnv
+    obs = envs.reset(seed=0)           # {"rgb": uint8 [N, H, W, 3], "state": float32 [N, D]} on envs.device
+    step = envs.step(action)           # action [N, action_dim] in [-1, 1]; returns a Step
+
+Finished envs reset automatically within the same ``step``: ``step.obs`` is then the new episode's first
+observation and ``step.final_obs`` holds the last observation of the finished one.
+
+GPU (``physx_cuda``): one ManiSkill env of N sub-scenes behind ``ManiSkillVectorEnv``; every tensor stays on the
+GPU. CPU (``physx_cpu`` allows one env per process): a gymnasium ``SyncVectorEnv`` or ``AsyncVectorEnv`` of N
+single envs. ``AsyncVectorEnv`` starts its workers with "forkserver", so a script using it needs an
+``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from rvla_peft.config import EnvConfig
+
+# Built-in instructions for the tasks whose assets ship inside the mani_skill wheel (they work offline).
+INSTRUCTIONS: dict[str, str] = {
+    "PickCube-v1": "pick up the red cube and move it to the goal",
+    "PushCube-v1": "push the cube to the goal region",
+    "PullCube-v1": "pull the cube to the goal region",
+    "StackCube-v1": "stack the red cube on top of the green cube",
+    "PokeCube-v1": "use the peg to poke the red cube to the goal",
+    "PlaceSphere-v1": "place the sphere into the shallow bin",
+    "LiftPegUpright-v1": "lift the peg and stand it upright on the table",
+    "PegInsertionSide-v1": "pick up the peg and insert it into the hole in the box",
+    "PushT-v1": "push the T-shaped block onto the target",
+    "RollBall-v1": "push the ball so that it rolls into the goal region",
+    "PlugCharger-v1": "plug the charger into the receptacle",
+    "PullCubeTool-v1": "use the L-shaped tool to pull the cube to the goal region",
+    "StackPyramid-v1": "place the red cube next to the green cube and stack the blue cube on top of both",
+    "PickCubeSO100-v1": "pick up the cube and move it to the goal",
+}
+
+Obs = dict[str, torch.Tensor]
+
+
+@dataclass
+class Step:
+    """What one ``VecEnv.step`` returns; the ``episode_*`` fields are valid only where ``terminated | truncated``."""
+
+    obs: Obs  # after auto-reset for envs that ended this step
+    reward: torch.Tensor  # [N] float32
+    terminated: torch.Tensor  # [N] bool: success/failure, no bootstrap
+    truncated: torch.Tensor  # [N] bool: time limit and not terminated, bootstrap from final_obs
+    final_obs: Obs | None  # full batch; rows where done hold the finished episode's last obs; None if none done
+    episode_success: torch.Tensor  # [N] bool: info["success"] at the finished episode's last step
+    episode_return: torch.Tensor  # [N] float32: sum of the finished episode's rewards
+    episode_length: torch.Tensor  # [N] int64
+
+
+class VecEnv:
+    """N environments stepped together; subclasses implement the backend, this class keeps episode statistics."""
+
+    num_envs: int
+    device: torch.device
+    action_dim: int
+    instructions: list[str]
+
+    def __init__(self, num_envs: int, device: torch.device, action_dim: int, instructions: list[str]) -> None:
+        self.num_envs = num_envs
+        self.device = device
+        self.action_dim = action_dim
+        self.instructions = instructions
+        self._returns = torch.zeros(num_envs, dtype=torch.float32, device=device)
+        self._lengths = torch.zeros(num_envs, dtype=torch.int64, device=device)
+
+    def reset(self, seed: int | None = None) -> Obs:
+        """Reset every env; env i gets ``seed + i``, so the same seed gives the same initial states."""
+        self._returns.zero_()
+        self._lengths.zero_()
+        return self._reset(seed)
+
+    def step(self, action: torch.Tensor) -> Step:
+        if action.shape != (self.num_envs, self.action_dim):
+            raise ValueError(f"action must have shape {(self.num_envs, self.action_dim)}, got {tuple(action.shape)}")
+        obs, reward, terminated, truncated, final_obs, final_success = self._step(action)
+        truncated = truncated & ~terminated
+        done = terminated | truncated
+        episode_return = self._returns + reward
+        episode_length = self._lengths + 1
+        # New tensors rather than in-place updates: the returned episode_* stay valid after the next step.
+        self._returns = episode_return.masked_fill(done, 0.0)
+        self._lengths = episode_length.masked_fill(done, 0)
+        return Step(
+            obs=obs,
+            reward=reward,
+            terminated=terminated,
+            truncated=truncated,
+            final_obs=final_obs,
+            episode_success=final_success & done,
+            episode_return=episode_return,
+            episode_length=episode_length,
+        )
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _reset(self, seed: int | None) -> Obs:
+        raise NotImplementedError
+
+    def _step(
+        self, action: torch.Tensor
+    ) -> tuple[Obs, torch.Tensor, torch.Tensor, torch.Tensor, Obs | None, torch.Tensor]:
+        """Backend step: (obs, reward, terminated, truncated, final_obs or None, success at the last step)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> VecEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Observation keys
+
+
+def _leaf_paths(space: gym.spaces.Dict, prefix: str = "") -> list[str]:
+    paths = []
+    for key, sub in space.spaces.items():
+        if isinstance(sub, gym.spaces.Dict):
+            paths += _leaf_paths(sub, f"{prefix}{key}.")
+        else:
+            paths.append(f"{prefix}{key}")
+    return paths
+
+
+def _lookup(tree: Any, path: str) -> Any:
+    for key in path.split("."):
+        tree = tree[key]
+    return tree
+
+
+def check_obs_keys(single_space: gym.spaces.Dict, camera: str, state_keys: list[str]) -> int:
+    """Raise ValueError for an unknown camera or state key (naming the valid ones); return the state width."""
+    cameras = sorted(single_space["sensor_data"].spaces) if "sensor_data" in single_space.spaces else []
+    if camera not in cameras:
+        raise ValueError(f"unknown camera {camera!r} for env.camera; this task's cameras: {cameras}")
+    valid = [p for p in _leaf_paths(single_space) if not p.startswith(("sensor_data.", "sensor_param."))]
+    width = 0
+    for key in state_keys:
+        if key not in valid:
+            hint = difflib.get_close_matches(key, valid, n=1)
+            guess = f"did you mean {hint[0]!r}? " if hint else ""
+            raise ValueError(f"unknown state key {key!r} in env.state_keys; {guess}valid keys: {valid}")
+        width += int(np.prod(_lookup(single_space, key).shape, dtype=np.int64))
+    return width
+
+
+def extract_obs(raw: dict, camera: str, state_keys: list[str]) -> Obs:
+    """ManiSkill's batched obs dict -> {"rgb": uint8 [N, H, W, 3], "state": float32 [N, D]}."""
+    rgb = raw["sensor_data"][camera]["rgb"]
+    parts = [_lookup(raw, key).reshape(rgb.shape[0], -1).to(torch.float32) for key in state_keys]
+    state = torch.cat(parts, dim=1) if parts else rgb.new_zeros((rgb.shape[0], 0), dtype=torch.float32)
+    return {"rgb": rgb, "state": state}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Construction
+
+
+def _import_mani_skill() -> None:
+    from rvla_peft.renderer import ensure_vulkan
+
+    ensure_vulkan()  # before sapien loads: it picks its Vulkan device at import
+    import mani_skill.envs  # noqa: F401  (registers the tasks)
+
+
+def _check_task(task: str) -> None:
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    if task not in REGISTERED_ENVS:
+        hint = difflib.get_close_matches(task, list(REGISTERED_ENVS), n=3, cutoff=0.4)
+        raise ValueError(f"unknown ManiSkill task {task!r} in env.task; nearest registered ids: {hint}")
+
+
+def resolve_instruction(cfg: EnvConfig) -> str:
+    if cfg.instruction is not None:
+        return cfg.instruction
+    if cfg.task not in INSTRUCTIONS:
+        raise ValueError(
+            f"no built-in instruction for task {cfg.task!r}: set env.instruction (built-in: {sorted(INSTRUCTIONS)})"
+        )
+    return INSTRUCTIONS[cfg.task]
+
+
+def _make_kwargs(cfg: EnvConfig, num_envs: int, sim_backend: str, render_backend: str) -> dict[str, Any]:
+    return dict(
+        # One env per process on CPU: seed every reset (auto-resets too) from the env's own RNG, not from the
+        # process-global torch RNG that the policy also draws from. Not on GPU, where a partial reset would reseed
+        # torch from sub-env 0's unchanged seed and repeat the same initial states.
+        enhanced_determinism=sim_backend == "physx_cpu",
+        num_envs=num_envs,
+        obs_mode="rgb",
+        control_mode=cfg.control_mode,
+        reward_mode=cfg.reward_mode,
+        sim_backend=sim_backend,
+        render_backend=render_backend,
+        sensor_configs=dict(width=cfg.image_size, height=cfg.image_size),
+        max_episode_steps=cfg.max_episode_steps,  # gymnasium 1.4 leaves env.spec.max_episode_steps None
+    )
+
+
+def make_envs(cfg: EnvConfig, device: torch.device | str | None = None) -> VecEnv:
+    """Build ``cfg.num_envs`` environments of ``cfg.task``; tensors come back on ``device`` (default: the sim's)."""
+    _import_mani_skill()
+    _check_task(cfg.task)
+    instruction = resolve_instruction(cfg)
+    use_gpu = cfg.sim_backend == "physx_cuda" or (cfg.sim_backend == "auto" and torch.cuda.is_available())
+    render = cfg.render_backend if cfg.render_backend != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    out_device = torch.device(device) if device is not None else None
+    if use_gpu:
+        return GpuVecEnv(cfg, instruction, render, out_device)
+    return CpuVecEnv(cfg, instruction, render, out_device or torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU: one batched ManiSkill env
+
+
+class GpuVecEnv(VecEnv):
+    """ManiSkill's GPU simulation of N sub-scenes; observations, rewards and flags never leave the GPU."""
+
+    def __init__(self, cfg: EnvConfig, instruction: str, render_backend: str, device: torch.device | None) -> None:
+        from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
+
+        env = gym.make(cfg.task, **_make_kwargs(cfg, cfg.num_envs, "physx_cuda", render_backend))
+        try:
+            check_obs_keys(env.unwrapped.single_observation_space, cfg.camera, cfg.state_keys)
+        except ValueError:
+            env.close()
+            raise
+        self._env = ManiSkillVectorEnv(env, auto_reset=True, ignore_terminations=False, record_metrics=True)
+        self._camera, self._state_keys = cfg.camera, list(cfg.state_keys)
+        self._sim_device = torch.device(self._env.device)
+        action_dim = int(env.unwrapped.single_action_space.shape[0])
+        super().__init__(cfg.num_envs, device or self._sim_device, action_dim, [instruction] * cfg.num_envs)
+
+    def _obs(self, raw: dict) -> Obs:
+        obs = extract_obs(raw, self._camera, self._state_keys)
+        return {k: v.to(self.device) for k, v in obs.items()}
+
+    def _reset(self, seed: int | None) -> Obs:
+        seeds = None if seed is None else [seed + i for i in range(self.num_envs)]
+        raw, _ = self._env.reset(seed=seeds)
+        return self._obs(raw)
+
+    def _step(
+        self, action: torch.Tensor
+    ) -> tuple[Obs, torch.Tensor, torch.Tensor, torch.Tensor, Obs | None, torch.Tensor]:
+        raw, reward, terminated, truncated, info = self._env.step(action.to(self._sim_device, torch.float32))
+        final_obs, success = None, torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        if "final_observation" in info:  # present only when some env finished (saves a host sync)
+            final_obs = self._obs(info["final_observation"])
+            if "success" in info["final_info"]:
+                success = info["final_info"]["success"].to(self.device, torch.bool)
+
+        def flag(x: torch.Tensor) -> torch.Tensor:
+            return x.to(self.device, torch.bool)
+
+        reward = reward.to(self.device, torch.float32)
+        return self._obs(raw), reward, flag(terminated), flag(truncated), final_obs, success
+
+    def close(self) -> None:
+        self._env.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU: a gymnasium vector env of single envs
+
+
+class SingleEnvAdapter(gym.Wrapper):
+    """One ManiSkill CPU env (torch, batch of 1) -> flat numpy {"rgb", "state"}, scalar reward and flags.
+
+    ``info`` carries only ``success`` (bool), so the vector env's info arrays stay small.
+    """
+
+    def __init__(self, env: gym.Env, camera: str, state_keys: list[str]) -> None:
+        super().__init__(env)
+        single = env.unwrapped.single_observation_space
+        width = check_obs_keys(single, camera, state_keys)
+        self._camera, self._state_keys = camera, list(state_keys)
+        rgb_shape = single["sensor_data"][camera]["rgb"].shape
+        self.observation_space = gym.spaces.Dict(
+            rgb=gym.spaces.Box(0, 255, rgb_shape, np.uint8),
+            state=gym.spaces.Box(-np.inf, np.inf, (width,), np.float32),
+        )
+        self.action_space = env.unwrapped.single_action_space
+
+    def _flat(self, raw: dict) -> dict[str, np.ndarray]:
+        obs = extract_obs(raw, self._camera, self._state_keys)
+        return {"rgb": obs["rgb"][0].numpy(), "state": obs["state"][0].numpy()}
+
+    @staticmethod
+    def _success(info: dict) -> dict[str, bool]:
+        success = info.get("success")
+        return {"success": bool(success[0]) if success is not None else False}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        raw, info = self.env.reset(seed=seed, options=options)
+        return self._flat(raw), self._success(info)
+
+    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
+        raw, reward, terminated, truncated, info = self.env.step(action)
+        return self._flat(raw), float(reward[0]), bool(terminated[0]), bool(truncated[0]), self._success(info)
+
+
+def make_single_env(cfg: EnvConfig, render_backend: str, torch_threads: int | None = None) -> SingleEnvAdapter:
+    """One wrapped CPU env; module-level so that AsyncVectorEnv can pickle it for its workers."""
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)  # workers share few cores: avoid oversubscribing them
+    _import_mani_skill()
+    env = gym.make(cfg.task, **_make_kwargs(cfg, 1, "physx_cpu", render_backend))
+    try:
+        return SingleEnvAdapter(env, cfg.camera, cfg.state_keys)
+    except ValueError:
+        env.close()
+        raise
+
+
+class CpuVecEnv(VecEnv):
+    """N single-env ManiSkill CPU simulations in a gymnasium Sync/AsyncVectorEnv with same-step auto-reset."""
+
+    def __init__(self, cfg: EnvConfig, instruction: str, render_backend: str, device: torch.device) -> None:
+        same_step = gym.vector.AutoresetMode.SAME_STEP
+        if cfg.vectorization == "async":
+            fn = functools.partial(make_single_env, cfg, render_backend, torch_threads=1)
+            vec: gym.vector.VectorEnv = gym.vector.AsyncVectorEnv(
+                [fn] * cfg.num_envs, context="forkserver", copy=False, autoreset_mode=same_step
+            )
+        else:
+            fn = functools.partial(make_single_env, cfg, render_backend)
+            vec = gym.vector.SyncVectorEnv([fn] * cfg.num_envs, copy=False, autoreset_mode=same_step)
+        self._vec = vec
+        action_dim = int(vec.single_action_space.shape[0])
+        super().__init__(cfg.num_envs, device, action_dim, [instruction] * cfg.num_envs)
+
+    def _obs(self, obs: dict[str, np.ndarray]) -> Obs:
+        # copy=False above hands out the vector env's own buffers: copy once here, they are overwritten next step.
+        return {k: torch.tensor(v, device=self.device) for k, v in obs.items()}
+
+    def _reset(self, seed: int | None) -> Obs:
+        obs, _ = self._vec.reset(seed=seed)  # gymnasium seeds env i with seed + i
+        return self._obs(obs)
+
+    def _step(
+        self, action: torch.Tensor
+    ) -> tuple[Obs, torch.Tensor, torch.Tensor, torch.Tensor, Obs | None, torch.Tensor]:
+        obs, reward, terminated, truncated, info = self._vec.step(action.detach().to("cpu", torch.float32).numpy())
+        final_obs, success = None, np.zeros(self.num_envs, dtype=bool)
+        if "final_obs" in info:  # gymnasium gives one dict per finished env: rows of a full-batch copy
+            final = {key: value.copy() for key, value in obs.items()}
+            for i in np.flatnonzero(info["_final_obs"]):
+                for key, value in final.items():
+                    value[i] = info["final_obs"][i][key]
+            final_obs = {key: torch.from_numpy(value).to(self.device) for key, value in final.items()}
+            success = info["final_info"]["success"]
+        return (
+            self._obs(obs),
+            torch.tensor(reward, dtype=torch.float32, device=self.device),
+            torch.tensor(terminated, device=self.device),
+            torch.tensor(truncated, device=self.device),
+            final_obs,
+            torch.tensor(success, device=self.device),
+        )
+
+    def close(self) -> None:
+        self._vec.close()

@@ -1,0 +1,110 @@
+"""A tiny random Llava (CLIP vision tower + Llama) built from a config, for tests and the CPU demo.
+
+It is saved to a folder with its processor and then loaded through the same ``from_pretrained`` path as a Hub
+checkpoint. Widths are multiples of 64 (bitsandbytes' 4-bit CPU kernels need that); text is tokenised per
+character so that any instruction works offline, and the last 256 of the 512 ids are the action tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUILTIN_PREFIX = "builtin:"
+TINY_NAME = "tiny-llava"
+_VERSION = "v1"  # bump when the architecture below changes, so caches are rebuilt
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RVLA_PEFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rvla_peft"
+    return Path(root)
+
+
+def build_tiny_llava(directory: str | Path, seed: int = 0, image_size: int = 64, patch_size: int = 8) -> Path:
+    """Write a tiny random Llava + processor to ``directory`` (deterministic for a seed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=64,
+    )
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=512,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab["<image>"], vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def resolve_builtin(name_or_path: str) -> str:
+    """'builtin:tiny-llava' -> a cached folder (built once, written atomically); anything else unchanged."""
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    name = name_or_path[len(BUILTIN_PREFIX) :]
+    if name != TINY_NAME:
+        raise ValueError(f"unknown built-in model {name_or_path!r}; available: {BUILTIN_PREFIX}{TINY_NAME}")
+    target = cache_dir() / f"{TINY_NAME}-{_VERSION}"
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}.", dir=target.parent))
+        build_tiny_llava(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process built it first
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(target)

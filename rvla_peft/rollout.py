@@ -1,0 +1,125 @@
+"""Collect T steps x N envs with a policy, everything kept batched on the env/policy device.
+
+Truncated episodes (time limit) are bootstrapped: gamma * V(final observation) is folded into their last reward,
+so GAE can treat every episode end alike. Episode outcomes are gathered as tensors and reduced once per rollout,
+not per step, to avoid host round trips in the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from rvla_peft.algorithms.ppo import bootstrap_truncated
+from rvla_peft.policies.base import Policy
+
+
+@dataclass
+class Rollout:
+    rgb: Tensor  # [T+1, N, H, W, 3] uint8; index T is the observation after the last step
+    actions: Tensor  # [T, N, A] policy-space actions
+    log_probs: Tensor  # [T, N]
+    values: Tensor  # [T, N]
+    rewards: Tensor  # [T, N] with truncation bootstrap folded in
+    dones: Tensor  # [T, N] bool: an episode ended at step t
+    means: Tensor  # [T, N, A] behaviour policy's mean action (old-policy smoothness target)
+    next_value: Tensor  # [N]
+    instructions: list[str]  # one per env
+    episodes: dict[str, Tensor] = field(default_factory=dict)  # success / return / length of finished episodes
+
+    @property
+    def num_steps(self) -> int:
+        return self.actions.shape[0]
+
+    @property
+    def num_envs(self) -> int:
+        return self.actions.shape[1]
+
+    def observations(self, flat_index: Tensor, offset: int = 0) -> dict:
+        """Observation dict of flat (t * N + n) samples, at step t + offset (offset 1: the next observation)."""
+        t, n = flat_index // self.num_envs, flat_index % self.num_envs
+        return {"rgb": self.rgb[t + offset, n], "instruction": [self.instructions[i] for i in n.tolist()]}
+
+
+def with_instructions(obs: dict, env) -> dict:
+    return {**obs, "instruction": env.instructions}
+
+
+def _select(obs: dict, rows: Tensor) -> dict:
+    return {k: (v[rows] if isinstance(v, Tensor) else [v[i] for i in rows.tolist()]) for k, v in obs.items()}
+
+
+@torch.no_grad()
+def collect(policy: Policy, env, obs: dict, num_steps: int, gamma: float) -> tuple[Rollout, dict]:
+    """Run ``num_steps`` steps from ``obs``; returns the rollout and the observation to continue from."""
+    device = policy.device
+    rgb, actions, log_probs, values, rewards, dones, means = [], [], [], [], [], [], []
+    ended, success, returns, lengths = [], [], [], []
+    for _ in range(num_steps):
+        obs = with_instructions(obs, env)
+        sample = policy.act(obs)
+        step = env.step(sample.env_action)
+        reward = step.reward.to(device).float()
+        truncated, terminated = step.truncated.to(device), step.terminated.to(device)
+        if step.final_obs is not None and bool(truncated.any()):
+            rows = truncated.nonzero().squeeze(-1)
+            final_values = torch.zeros_like(reward)
+            final_values[rows] = policy.value(_select(with_instructions(step.final_obs, env), rows))
+            reward = bootstrap_truncated(reward, truncated, terminated, final_values, gamma)
+        done = truncated | terminated
+        rgb.append(obs["rgb"])
+        actions.append(sample.action)
+        log_probs.append(sample.log_prob)
+        values.append(sample.value)
+        means.append(sample.mean)
+        rewards.append(reward)
+        dones.append(done)
+        ended.append(done)
+        success.append(step.episode_success.to(device))
+        returns.append(step.episode_return.to(device).float())
+        lengths.append(step.episode_length.to(device))
+        obs = step.obs
+    obs = with_instructions(obs, env)
+    ended_mask = torch.stack(ended)
+    rollout = Rollout(
+        rgb=torch.stack(rgb + [obs["rgb"]]).to(device),
+        actions=torch.stack(actions),
+        log_probs=torch.stack(log_probs),
+        values=torch.stack(values),
+        rewards=torch.stack(rewards),
+        dones=torch.stack(dones),
+        means=torch.stack(means),
+        next_value=policy.value(obs),
+        instructions=list(env.instructions),
+        episodes={
+            "success": torch.stack(success)[ended_mask].float(),
+            "return": torch.stack(returns)[ended_mask],
+            "length": torch.stack(lengths)[ended_mask].float(),
+        },
+    )
+    return rollout, obs
+
+
+@torch.no_grad()
+def evaluate_success(policy: Policy, env, episodes: int, seed: int, deterministic: bool = True) -> dict[str, float]:
+    """Success rate and mean return over the first ``episodes`` episodes from ``env.reset(seed)``.
+
+    All envs run until enough episodes have finished; ``deterministic`` takes the most likely action tokens."""
+    obs = env.reset(seed=seed)
+    finished_success: list[Tensor] = []
+    finished_return: list[Tensor] = []
+    count = 0
+    while count < episodes:
+        sample = policy.act(with_instructions(obs, env), deterministic=deterministic)
+        step = env.step(sample.env_action)
+        done = (step.terminated | step.truncated).to(policy.device)
+        if bool(done.any()):
+            finished_success.append(step.episode_success.to(policy.device)[done])
+            finished_return.append(step.episode_return.to(policy.device)[done])
+            count += int(done.sum())
+        obs = step.obs
+    success = torch.cat(finished_success)[:episodes].float()
+    returns = torch.cat(finished_return)[:episodes].float()
+    return {"success_rate": success.mean().item(), "return": returns.mean().item(), "episodes": float(episodes)}

@@ -1,0 +1,332 @@
+"""RobustPPOTrainer: online PPO with LoRA plus the RobustVLA penalties, on Accelerate.
+
+    L = L_PPO + vf_coef * L_value - ent_coef * H + alpha * R_jac + beta * R_smooth
+
+One iteration = collect a rollout under the training perturbations, then ``update_epochs`` passes of minibatch
+PPO over it. Read :meth:`RobustPPOTrainer.update` top to bottom for the whole algorithm.
+
+Why the policy is not wrapped by ``accelerator.prepare``: DDP syncs gradients only for calls through its own
+``forward`` and does not support double backward (``autograd.grad(create_graph=True)``), which the Jacobian
+penalty needs. The trainable parameters (LoRA + value head) are small, so their gradients are averaged across
+ranks explicitly with one all-reduce per optimizer step (:meth:`_sync_gradients`); every rank then takes the
+same step and the weights stay identical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
+
+from rvla_peft.algorithms.ppo import compute_gae, minibatch_indices, normalize_advantages, policy_loss, value_loss
+from rvla_peft.config import TrainConfig, dump_yaml
+from rvla_peft.policies.registry import base_model_id, build_policy
+from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm, smoothness_penalty
+from rvla_peft.rollout import Rollout, collect, evaluate_success
+
+ADAPTER_DIR = "adapter"
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class _Losses:
+    total: torch.Tensor
+    stats: dict[str, torch.Tensor]
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    var = returns.var()
+    return float("nan") if var == 0 else float(1 - (returns - values).var() / var)
+
+
+def atomic_save(directory: Path, write) -> None:
+    """Write into a sibling temp folder, then swap it in: a crash never leaves a half-written ``directory``."""
+    directory = Path(directory)
+    staging = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write(staging)
+    old = directory.with_name(f".{directory.name}.old")
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+    staging.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class RobustPPOTrainer:
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator | None = None):
+        self.cfg = cfg
+        self.accelerator = accelerator or Accelerator(
+            cpu=cfg.cpu or not torch.cuda.is_available(),
+            mixed_precision=cfg.mixed_precision,
+            log_with=cfg.report_to or None,
+            project_dir=cfg.output_dir,
+        )
+        acc = self.accelerator
+        set_seed(cfg.seed)  # identical LoRA init on every rank
+        self.output_dir = Path(cfg.output_dir)
+        self.policy = build_policy(cfg, device=acc.device)
+        self.params = self.policy.trainable_parameters()
+        self.optimizer = acc.prepare(torch.optim.AdamW(self.params, lr=cfg.ppo.learning_rate, eps=1e-5))
+
+        from rvla_peft.envs import PerturbedEnv, make_envs
+
+        # Each rank collects its own experience from different initial states.
+        self.env_seed = cfg.seed + 100_003 * acc.process_index
+        self.base_env = make_envs(cfg.env, device=acc.device)
+        self.train_env = PerturbedEnv(self.base_env, cfg.perturb.train, seed=self.env_seed)
+        self.sample_generator = torch.Generator(device="cpu").manual_seed(self.env_seed)
+        torch.manual_seed(self.env_seed)  # action sampling differs per rank
+        self.update_index = 0
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / RECIPE_FILE).write_text(dump_yaml(cfg))
+        if cfg.report_to:
+            acc.init_trackers("rvla_peft")
+
+    # ---------------------------------------------------------------------------------------------------------
+    # the loop
+
+    def train(self) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        obs = self.train_env.reset(seed=self.env_seed)
+        metrics: dict[str, float] = {}
+        bar = tqdm(range(cfg.total_updates), desc="PPO updates", disable=not acc.is_local_main_process)
+        for self.update_index in bar:
+            start = time.perf_counter()
+            self.policy.eval()
+            rollout, obs = collect(self.policy, self.train_env, obs, cfg.ppo.num_steps, cfg.ppo.gamma)
+            rollout_s = time.perf_counter() - start
+            self.policy.train()
+            metrics = {**self._rollout_metrics(rollout), **self.update(rollout)}
+            update_s = time.perf_counter() - start - rollout_s
+            env_steps = rollout.num_steps * rollout.num_envs * acc.num_processes
+            metrics.update(
+                {
+                    "time/rollout_s": rollout_s,
+                    "time/update_s": update_s,
+                    "time/env_steps_per_s": env_steps / rollout_s,
+                    "time/env_steps": float(env_steps * (self.update_index + 1)),
+                }
+            )
+            step = self.update_index + 1
+            if cfg.eval_episodes and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_updates:
+                metrics.update(self.evaluate())
+                obs = self.train_env.reset(seed=self.env_seed + step)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.total_updates:
+                self.save_checkpoint(self.output_dir / "checkpoints" / f"update-{step:06d}")
+            self._log(metrics, step, bar)
+        if cfg.eval_episodes:
+            metrics.update(self.evaluate())
+            self._log({k: v for k, v in metrics.items() if k.startswith("eval/")}, cfg.total_updates, bar)
+        self.save_adapter()
+        acc.end_training()
+        return metrics
+
+    def _rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
+        """Episode outcomes of this rollout, pooled over ranks."""
+        ep = rollout.episodes
+        sums = torch.stack(
+            [ep["success"].sum(), ep["return"].sum(), ep["length"].sum(), torch.tensor(float(len(ep["success"])))]
+        ).to(self.accelerator.device)
+        sums = self.accelerator.reduce(sums, "sum")
+        count = sums[3].item()
+        metrics = {
+            "rollout/episodes": count,
+            "rollout/step_reward": self.accelerator.reduce(rollout.rewards.mean(), "mean").item(),
+        }
+        if count:
+            metrics.update(
+                {
+                    "rollout/success_rate": sums[0].item() / count,
+                    "rollout/return": sums[1].item() / count,
+                    "rollout/episode_length": sums[2].item() / count,
+                }
+            )
+        return metrics
+
+    # ---------------------------------------------------------------------------------------------------------
+    # PPO update
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        cfg, ppo, acc = self.cfg, self.cfg.ppo, self.accelerator
+        advantages, returns = compute_gae(
+            rollout.rewards, rollout.values, rollout.dones, rollout.next_value, gamma=ppo.gamma, gae_lambda=ppo.gae_lambda
+        )
+        flat = lambda x: x.reshape(-1, *x.shape[2:])  # [T, N, ...] -> [T*N, ...]
+        b_actions, b_log_probs, b_values = flat(rollout.actions), flat(rollout.log_probs), flat(rollout.values)
+        b_adv, b_returns, b_means = flat(advantages), flat(returns), flat(rollout.means)
+        batch = b_actions.shape[0]
+        history: dict[str, list[torch.Tensor]] = {}
+        epochs_run = 0
+        for _epoch in range(ppo.update_epochs):
+            epochs_run += 1
+            epoch_kl = []
+            for mb in minibatch_indices(batch, ppo.num_minibatches, self.sample_generator, b_actions.device):
+                adv = normalize_advantages(b_adv[mb]) if ppo.norm_adv and len(mb) > 1 else b_adv[mb]
+                for micro in torch.tensor_split(torch.arange(len(mb), device=mb.device), ppo.gradient_accumulation_steps):
+                    idx = mb[micro]
+                    losses = self._losses(
+                        rollout, idx, b_actions[idx], b_log_probs[idx], adv[micro], b_values[idx], b_returns[idx],
+                        b_means[idx],
+                    )
+                    acc.backward(losses.total / ppo.gradient_accumulation_steps)
+                    for k, v in losses.stats.items():
+                        history.setdefault(k, []).append(v.detach())
+                self._sync_gradients()
+                grad_norm = acc.clip_grad_norm_(self.params, ppo.max_grad_norm)
+                history.setdefault("ppo/grad_norm", []).append(torch.as_tensor(grad_norm, dtype=torch.float32))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                epoch_kl.append(history["ppo/approx_kl"][-1])
+            if ppo.target_kl is not None:
+                kl = acc.reduce(torch.stack(epoch_kl).mean().to(acc.device), "mean")  # same decision on every rank
+                if kl.item() > ppo.target_kl:
+                    break
+        metrics = {k: acc.reduce(torch.stack(v).float().mean().to(acc.device), "mean").item() for k, v in history.items()}
+        metrics["ppo/epochs"] = float(epochs_run)
+        metrics["ppo/explained_variance"] = explained_variance(b_values, b_returns)
+        metrics["ppo/learning_rate"] = ppo.learning_rate
+        return metrics
+
+    def _losses(self, rollout, idx, actions, old_log_probs, adv, old_values, returns, old_means) -> _Losses:
+        cfg = self.cfg
+        jac_cfg, smooth_cfg = cfg.regularizers.jacobian, cfg.regularizers.smoothness
+        obs = rollout.observations(idx)
+        with self.accelerator.autocast():
+            out = self.policy.evaluate(obs, actions)
+            pg_loss, pg_stats = policy_loss(out.log_prob, old_log_probs, adv, cfg.ppo.clip_coef)
+            v_loss = value_loss(out.value, old_values, returns, cfg.ppo.clip_coef if cfg.ppo.clip_vloss else None)
+            entropy = out.entropy.mean()
+            total = pg_loss + cfg.ppo.vf_coef * v_loss - cfg.ppo.ent_coef * entropy
+            stats = {"loss/ppo": pg_loss, "loss/value": v_loss, "loss/entropy": entropy, **{
+                f"ppo/{k}": v for k, v in pg_stats.items()
+            }}
+            if jac_cfg.weight > 0:
+                jac = self._jacobian_penalty(obs, actions, idx, jac_cfg)
+                total = total + jac_cfg.weight * jac
+                stats["loss/jacobian"] = jac
+            if smooth_cfg.weight > 0:
+                smooth = self._smoothness_penalty(rollout, idx, actions, out.mean, old_means, smooth_cfg)
+                total = total + smooth_cfg.weight * smooth
+                stats["loss/smooth"] = smooth
+        stats["loss/total"] = total
+        return _Losses(total, stats)
+
+    def _subset(self, n: int, fraction: float) -> int:
+        return max(1, math.ceil(n * fraction))
+
+    def _jacobian_penalty(self, obs, actions, idx, jac_cfg) -> torch.Tensor:
+        k = self._subset(len(idx), jac_cfg.fraction)
+        sub = {"rgb": obs["rgb"][:k], "instruction": obs["instruction"][:k]}
+        # Double backward through attention needs the math SDPA kernel (flash / CPU-fused kernels have none);
+        # only this pass pays for it.
+        with sdpa_kernel(SDPBackend.MATH):
+            if jac_cfg.form == "hutchinson":
+                pixels = self.policy.observation_inputs(sub).detach().requires_grad_(True)
+                out = self.policy.evaluate(sub, actions[:k], pixel_values=pixels)
+                penalty = hutchinson_jacobian_sq_norm(
+                    out.mean, pixels, jac_cfg.num_probes, generator=None, create_graph=True
+                )
+            else:
+                with self.policy.capture_visual_embeddings() as captured:
+                    out = self.policy.evaluate(sub, actions[:k])
+                penalty = grad_norm_penalty(out.log_prob, captured[0], jac_cfg.g_max, create_graph=True)
+        return penalty.mean()
+
+    def _smoothness_penalty(self, rollout, idx, actions, mean, old_means, smooth_cfg) -> torch.Tensor:
+        if smooth_cfg.form == "old_policy":
+            return smoothness_penalty(mean, old_means.detach())
+        # temporal: the current policy's mean at s_t and at s_{t+1} of the same episode (teacher-forced on a_{t+1})
+        k = self._subset(len(idx), smooth_cfg.fraction)
+        idx, n_envs = idx[:k], rollout.num_envs
+        t = idx // n_envs
+        valid = (t + 1 < rollout.num_steps) & ~rollout.dones.reshape(-1)[idx]
+        next_idx = torch.where(valid, idx + n_envs, idx)  # invalid rows are masked out below
+        next_actions = rollout.actions.reshape(-1, rollout.actions.shape[-1])[next_idx]
+        next_mean = self.policy.evaluate(rollout.observations(next_idx), next_actions).mean
+        return smoothness_penalty(mean[:k], next_mean, mask=valid)
+
+    def _sync_gradients(self) -> None:
+        """Average the trainable parameters' gradients over ranks (see the module docstring)."""
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
+        offset = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
+            offset += g.numel()
+
+    # ---------------------------------------------------------------------------------------------------------
+    # evaluation, logging, saving
+
+    def evaluate(self) -> dict[str, float]:
+        """Success rate clean and under each evaluation perturbation (same seeds for every setting)."""
+        from rvla_peft.envs import PerturbedEnv
+
+        self.policy.eval()
+        metrics = {}
+        settings = [("clean", [])] + [(f"{s.name}@{s.severity:g}", [s]) for s in self.cfg.perturb.eval]
+        for name, specs in settings:
+            env = PerturbedEnv(self.base_env, specs, seed=self.env_seed + 7)
+            result = evaluate_success(self.policy, env, self.cfg.eval_episodes, seed=self.env_seed + 7)
+            for key, value in result.items():
+                if key != "episodes":
+                    metrics[f"eval/{name}/{key}"] = self.accelerator.reduce(
+                        torch.tensor(value, device=self.accelerator.device), "mean"
+                    ).item()
+        return metrics
+
+    def _log(self, metrics: dict[str, float], step: int, bar) -> None:
+        acc = self.accelerator
+        if self.cfg.report_to:
+            acc.log(metrics, step=step)
+        if not acc.is_main_process:
+            return
+        with open(self.output_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps({"update": step, **metrics}) + "\n")
+        shown = [
+            "rollout/success_rate", "rollout/return", "rollout/step_reward", "loss/ppo", "loss/value",
+            "loss/jacobian", "loss/smooth", "ppo/approx_kl", "ppo/clip_frac", "time/env_steps_per_s",
+        ]
+        line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
+        line += "".join(f" {k}={v:.3g}" for k, v in metrics.items() if k.startswith("eval/") and k.endswith("rate"))
+        bar.write(f"[update {step}/{self.cfg.total_updates}] {line}")
+
+    def save_adapter(self) -> Path:
+        """OUTPUT/adapter: the LoRA adapter, the value head beside it, and the resolved recipe."""
+        target = self.output_dir / ADAPTER_DIR
+        if self.accelerator.is_main_process:
+            base_id = base_model_id(self.cfg.model)
+
+            def write(tmp: Path) -> None:
+                self.policy.save_pretrained(tmp, base_model_id=base_id)
+                (tmp / RECIPE_FILE).write_text(dump_yaml(self.cfg))
+
+            atomic_save(target, write)
+        self.accelerator.wait_for_everyone()
+        return target
+
+    def save_checkpoint(self, directory: Path) -> None:
+        if self.accelerator.is_main_process:
+            base_id = base_model_id(self.cfg.model)
+
+            def write(tmp: Path) -> None:
+                self.policy.save_pretrained(tmp, base_model_id=base_id)
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps({"update": self.update_index + 1}))
+
+            atomic_save(directory, write)
+        self.accelerator.wait_for_everyone()
