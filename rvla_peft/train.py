@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. ppo.learning_rate=3e-5")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its help")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.recipe and "=" in args.recipe and not Path(args.recipe).exists():
         args.overrides.insert(0, args.recipe)  # `train key=value` with no recipe
         args.recipe = None

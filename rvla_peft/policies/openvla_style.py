@@ -228,6 +228,7 @@ class ActionTokenPolicy(Policy):
         if base_model_id is not None:
             for config in self.peft_model.peft_config.values():
                 config.base_model_name_or_path = base_model_id
-        self.peft_model.save_pretrained(str(directory), safe_serialization=True)
+        # embeddings are not adapted: skip peft's vocabulary check, which would look the base id up online
+        self.peft_model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
         state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
         save_file(state, str(directory / VALUE_HEAD_FILE), metadata={"hidden_size": str(state["net.0.weight"].shape[1])})

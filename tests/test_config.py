@@ -1,0 +1,86 @@
+import subprocess
+import sys
+
+import pytest
+from conftest import RECIPES
+
+from rvla_peft.config import ConfigError, TrainConfig, load_config
+
+
+def test_defaults_and_overrides_with_yaml_types():
+    cfg = load_config(RECIPES / "tiny_cpu.yaml", ["ppo.learning_rate=3e-5", "env.num_envs=4", "lora.target_modules=[q_proj,v_proj]"])
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.ppo.learning_rate == 3e-5 and cfg.env.num_envs == 4
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.perturb.train[0].name == "pixel_noise"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ppo.learnig_rate=1e-4", "did you mean 'ppo.learning_rate'"),
+        ("evn.task=PickCube-v1", "did you mean 'env'"),
+        ("env.num_envs=two", "env.num_envs: expected an integer"),
+        ("env.num_envs=0", "env.num_envs: must be >= 1"),
+        ("ppo.gamma=1.5", "ppo.gamma: must be in (0, 1]"),
+        ("env.sim_backend=physx-cuda", "did you mean 'physx_cuda'"),
+        ("regularizers.jacobian.form=hutch", "did you mean 'hutchinson'"),
+        ("regularizers.jacobian.fraction=0", "regularizers.jacobian.fraction: must be in (0, 1]"),
+        ("ppo.num_minibatches=1000", "ppo.num_minibatches: must be in [1, num_steps * env.num_envs"),
+        ("policy.action_low=[0,0]", "policy.action_low: needs 7 values"),
+        ("policy.family=diffusion", "policy.family: unknown family"),
+        ("perturb.train=[{name: pixel_nois, severity: 0.5}]", "pixel_noise"),
+        ("perturb.train=[{name: pixel_noise, severity: 2}]", "severity"),
+        ("lora.r", "must look like key=value"),
+    ],
+)
+def test_bad_input_names_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(RECIPES / "tiny_cpu.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_missing_recipe_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "rvla_peft.train", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_every_recipe_passes_dry_run(recipe):
+    result = _cli(str(RECIPES / recipe), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "ppo:" in result.stdout and "regularizers:" in result.stdout
+
+
+def test_openvla_recipe_resolves_to_rl4vla_settings():
+    cfg = load_config(RECIPES / "openvla_maniskill.yaml")
+    assert cfg.model.name_or_path == "openvla/openvla-7b" and cfg.model.torch_dtype == "bfloat16"
+    assert cfg.lora.r == 32 and cfg.lora.target_modules == "all-linear"
+    assert cfg.env.num_envs == 64 and cfg.env.sim_backend == "physx_cuda"
+
+
+def test_cli_error_exits_2_before_loading_anything():
+    result = _cli(str(RECIPES / "tiny_cpu.yaml"), "ppo.clip_coef=-1")
+    assert result.returncode == 2
+    assert "ppo.clip_coef: must be > 0" in result.stderr
+    assert "Loading weights" not in result.stderr
+
+
+def test_cli_refuses_to_overwrite_a_finished_run(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"user's work")
+    result = _cli(str(RECIPES / "tiny_cpu.yaml"), f"output_dir={tmp_path}")
+    assert result.returncode == 2 and "overwrite_output_dir=true" in result.stderr
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == b"user's work"
+
+
+def test_dry_run_output_round_trips(tmp_path):
+    result = _cli(str(RECIPES / "tiny_cpu.yaml"), "--dry-run", "seed=7")
+    (tmp_path / "resolved.yaml").write_text(result.stdout)
+    assert load_config(tmp_path / "resolved.yaml") == load_config(RECIPES / "tiny_cpu.yaml", ["seed=7"])
