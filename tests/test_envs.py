@@ -57,6 +57,13 @@ def test_same_seed_same_initial_states(env: VecEnv) -> None:
     assert not torch.equal(a["rgb"][0], a["rgb"][1]), "env i must get seed + i"
 
 
+def test_unseeded_fresh_envs_differ(env: VecEnv) -> None:
+    # Every single CPU env is created with ManiSkill's fixed seed 2022: an unseeded reset must still spread them.
+    with make_envs(_cfg()) as fresh:
+        obs = fresh.reset()
+    assert not torch.equal(obs["rgb"][0], obs["rgb"][1])
+
+
 def test_time_limit_truncates_and_auto_resets(env: VecEnv) -> None:
     env.reset(seed=0)
     returns = torch.zeros(2)
@@ -118,6 +125,19 @@ def test_perturbed_env_perturbs_obs_and_executed_action(env: VecEnv) -> None:
     assert not torch.allclose(step.obs["state"], clean_next["state"], atol=1e-4)
 
 
+def test_perturbed_env_perturbs_final_obs(env: VecEnv) -> None:
+    def last_step(e: VecEnv | PerturbedEnv) -> Step:
+        e.reset(seed=2)
+        return [e.step(_zeros(env)) for _ in range(HORIZON)][-1]
+
+    clean = last_step(env)
+    noisy = last_step(PerturbedEnv(env, [PerturbationSpec("pixel_noise", 0.5)], seed=0))
+    assert clean.final_obs is not None and noisy.final_obs is not None
+    assert torch.equal(noisy.final_obs["state"], clean.final_obs["state"])
+    assert not torch.equal(noisy.final_obs["rgb"], clean.final_obs["rgb"])
+    assert torch.equal(noisy.reward, clean.reward)
+
+
 def test_async_matches_sync(env: VecEnv) -> None:
     # One step past the time limit, so the new episodes are compared too: they must be seeded per env, not from
     # the process-global torch RNG (shared by the sync envs and the policy, separate in each async worker).
@@ -156,3 +176,22 @@ def test_unknown_camera_names_valid_ones() -> None:
 def test_unknown_state_key_names_valid_ones() -> None:
     with pytest.raises(ValueError, match=r"did you mean .agent\.qvel."):
         make_envs(_cfg(num_envs=1, state_keys=["agent.qpos", "agent.qvelocity"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_batch_stays_on_device_and_auto_resets() -> None:
+    with make_envs(_cfg(num_envs=4, sim_backend="physx_cuda", render_backend="gpu")) as gpu:
+        obs = gpu.reset(seed=0)
+        assert gpu.device.type == "cuda" and obs["rgb"].device.type == "cuda" and obs["rgb"].shape == (4, 64, 64, 3)
+        assert torch.equal(gpu.reset(seed=0)["rgb"], obs["rgb"])
+        kept = obs["rgb"].clone()
+        returns = torch.zeros(4, device=gpu.device)
+        for _ in range(HORIZON):
+            step = gpu.step(torch.zeros(4, gpu.action_dim))
+            returns += step.reward
+        assert torch.equal(obs["rgb"], kept), "an rgb tensor handed out earlier was overwritten by later renders"
+        assert step.reward.device.type == "cuda" and step.truncated.all() and step.final_obs is not None
+        assert step.final_obs["rgb"].device.type == "cuda"
+        assert step.episode_length.tolist() == [HORIZON] * 4
+        assert torch.allclose(step.episode_return, returns, atol=1e-5)
