@@ -1,6 +1,6 @@
 """Env steps per second: the env alone (random actions) vs env + policy (sampling actions), in one run.
 
-    python bench/bench_env.py [RECIPE] [--steps 64] [key=value ...]
+python bench/bench_env.py [RECIPE] [--steps 64] [key=value ...]
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ def main() -> None:
         rates["env"].append(run(False))
         rates["env+policy"].append(run(True))
     env_rate, full_rate = max(rates["env"]), max(rates["env+policy"])
-    print(f"task={cfg.env.task} num_envs={n} image={cfg.env.image_size} device={device} "
-          f"vectorization={cfg.env.vectorization} model={cfg.model.name_or_path}")
+    print(
+        f"task={cfg.env.task} num_envs={n} image={cfg.env.image_size} device={device} "
+        f"vectorization={cfg.env.vectorization} model={cfg.model.name_or_path}"
+    )
     print(f"  env alone:    {env_rate:.1f} env-steps/s")
     print(f"  env + policy: {full_rate:.1f} env-steps/s")
     print(f"ratio (env + policy) / env: {full_rate / env_rate:.2f}")

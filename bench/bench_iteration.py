@@ -32,7 +32,10 @@ def main() -> None:
     jac_w, smooth_w = cfg.regularizers.jacobian.weight, cfg.regularizers.smoothness.weight
     trainer = RobustPPOTrainer(cfg)
     obs = trainer.train_env.reset(seed=cfg.seed)
-    times: dict[str, dict[str, list[float]]] = {"on": {"rollout": [], "update": []}, "off": {"rollout": [], "update": []}}
+    times: dict[str, dict[str, list[float]]] = {
+        "on": {"rollout": [], "update": []},
+        "off": {"rollout": [], "update": []},
+    }
     for i in range(args.iters * 2 + 1):
         setting = "on" if i % 2 else "off"
         cfg.regularizers.jacobian.weight = jac_w if setting == "on" else 0.0
@@ -50,13 +53,17 @@ def main() -> None:
         times[setting]["update"].append(end - mid)
     med = {s: {k: statistics.median(v) for k, v in d.items()} for s, d in times.items()}
     it = {s: med[s]["rollout"] + med[s]["update"] for s in med}
-    print(f"recipe={args.recipe} jacobian.weight={jac_w} ({cfg.regularizers.jacobian.form}, "
-          f"fraction={cfg.regularizers.jacobian.fraction}, probes={cfg.regularizers.jacobian.num_probes}) "
-          f"smoothness.weight={smooth_w} ({cfg.regularizers.smoothness.form}) "
-          f"batch={cfg.ppo.num_steps}x{cfg.env.num_envs} iters={args.iters}")
+    print(
+        f"recipe={args.recipe} jacobian.weight={jac_w} ({cfg.regularizers.jacobian.form}, "
+        f"fraction={cfg.regularizers.jacobian.fraction}, probes={cfg.regularizers.jacobian.num_probes}) "
+        f"smoothness.weight={smooth_w} ({cfg.regularizers.smoothness.form}) "
+        f"batch={cfg.ppo.num_steps}x{cfg.env.num_envs} iters={args.iters}"
+    )
     for s in ("off", "on"):
-        print(f"  regularisers {s:3s}: rollout {med[s]['rollout']:.2f} s  update {med[s]['update']:.2f} s  "
-              f"iteration {it[s]:.2f} s")
+        print(
+            f"  regularisers {s:3s}: rollout {med[s]['rollout']:.2f} s  update {med[s]['update']:.2f} s  "
+            f"iteration {it[s]:.2f} s"
+        )
     print(f"ratio update    (on/off): {med['on']['update'] / med['off']['update']:.2f}")
     print(f"ratio iteration (on/off): {it['on'] / it['off']:.2f}   (target <= 1.3)")
 

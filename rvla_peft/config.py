@@ -89,6 +89,13 @@ class LoraSettings:
     exclude_modules: list[str] | None = field(
         default=None, metadata={"help": "Module names never adapted (peft's exclude_modules)."}
     )
+    adapt_output_layer: bool = field(
+        default=False,
+        metadata={
+            "help": "Also adapt the output layer (lm_head), whose rows are the action-token logits, as RL4VLA does; "
+            "peft's 'all-linear' leaves it out."
+        },
+    )
 
 
 @dataclass
@@ -416,8 +423,10 @@ def help_text(cls: type = TrainConfig, prefix: str = "") -> str:
         if dataclasses.is_dataclass(hints[f.name]):
             lines.append(help_text(hints[f.name], f"{prefix}{f.name}."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
         )
         lines.append(f"  {prefix}{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -65,7 +65,9 @@ def ensure_vulkan() -> str | None:
 
 def _has_gpu_vulkan() -> bool:
     """A machine with an NVIDIA driver brings its own Vulkan ICD: nothing to install."""
-    return any(Path(d).exists() for d in ("/usr/share/vulkan/icd.d/nvidia_icd.json", "/etc/vulkan/icd.d/nvidia_icd.json"))
+    return any(
+        Path(d).exists() for d in ("/usr/share/vulkan/icd.d/nvidia_icd.json", "/etc/vulkan/icd.d/nvidia_icd.json")
+    )
 
 
 def _sudo() -> list[str]:
@@ -104,7 +106,7 @@ def backports_source(sources_dir: Path = Path("/etc/apt/sources.list.d"), codena
             if "Signed-By" in fields:
                 lines.append(f"Signed-By: {fields['Signed-By']}")
             return "\n".join(lines) + "\n"
-    for path in [Path("/etc/apt/sources.list"), *sorted(sources_dir.glob("*.list"))]:
+    for path in [sources_dir.parent / "sources.list", *sorted(sources_dir.glob("*.list"))]:
         if path.exists():
             for line in path.read_text().splitlines():
                 m = re.match(r"^deb\s+(\[[^\]]*\]\s+)?(\S+)\s+" + re.escape(codename) + r"\s+(.+)$", line.strip())
@@ -157,7 +159,10 @@ def install(force: bool = False) -> Path | None:
     lvp = sorted(glob.glob(str(staging / "usr" / "lib" / "*" / "libvulkan_lvp.so")))
     if not lvp:
         raise RuntimeError("The backports mesa-vulkan-drivers package holds no libvulkan_lvp.so.")
-    icd = {"file_format_version": "1.0.0", "ICD": {"library_path": lvp[0].replace(str(staging), str(PREFIX)), "api_version": "1.3.0"}}
+    icd = {
+        "file_format_version": "1.0.0",
+        "ICD": {"library_path": lvp[0].replace(str(staging), str(PREFIX)), "api_version": "1.3.0"},
+    }
     (staging / ICD_FILE.name).write_text(json.dumps(icd, indent=2))
     # Swap in whole so that an interrupted install never leaves a half-written prefix.
     if PREFIX.exists():

@@ -39,6 +39,21 @@ METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
+class _Batch:
+    """A rollout flattened to [T*N, ...] samples, with its advantages and returns."""
+
+    actions: torch.Tensor
+    log_probs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    means: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.actions.shape[0]
+
+
+@dataclass
 class _Losses:
     total: torch.Tensor
     stats: dict[str, torch.Tensor]
@@ -160,27 +175,36 @@ class RobustPPOTrainer:
     # PPO update
 
     def update(self, rollout: Rollout) -> dict[str, float]:
-        cfg, ppo, acc = self.cfg, self.cfg.ppo, self.accelerator
+        ppo, acc = self.cfg.ppo, self.accelerator
         advantages, returns = compute_gae(
-            rollout.rewards, rollout.values, rollout.dones, rollout.next_value, gamma=ppo.gamma, gae_lambda=ppo.gae_lambda
+            rollout.rewards,
+            rollout.values,
+            rollout.dones,
+            rollout.next_value,
+            gamma=ppo.gamma,
+            gae_lambda=ppo.gae_lambda,
         )
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # [T, N, ...] -> [T*N, ...]
-        b_actions, b_log_probs, b_values = flat(rollout.actions), flat(rollout.log_probs), flat(rollout.values)
-        b_adv, b_returns, b_means = flat(advantages), flat(returns), flat(rollout.means)
-        batch = b_actions.shape[0]
+        batch = _Batch(
+            flat(rollout.actions), flat(rollout.log_probs), flat(rollout.values), flat(advantages), flat(returns),
+            flat(rollout.means),
+        )  # fmt: skip
         history: dict[str, list[torch.Tensor]] = {}
         epochs_run = 0
         for _epoch in range(ppo.update_epochs):
             epochs_run += 1
             epoch_kl = []
-            for mb in minibatch_indices(batch, ppo.num_minibatches, self.sample_generator, b_actions.device):
-                adv = normalize_advantages(b_adv[mb]) if ppo.norm_adv and len(mb) > 1 else b_adv[mb]
-                for micro in torch.tensor_split(torch.arange(len(mb), device=mb.device), ppo.gradient_accumulation_steps):
-                    idx = mb[micro]
-                    losses = self._losses(
-                        rollout, idx, b_actions[idx], b_log_probs[idx], adv[micro], b_values[idx], b_returns[idx],
-                        b_means[idx],
-                    )
+            for mb in minibatch_indices(len(batch), ppo.num_minibatches, self.sample_generator, batch.actions.device):
+                # advantages are normalised over the whole minibatch, before it is split into micro-batches
+                adv = (
+                    normalize_advantages(batch.advantages[mb])
+                    if ppo.norm_adv and len(mb) > 1
+                    else batch.advantages[mb]
+                )
+                for micro in torch.tensor_split(
+                    torch.arange(len(mb), device=mb.device), ppo.gradient_accumulation_steps
+                ):
+                    losses = self._losses(rollout, mb[micro], batch, adv[micro])
                     acc.backward(losses.total / ppo.gradient_accumulation_steps)
                     for k, v in losses.stats.items():
                         history.setdefault(k, []).append(v.detach())
@@ -194,14 +218,19 @@ class RobustPPOTrainer:
                 kl = acc.reduce(torch.stack(epoch_kl).mean().to(acc.device), "mean")  # same decision on every rank
                 if kl.item() > ppo.target_kl:
                     break
-        metrics = {k: acc.reduce(torch.stack(v).float().mean().to(acc.device), "mean").item() for k, v in history.items()}
+        metrics = {
+            k: acc.reduce(torch.stack(v).float().mean().to(acc.device), "mean").item() for k, v in history.items()
+        }
         metrics["ppo/epochs"] = float(epochs_run)
-        metrics["ppo/explained_variance"] = explained_variance(b_values, b_returns)
+        metrics["ppo/explained_variance"] = explained_variance(batch.values, batch.returns)
         metrics["ppo/learning_rate"] = ppo.learning_rate
         return metrics
 
-    def _losses(self, rollout, idx, actions, old_log_probs, adv, old_values, returns, old_means) -> _Losses:
+    def _losses(self, rollout: Rollout, idx: torch.Tensor, batch: _Batch, adv: torch.Tensor) -> _Losses:
         cfg = self.cfg
+        actions, old_log_probs, old_values, returns = (
+            batch.actions[idx], batch.log_probs[idx], batch.values[idx], batch.returns[idx]
+        )  # fmt: skip
         jac_cfg, smooth_cfg = cfg.regularizers.jacobian, cfg.regularizers.smoothness
         obs = rollout.observations(idx)
         with self.accelerator.autocast():
@@ -210,15 +239,18 @@ class RobustPPOTrainer:
             v_loss = value_loss(out.value, old_values, returns, cfg.ppo.clip_coef if cfg.ppo.clip_vloss else None)
             entropy = out.entropy.mean()
             total = pg_loss + cfg.ppo.vf_coef * v_loss - cfg.ppo.ent_coef * entropy
-            stats = {"loss/ppo": pg_loss, "loss/value": v_loss, "loss/entropy": entropy, **{
-                f"ppo/{k}": v for k, v in pg_stats.items()
-            }}
+            stats = {
+                "loss/ppo": pg_loss,
+                "loss/value": v_loss,
+                "loss/entropy": entropy,
+                **{f"ppo/{k}": v for k, v in pg_stats.items()},
+            }
             if jac_cfg.weight > 0:
                 jac = self._jacobian_penalty(obs, actions, idx, jac_cfg)
                 total = total + jac_cfg.weight * jac
                 stats["loss/jacobian"] = jac
             if smooth_cfg.weight > 0:
-                smooth = self._smoothness_penalty(rollout, idx, actions, out.mean, old_means, smooth_cfg)
+                smooth = self._smoothness_penalty(rollout, idx, out.mean, batch.means[idx], smooth_cfg)
                 total = total + smooth_cfg.weight * smooth
                 stats["loss/smooth"] = smooth
         stats["loss/total"] = total
@@ -245,7 +277,7 @@ class RobustPPOTrainer:
                 penalty = grad_norm_penalty(out.log_prob, captured[0], jac_cfg.g_max, create_graph=True)
         return penalty.mean()
 
-    def _smoothness_penalty(self, rollout, idx, actions, mean, old_means, smooth_cfg) -> torch.Tensor:
+    def _smoothness_penalty(self, rollout, idx, mean, old_means, smooth_cfg) -> torch.Tensor:
         if smooth_cfg.form == "old_policy":
             return smoothness_penalty(mean, old_means.detach())
         # temporal: the current policy's mean at s_t and at s_{t+1} of the same episode (teacher-forced on a_{t+1})
@@ -265,7 +297,7 @@ class RobustPPOTrainer:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
         offset = 0
-        for p, g in zip(self.params, grads):
+        for p, g in zip(self.params, grads, strict=True):
             p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
             offset += g.numel()
 
@@ -298,8 +330,16 @@ class RobustPPOTrainer:
         with open(self.output_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps({"update": step, **metrics}) + "\n")
         shown = [
-            "rollout/success_rate", "rollout/return", "rollout/step_reward", "loss/ppo", "loss/value",
-            "loss/jacobian", "loss/smooth", "ppo/approx_kl", "ppo/clip_frac", "time/env_steps_per_s",
+            "rollout/success_rate",
+            "rollout/return",
+            "rollout/step_reward",
+            "loss/ppo",
+            "loss/value",
+            "loss/jacobian",
+            "loss/smooth",
+            "ppo/approx_kl",
+            "ppo/clip_frac",
+            "time/env_steps_per_s",
         ]
         line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
         line += "".join(f" {k}={v:.3g}" for k, v in metrics.items() if k.startswith("eval/") and k.endswith("rate"))

@@ -30,7 +30,9 @@ def test_expected_action_and_unnormalize():
     probs[..., 255] = 0.5  # slot 255 = the bottom bin
     mean = tok.expected_normalized(probs)
     torch.testing.assert_close(mean, torch.zeros(1, 7), atol=1e-6, rtol=0)
-    torch.testing.assert_close(tok.unnormalize(torch.tensor([[-1.0] * 7, [1.0] * 7])), torch.tensor([[0.0] * 7, [2.0] * 7]))
+    torch.testing.assert_close(
+        tok.unnormalize(torch.tensor([[-1.0] * 7, [1.0] * 7])), torch.tensor([[0.0] * 7, [2.0] * 7])
+    )
 
 
 def test_vocab_must_exceed_bins():

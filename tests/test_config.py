@@ -8,7 +8,9 @@ from rvla_peft.config import ConfigError, TrainConfig, load_config
 
 
 def test_defaults_and_overrides_with_yaml_types():
-    cfg = load_config(RECIPES / "tiny_cpu.yaml", ["ppo.learning_rate=3e-5", "env.num_envs=4", "lora.target_modules=[q_proj,v_proj]"])
+    cfg = load_config(
+        RECIPES / "tiny_cpu.yaml", ["ppo.learning_rate=3e-5", "env.num_envs=4", "lora.target_modules=[q_proj,v_proj]"]
+    )
     assert isinstance(cfg, TrainConfig)
     assert cfg.ppo.learning_rate == 3e-5 and cfg.env.num_envs == 4
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]

@@ -55,7 +55,9 @@ def test_hutchinson_matches_exact_jacobian_of_the_vla(tiny_policy):
     pixels = tiny_policy.observation_inputs(obs)
 
     def mean_fn(x):
-        return tiny_policy.evaluate({"rgb": None, "instruction": obs["instruction"][: len(x)]}, actions[: len(x)], x).mean
+        return tiny_policy.evaluate(
+            {"rgb": None, "instruction": obs["instruction"][: len(x)]}, actions[: len(x)], x
+        ).mean
 
     with sdpa_kernel(SDPBackend.MATH):
         exact = exact_jacobian_sq_norm(mean_fn, pixels)
@@ -115,7 +117,20 @@ def test_value_head_is_saved_beside_not_inside_the_adapter(tiny_policy, tmp_path
     tiny_policy.save_pretrained(tmp_path, base_model_id="builtin:tiny-llava")
     adapter_keys = load_file(tmp_path / "adapter_model.safetensors").keys()
     assert adapter_keys and all("lora_" in k for k in adapter_keys)
-    assert set(load_file(tmp_path / "value_head.safetensors")) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+    assert set(load_file(tmp_path / "value_head.safetensors")) == {
+        "net.0.weight",
+        "net.0.bias",
+        "net.2.weight",
+        "net.2.bias",
+    }
     import json
 
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "builtin:tiny-llava"
+    assert (
+        json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "builtin:tiny-llava"
+    )
+
+
+def test_output_layer_is_adapted_when_asked(tiny_policy, tiny_cfg):
+    names = [n for n, _ in tiny_policy.peft_model.named_parameters() if "lora_A" in n]
+    assert any("lm_head" in n for n in names) == tiny_cfg.lora.adapt_output_layer is True
+    assert any("vision_tower" in n for n in names) and any("multi_modal_projector" in n for n in names)

@@ -60,3 +60,24 @@ def test_regularisers_off_cost_nothing_and_log_nothing(tiny_cfg):
     tiny_cfg.regularizers.smoothness.weight = 0.0
     metrics = RobustPPOTrainer(tiny_cfg).train()
     assert "loss/jacobian" not in metrics and "loss/smooth" not in metrics
+
+
+def test_bf16_autocast_checkpoints_eval_and_tensorboard(tiny_cfg):
+    tiny_cfg.mixed_precision = "bf16"
+    tiny_cfg.total_updates = 2
+    tiny_cfg.save_every = 1
+    tiny_cfg.eval_every = 1
+    tiny_cfg.eval_episodes = 2
+    tiny_cfg.report_to = ["tensorboard"]
+    metrics = RobustPPOTrainer(tiny_cfg).train()
+    out = Path(tiny_cfg.output_dir)
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if k.startswith("loss/"))
+    for key in ("eval/clean/success_rate", "eval/pixel_noise@0.5/success_rate", "eval/action_noise@0.67/return"):
+        assert key in metrics, key
+    checkpoint = out / "checkpoints" / "update-000001"
+    assert {"adapter_model.safetensors", "value_head.safetensors", "optimizer.pt", "trainer_state.json"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
+    assert json.loads((checkpoint / "trainer_state.json").read_text()) == {"update": 1}
+    assert list(out.rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert not list(out.glob(".*.tmp")), "a staging folder was left behind"

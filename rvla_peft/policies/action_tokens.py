@@ -23,7 +23,9 @@ class ActionTokenizer:
         action_dim: int = 7,
     ):
         if vocab_size <= n_bins:
-            raise ValueError(f"vocab_size ({vocab_size}) must exceed n_bins ({n_bins}): the action ids would overlap text")
+            raise ValueError(
+                f"vocab_size ({vocab_size}) must exceed n_bins ({n_bins}): the action ids would overlap text"
+            )
         self.vocab_size, self.n_bins, self.action_dim = vocab_size, n_bins, action_dim
         self.first_id = vocab_size - n_bins  # ids [first_id, vocab_size) are action tokens
         edges = torch.linspace(-1.0, 1.0, n_bins, dtype=torch.float64)

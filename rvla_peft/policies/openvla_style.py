@@ -12,8 +12,8 @@ policy's distribution is the softmax over those 256 ids only, so sampling, log-p
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -231,4 +231,6 @@ class ActionTokenPolicy(Policy):
         # embeddings are not adapted: skip peft's vocabulary check, which would look the base id up online
         self.peft_model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
         state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
-        save_file(state, str(directory / VALUE_HEAD_FILE), metadata={"hidden_size": str(state["net.0.weight"].shape[1])})
+        save_file(
+            state, str(directory / VALUE_HEAD_FILE), metadata={"hidden_size": str(state["net.0.weight"].shape[1])}
+        )

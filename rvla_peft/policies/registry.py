@@ -39,14 +39,25 @@ def load_base(model_cfg):
     return model, processor
 
 
-def lora_config(lora_cfg):
+def lora_targets(model, lora_cfg) -> list[str] | str:
+    """peft target_modules; with ``adapt_output_layer``, the output layer is added to the list."""
+    targets = lora_cfg.target_modules
+    if not lora_cfg.adapt_output_layer:
+        return targets
+    output = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    if targets == "all-linear":
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    return sorted(set(targets) | {output.rsplit(".", 1)[-1]})
+
+
+def lora_config(model, lora_cfg):
     from peft import LoraConfig
 
     return LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
-        target_modules=lora_cfg.target_modules,
+        target_modules=lora_targets(model, lora_cfg),
         exclude_modules=lora_cfg.exclude_modules,
         bias="none",
     )
@@ -68,7 +79,7 @@ def build_policy(cfg, adapter: str | Path | None = None, device: torch.device | 
 
     model, processor = load_base(cfg.model)
     if adapter is None:
-        peft_model = get_peft_model(model, lora_config(cfg.lora))
+        peft_model = get_peft_model(model, lora_config(model, cfg.lora))
     else:
         peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     hidden = model.config.get_text_config().hidden_size

@@ -20,7 +20,10 @@ _VERSION = "v1"  # bump when the architecture below changes, so caches are rebui
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("RVLA_PEFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rvla_peft"
+    root = (
+        os.environ.get("RVLA_PEFT_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rvla_peft"
+    )
     return Path(root)
 
 
@@ -72,7 +75,9 @@ def build_tiny_llava(directory: str | Path, seed: int = 0, image_size: int = 64,
         bos_token_id=1,
         eos_token_id=2,
     )
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab["<image>"], vision_feature_layer=-1)
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=vocab["<image>"], vision_feature_layer=-1
+    )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     image_processor = CLIPImageProcessor(
