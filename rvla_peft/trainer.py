@@ -93,6 +93,7 @@ class RobustPPOTrainer:
         self.output_dir = Path(cfg.output_dir)
         self.policy = build_policy(cfg, device=acc.device)
         self.params = self.policy.trainable_parameters()
+        self._broadcast_parameters()
         self.optimizer = acc.prepare(torch.optim.AdamW(self.params, lr=cfg.ppo.learning_rate, eps=1e-5))
 
         from rvla_peft.envs import PerturbedEnv, make_envs
@@ -289,6 +290,13 @@ class RobustPPOTrainer:
         next_actions = rollout.actions.reshape(-1, rollout.actions.shape[-1])[next_idx]
         next_mean = self.policy.evaluate(rollout.observations(next_idx), next_actions).mean
         return smoothness_penalty(mean[:k], next_mean, mask=valid)
+
+    def _broadcast_parameters(self) -> None:
+        """Start every rank from rank 0's LoRA and value-head weights, as DDP would."""
+        if self.accelerator.num_processes == 1:
+            return
+        for p in self.params:
+            torch.distributed.broadcast(p.data, src=0)
 
     def _sync_gradients(self) -> None:
         """Average the trainable parameters' gradients over ranks (see the module docstring)."""

@@ -19,6 +19,15 @@ from rvla_peft.config import TrainConfig, load_config  # noqa: E402
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """Accelerate keeps one state per process; each test may pick its own mixed precision."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path) -> TrainConfig:
     """The tiny recipe, shrunk for tests: 2 CPU envs, short rollouts, regularisers on."""

@@ -7,6 +7,7 @@ character so that any instruction works offline, and the last 256 of the 512 ids
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -78,8 +79,9 @@ def build_tiny_llava(directory: str | Path, seed: int = 0, image_size: int = 64,
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=vocab["<image>"], vision_feature_layer=-1
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
@@ -104,12 +106,15 @@ def resolve_builtin(name_or_path: str) -> str:
     if name != TINY_NAME:
         raise ValueError(f"unknown built-in model {name_or_path!r}; available: {BUILTIN_PREFIX}{TINY_NAME}")
     target = cache_dir() / f"{TINY_NAME}-{_VERSION}"
-    if not (target / "config.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}.", dir=target.parent))
-        build_tiny_llava(staging)
-        try:
+    if (target / "model.safetensors").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (several ranks may start together); the others wait, then find it built.
+    with open(target.parent / f".{TINY_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "model.safetensors").exists():
+            staging = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}.", dir=target.parent))
+            build_tiny_llava(staging)
+            shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)
-        except OSError:  # another process built it first
-            shutil.rmtree(staging, ignore_errors=True)
     return str(target)
