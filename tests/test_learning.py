@@ -30,4 +30,4 @@ def test_return_rises_over_updates_from_a_fixed_seed(tmp_path):
     trainer.train()
     k = max(3, len(history) // 5)
     first, last = statistics.mean(history[:k]), statistics.mean(history[-k:])
-    assert last > 1.2 * first, f"return did not rise: first {k} updates {first:.3f}, last {k} {last:.3f}: {history}"
+    assert last > 1.4 * first, f"return did not rise: first {k} updates {first:.3f}, last {k} {last:.3f}: {history}"
