@@ -356,25 +356,26 @@ class RobustPPOTrainer:
     def save_adapter(self) -> Path:
         """OUTPUT/adapter: the LoRA adapter, the value head beside it, and the resolved recipe."""
         target = self.output_dir / ADAPTER_DIR
-        if self.accelerator.is_main_process:
-            base_id = base_model_id(self.cfg.model)
-
-            def write(tmp: Path) -> None:
-                self.policy.save_pretrained(tmp, base_model_id=base_id)
-                (tmp / RECIPE_FILE).write_text(dump_yaml(self.cfg))
-
-            atomic_save(target, write)
-        self.accelerator.wait_for_everyone()
+        self._save(target, lambda tmp: (tmp / RECIPE_FILE).write_text(dump_yaml(self.cfg)))
         return target
 
     def save_checkpoint(self, directory: Path) -> None:
+        """The adapter and value head plus the optimizer state and the update reached."""
+
+        def extra(tmp: Path) -> None:
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({"update": self.update_index + 1}))
+
+        self._save(directory, extra)
+
+    def _save(self, directory: Path, extra) -> None:
+        """Write the policy (and ``extra`` files) atomically from the main process; every rank waits for it."""
         if self.accelerator.is_main_process:
             base_id = base_model_id(self.cfg.model)
 
             def write(tmp: Path) -> None:
                 self.policy.save_pretrained(tmp, base_model_id=base_id)
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-                (tmp / "trainer_state.json").write_text(json.dumps({"update": self.update_index + 1}))
+                extra(tmp)
 
             atomic_save(directory, write)
         self.accelerator.wait_for_everyone()

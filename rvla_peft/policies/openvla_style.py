@@ -15,8 +15,10 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -80,9 +82,6 @@ class ActionTokenPolicy(Policy):
             if image_token and image_token not in text:
                 text = image_token + text
             h, w = self.image_hw
-            import numpy as np
-            from PIL import Image
-
             blank = Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8))
             enc = self.processor(text=text, images=blank, return_tensors="pt")
             self._prompt_ids[instruction] = enc["input_ids"][0]
