@@ -56,7 +56,7 @@ def collect(policy: Policy, env, obs: dict, num_steps: int, gamma: float) -> tup
     """Run ``num_steps`` steps from ``obs``; returns the rollout and the observation to continue from."""
     device = policy.device
     rgb, actions, log_probs, values, rewards, dones, means = [], [], [], [], [], [], []
-    ended, success, returns, lengths = [], [], [], []
+    success, returns, lengths = [], [], []
     for _ in range(num_steps):
         obs = with_instructions(obs, env)
         sample = policy.act(obs)
@@ -76,13 +76,12 @@ def collect(policy: Policy, env, obs: dict, num_steps: int, gamma: float) -> tup
         means.append(sample.mean)
         rewards.append(reward)
         dones.append(done)
-        ended.append(done)
         success.append(step.episode_success.to(device))
         returns.append(step.episode_return.to(device).float())
         lengths.append(step.episode_length.to(device))
         obs = step.obs
     obs = with_instructions(obs, env)
-    ended_mask = torch.stack(ended)
+    ended_mask = torch.stack(dones)
     rollout = Rollout(
         rgb=torch.stack(rgb + [obs["rgb"]]).to(device),
         actions=torch.stack(actions),

@@ -1,0 +1,54 @@
+"""collect() on real ManiSkill envs: time-limit truncation is bootstrapped with V(final observation)."""
+
+import pytest
+import torch
+
+from rvla_peft.envs import make_envs
+from rvla_peft.rollout import collect, with_instructions
+
+
+class Recording:
+    """Passes every call to a real VecEnv and keeps the Steps it returned."""
+
+    def __init__(self, env):
+        self.env, self.steps = env, []
+        self.num_envs, self.device, self.instructions = env.num_envs, env.device, env.instructions
+
+    def reset(self, seed=None):
+        return self.env.reset(seed=seed)
+
+    def step(self, action):
+        self.steps.append(self.env.step(action))
+        return self.steps[-1]
+
+
+@pytest.fixture
+def env(tiny_cfg):
+    tiny_cfg.env.max_episode_steps = 3
+    env = make_envs(tiny_cfg.env)
+    yield Recording(env)
+    env.close()
+
+
+def test_truncated_episodes_are_bootstrapped_and_counted(tiny_policy, env):
+    gamma = 0.9
+    torch.manual_seed(0)
+    torch.nn.init.normal_(tiny_policy.value_head.net[-1].weight)  # starts at zero: V would be 0 and hide a bug
+    torch.nn.init.normal_(tiny_policy.value_head.net[-1].bias)
+    obs = env.reset(seed=0)
+    rollout, next_obs = collect(tiny_policy.eval(), env, obs, num_steps=4, gamma=gamma)
+    assert rollout.rewards.shape == (4, 2) and rollout.rgb.shape == (5, 2, 64, 64, 3)
+    truncated = torch.stack([s.truncated for s in env.steps])
+    assert truncated[2].all() and not truncated[[0, 1, 3]].any(), "episodes of 3 steps end at step index 2"
+    assert torch.equal(rollout.dones, truncated | torch.stack([s.terminated for s in env.steps]))
+    final = with_instructions(env.steps[2].final_obs, env)
+    final_value = tiny_policy.value(final)
+    assert (final_value.abs() > 1e-3).all()
+    expected = env.steps[2].reward + gamma * final_value
+    torch.testing.assert_close(rollout.rewards[2], expected, atol=1e-6, rtol=0)
+    for t in (0, 1, 3):
+        assert torch.equal(rollout.rewards[t], env.steps[t].reward), "only truncated steps are bootstrapped"
+    assert torch.equal(rollout.episodes["length"], torch.tensor([3.0, 3.0]))
+    torch.testing.assert_close(rollout.episodes["return"], sum(s.reward for s in env.steps[:3]))
+    assert torch.equal(rollout.rgb[3], env.steps[2].obs["rgb"]), "after the cut the next episode's first frame"
+    assert torch.equal(rollout.rgb[4], next_obs["rgb"])
