@@ -91,7 +91,10 @@ class RobustPPOTrainer:
         acc = self.accelerator
         set_seed(cfg.seed)  # identical LoRA init on every rank
         self.output_dir = Path(cfg.output_dir)
-        self.policy = build_policy(cfg, device=acc.device)
+        # Rank 0 first: under torch.distributed, transformers writes files on rank 0 only, so a built-in model is
+        # built there while the other ranks wait, then load it.
+        with acc.main_process_first():
+            self.policy = build_policy(cfg, device=acc.device)
         self.params = self.policy.trainable_parameters()
         self._broadcast_parameters()
         self.optimizer = acc.prepare(torch.optim.AdamW(self.params, lr=cfg.ppo.learning_rate, eps=1e-5))

@@ -115,6 +115,11 @@ def resolve_builtin(name_or_path: str) -> str:
         if not (target / "model.safetensors").exists():
             staging = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}.", dir=target.parent))
             build_tiny_llava(staging)
+            if not (staging / "model.safetensors").exists():  # transformers writes on distributed rank 0 only
+                shutil.rmtree(staging, ignore_errors=True)
+                raise RuntimeError(
+                    f"{name_or_path} must first be built on rank 0: load it inside accelerator.main_process_first()"
+                )
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)
     return str(target)
