@@ -81,3 +81,30 @@ def test_bf16_autocast_checkpoints_eval_and_tensorboard(tiny_cfg):
     assert json.loads((checkpoint / "trainer_state.json").read_text()) == {"update": 1}
     assert list(out.rglob("events.out.tfevents.*")), "no TensorBoard event file"
     assert not list(out.glob(".*.tmp")), "a staging folder was left behind"
+
+
+def test_gradient_accumulation_matches_one_big_step(tiny_cfg):
+    """Micro-batches of half the minibatch, accumulated, give the same optimizer step as the whole minibatch."""
+    from rvla_peft.rollout import collect
+
+    tiny_cfg.ppo.num_minibatches = 1
+    tiny_cfg.regularizers.jacobian.weight = 0.0  # its subset size depends on the micro-batch size
+    tiny_cfg.ppo.max_grad_norm = 1e6  # no clipping, and plain SGD below: both would hide a wrongly scaled gradient
+    trainer = RobustPPOTrainer(tiny_cfg)
+    trainer.policy.eval()
+    rollout, _ = collect(trainer.policy, trainer.train_env, trainer.train_env.reset(seed=0), 4, 0.99)
+    trainer.policy.train()
+    start = {id(p): p.detach().clone() for p in trainer.params}
+    results = []
+    for steps in (1, 2):
+        for p in trainer.params:
+            p.data.copy_(start[id(p)])
+        trainer.optimizer = trainer.accelerator.prepare(torch.optim.SGD(trainer.params, lr=0.1))
+        trainer.sample_generator.manual_seed(0)
+        trainer.cfg.ppo.gradient_accumulation_steps = steps
+        trainer.update(rollout)
+        results.append([p.detach().clone() for p in trainer.params])
+    moved = sum((a - start[id(p)]).abs().sum().item() for a, p in zip(results[0], trainer.params, strict=True))
+    assert moved > 0
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
