@@ -14,7 +14,7 @@ from rvla_peft.trainer import RobustPPOTrainer
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # about 15 minutes on an idle 2-core machine
+@pytest.mark.timeout(3600)  # 11 minutes on an idle 2-core machine
 def test_return_rises_over_updates_from_a_fixed_seed(tmp_path):
     cfg = load_config(RECIPES / "tiny_learn.yaml", [f"output_dir={tmp_path}", "report_to=[]"])
     trainer = RobustPPOTrainer(cfg)
