@@ -81,21 +81,21 @@ def collect(policy: Policy, env, obs: dict, num_steps: int, gamma: float) -> tup
         lengths.append(step.episode_length.to(device))
         obs = step.obs
     obs = with_instructions(obs, env)
-    ended_mask = torch.stack(dones)
+    dones = torch.stack(dones)
     rollout = Rollout(
         rgb=torch.stack(rgb + [obs["rgb"]]).to(device),
         actions=torch.stack(actions),
         log_probs=torch.stack(log_probs),
         values=torch.stack(values),
         rewards=torch.stack(rewards),
-        dones=torch.stack(dones),
+        dones=dones,
         means=torch.stack(means),
         next_value=policy.value(obs),
         instructions=list(env.instructions),
         episodes={
-            "success": torch.stack(success)[ended_mask].float(),
-            "return": torch.stack(returns)[ended_mask],
-            "length": torch.stack(lengths)[ended_mask].float(),
+            "success": torch.stack(success)[dones].float(),
+            "return": torch.stack(returns)[dones],
+            "length": torch.stack(lengths)[dones].float(),
         },
     )
     return rollout, obs

@@ -39,6 +39,11 @@ def _image_geometry(image_processor) -> tuple[tuple[int, int], Tensor, Tensor, f
     return hw, mean, std, float(getattr(image_processor, "rescale_factor", 1 / 255))
 
 
+def _positions(mask: Tensor) -> Tensor:
+    """Position ids that skip left padding, so a padded prompt sees the same positions as an unpadded one."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 class ActionTokenPolicy(Policy):
     def __init__(self, peft_model, processor, policy_cfg, hidden_size: int):
         super().__init__()
@@ -111,20 +116,24 @@ class ActionTokenPolicy(Policy):
     def _env_action(self, slots: Tensor) -> Tensor:
         return self.action_tokenizer.unnormalize(self.action_tokenizer.slot_to_normalized(slots))
 
-    @torch.no_grad()
-    def act(self, obs: Observation, deterministic: bool = False) -> ActionSample:
+    def _prompt_forward(self, obs: Observation, use_cache: bool):
+        """One forward over image + prompt: the next-token logits and the last prompt token's hidden state."""
         ids, mask = self.encode_prompts(obs["instruction"])
-        pixel_values = self.observation_inputs(obs)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = _positions(mask)
         out = self.peft_model(
             input_ids=ids,
             attention_mask=mask,
-            pixel_values=pixel_values,
+            pixel_values=self.observation_inputs(obs),
             position_ids=position_ids,
-            use_cache=True,
+            use_cache=use_cache,
             output_hidden_states=True,
             logits_to_keep=1,
         )
+        return out, mask, position_ids
+
+    @torch.no_grad()
+    def act(self, obs: Observation, deterministic: bool = False) -> ActionSample:
+        out, mask, position_ids = self._prompt_forward(obs, use_cache=True)
         value = self.value_head(out.hidden_states[-1][:, -1])
         slots, log_probs, means = [], [], []
         for dim in range(self.cfg.action_dim):
@@ -165,7 +174,7 @@ class ActionTokenPolicy(Policy):
             input_ids=ids,
             attention_mask=mask,
             pixel_values=self.observation_inputs(obs) if pixel_values is None else pixel_values,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            position_ids=_positions(mask),
             output_hidden_states=True,
             logits_to_keep=n,
         )
@@ -191,15 +200,7 @@ class ActionTokenPolicy(Policy):
 
     @torch.no_grad()
     def value(self, obs: Observation) -> Tensor:
-        ids, mask = self.encode_prompts(obs["instruction"])
-        out = self.peft_model(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=self.observation_inputs(obs),
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            output_hidden_states=True,
-            logits_to_keep=1,
-        )
+        out, _, _ = self._prompt_forward(obs, use_cache=False)
         return self.value_head(out.hidden_states[-1][:, -1])
 
     def visual_embedding_module(self) -> torch.nn.Module:
