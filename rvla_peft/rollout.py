@@ -101,24 +101,62 @@ def collect(policy: Policy, env, obs: dict, num_steps: int, gamma: float) -> tup
     return rollout, obs
 
 
-@torch.no_grad()
-def evaluate_success(policy: Policy, env, episodes: int, seed: int, deterministic: bool = True) -> dict[str, float]:
-    """Success rate and mean return over the first ``episodes`` episodes from ``env.reset(seed)``.
+@dataclass
+class EpisodeOutcomes:
+    """Per-episode results of an evaluation, in episode order (episode e started from reset seed ``seed + e``)."""
 
-    All envs run until enough episodes have finished; ``deterministic`` takes the most likely action tokens."""
-    obs = env.reset(seed=seed)
-    finished_success: list[Tensor] = []
-    finished_return: list[Tensor] = []
-    count = 0
-    while count < episodes:
-        sample = policy.act(with_instructions(obs, env), deterministic=deterministic)
-        step = env.step(sample.env_action)
-        done = (step.terminated | step.truncated).to(policy.device)
-        if bool(done.any()):
-            finished_success.append(step.episode_success.to(policy.device)[done])
-            finished_return.append(step.episode_return.to(policy.device)[done])
-            count += int(done.sum())
-        obs = step.obs
-    success = torch.cat(finished_success)[:episodes].float()
-    returns = torch.cat(finished_return)[:episodes].float()
-    return {"success_rate": success.mean().item(), "return": returns.mean().item(), "episodes": float(episodes)}
+    success: Tensor  # [E] bool
+    returns: Tensor  # [E] float32
+    lengths: Tensor  # [E] int64
+
+    @property
+    def success_rate(self) -> float:
+        return self.success.float().mean().item()
+
+
+@torch.no_grad()
+def run_episodes(
+    policy: Policy,
+    env,
+    episodes: int,
+    seed: int,
+    max_steps: int,
+    deterministic: bool = True,
+    on_batch=None,
+) -> EpisodeOutcomes:
+    """The first episode of each env, in batches of ``env.num_envs``; batch b resets with ``seed + b * num_envs``.
+
+    Env i of batch b then starts from seed ``seed + b * N + i``, i.e. episode e from ``seed + e`` whatever N is,
+    and a seeded :class:`~rvla_peft.envs.PerturbedEnv` replays the same perturbation draws for every policy
+    (common random numbers). Episodes that auto-reset within a batch are ignored: each batch runs until every env
+    has finished one episode (at most ``max_steps`` steps, the env's time limit). ``on_batch(k)`` is called with the
+    number of episodes each finished batch adds (for a progress bar).
+    """
+    n = env.num_envs
+    success, returns, lengths = [], [], []
+    for start in range(0, episodes, n):
+        obs = env.reset(seed=seed + start)
+        finished = torch.zeros(n, dtype=torch.bool, device=policy.device)
+        batch_success = torch.zeros(n, dtype=torch.bool, device=policy.device)
+        batch_return = torch.zeros(n, dtype=torch.float32, device=policy.device)
+        batch_length = torch.zeros(n, dtype=torch.int64, device=policy.device)
+        for t in range(max_steps):
+            sample = policy.act(with_instructions(obs, env), deterministic=deterministic)
+            step = env.step(sample.env_action)
+            first = (step.terminated | step.truncated).to(policy.device) & ~finished
+            batch_success = torch.where(first, step.episode_success.to(policy.device), batch_success)
+            batch_return = torch.where(first, step.episode_return.to(policy.device).float(), batch_return)
+            batch_length = torch.where(first, step.episode_length.to(policy.device), batch_length)
+            finished |= first
+            obs = step.obs
+            if t % 10 == 9 and bool(finished.all()):  # a host sync every 10 steps, not every step
+                break
+        if not bool(finished.all()):
+            raise RuntimeError(f"an episode did not end within max_steps={max_steps}: is it the env's time limit?")
+        k = min(n, episodes - start)
+        success.append(batch_success[:k])
+        returns.append(batch_return[:k])
+        lengths.append(batch_length[:k])
+        if on_batch is not None:
+            on_batch(k)
+    return EpisodeOutcomes(torch.cat(success), torch.cat(returns), torch.cat(lengths))

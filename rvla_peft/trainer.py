@@ -31,7 +31,7 @@ from rvla_peft.algorithms.ppo import compute_gae, minibatch_indices, normalize_a
 from rvla_peft.config import TrainConfig, dump_yaml
 from rvla_peft.policies.registry import base_model_id, build_policy
 from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm, smoothness_penalty
-from rvla_peft.rollout import Rollout, collect, evaluate_success
+from rvla_peft.rollout import Rollout, collect, run_episodes
 
 ADAPTER_DIR = "adapter"
 RECIPE_FILE = "recipe.yaml"
@@ -316,20 +316,20 @@ class RobustPPOTrainer:
     # evaluation, logging, saving
 
     def evaluate(self) -> dict[str, float]:
-        """Success rate clean and under each evaluation perturbation (same seeds for every setting)."""
+        """``eval/<setting>/success_rate`` and ``/return``: clean and each ``perturb.eval`` setting, same episodes."""
         from rvla_peft.envs import PerturbedEnv
 
         self.policy.eval()
         metrics = {}
         settings = [("clean", [])] + [(f"{s.name}@{s.severity:g}", [s]) for s in self.cfg.perturb.eval]
+        seed = self.env_seed + 7
         for name, specs in settings:
-            env = PerturbedEnv(self.base_env, specs, seed=self.env_seed + 7)
-            result = evaluate_success(self.policy, env, self.cfg.eval_episodes, seed=self.env_seed + 7)
-            for key, value in result.items():
-                if key != "episodes":
-                    metrics[f"eval/{name}/{key}"] = self.accelerator.reduce(
-                        torch.tensor(value, device=self.accelerator.device), "mean"
-                    ).item()
+            env = PerturbedEnv(self.base_env, specs, seed=seed)
+            out = run_episodes(self.policy, env, self.cfg.eval_episodes, seed, self.cfg.env.max_episode_steps)
+            local = torch.stack([out.success.float().mean(), out.returns.mean()]).to(self.accelerator.device)
+            success_rate, mean_return = self.accelerator.reduce(local, "mean").tolist()
+            metrics[f"eval/{name}/success_rate"] = success_rate
+            metrics[f"eval/{name}/return"] = mean_return
         return metrics
 
     def _log(self, metrics: dict[str, float], step: int, bar) -> None:

@@ -2,24 +2,10 @@
 
 import pytest
 import torch
+from helpers import Recording
 
 from rvla_peft.envs import make_envs
 from rvla_peft.rollout import collect, with_instructions
-
-
-class Recording:
-    """Passes every call to a real VecEnv and keeps the Steps it returned."""
-
-    def __init__(self, env):
-        self.env, self.steps = env, []
-        self.num_envs, self.device, self.instructions = env.num_envs, env.device, env.instructions
-
-    def reset(self, seed=None):
-        return self.env.reset(seed=seed)
-
-    def step(self, action):
-        self.steps.append(self.env.step(action))
-        return self.steps[-1]
 
 
 @pytest.fixture

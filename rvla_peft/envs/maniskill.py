@@ -188,6 +188,28 @@ def _check_task(task: str) -> None:
     if task not in REGISTERED_ENVS:
         hint = difflib.get_close_matches(task, list(REGISTERED_ENVS), n=3, cutoff=0.4)
         raise ValueError(f"unknown ManiSkill task {task!r} in env.task; nearest registered ids: {hint}")
+    missing = missing_assets(task)
+    if missing:
+        raise ValueError(
+            f"task {task!r} needs assets that are not on disk: {missing}. Download them first with "
+            f"`python -m mani_skill.utils.download_asset {task}` (they go under MS_ASSET_DIR), or pick a task whose "
+            f"assets ship with mani_skill, e.g. {sorted(INSTRUCTIONS)[:4]}"
+        )
+
+
+def missing_assets(task: str) -> list[str]:
+    """The asset data sources ``task`` needs that are not downloaded (ManiSkill would otherwise prompt on stdin)."""
+    from mani_skill.utils import assets
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    missing = []
+    for asset_id in REGISTERED_ENVS[task].asset_download_ids or []:
+        if asset_id in assets.DATA_GROUPS:
+            sources = assets.expand_data_group_into_individual_data_source_ids(asset_id)
+        else:
+            sources = [asset_id]
+        missing += [s for s in sources if not assets.is_data_source_downloaded(s)]
+    return missing
 
 
 def resolve_instruction(cfg: EnvConfig) -> str:

@@ -1,0 +1,244 @@
+"""The robustness report: its statistics, common random numbers on real envs, and the CLI end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import Recording
+
+from rvla_peft import eval as rvla_eval
+from rvla_peft.config import PerturbationSpec
+from rvla_peft.envs import make_envs
+from rvla_peft.eval import (
+    CellResult,
+    Setting,
+    evaluate_grid,
+    paired_difference,
+    render_markdown,
+    summarize,
+    suite_grid,
+    wilson_interval,
+)
+from rvla_peft.policies.base import ActionSample
+from rvla_peft.rollout import run_episodes
+
+# ----------------------------------------------------------------------------------------------------------------
+# statistics
+
+
+def test_wilson_interval_matches_the_closed_form():
+    assert wilson_interval(5, 10) == pytest.approx((0.236593, 0.763407), abs=1e-6)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.277533, abs=1e-6)
+    lo, hi = wilson_interval(10, 10)
+    assert (lo, hi) == pytest.approx((0.722467, 1.0), abs=1e-6)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_paired_difference_uses_the_per_episode_differences():
+    a, b = torch.tensor([1, 1, 0, 1]), torch.tensor([0, 1, 0, 0])
+    mean, lo, hi = paired_difference(a, b)
+    half = 1.959963984540054 * math.sqrt(1 / 3) / 2  # sample std of [1, 0, 0, 1] is sqrt(1/3)
+    assert (mean, lo, hi) == pytest.approx((0.5, 0.5 - half, 0.5 + half))
+
+
+def test_summary_gaps_and_paired_differences():
+    settings = [
+        Setting("clean", "clean", 0.0),
+        Setting("rotation@0.5", "rotation", 0.5),
+        Setting("rotation@1", "rotation", 1.0),
+        Setting("action_noise@1", "action_noise", 1.0),
+    ]
+    outcomes = {
+        ("base", "clean"): [1, 1, 1, 0],
+        ("base", "rotation@0.5"): [1, 0, 0, 0],
+        ("base", "rotation@1"): [0, 0, 0, 0],
+        ("base", "action_noise@1"): [1, 1, 0, 0],
+        ("robust", "clean"): [1, 1, 1, 1],
+        ("robust", "rotation@0.5"): [1, 1, 0, 0],
+        ("robust", "rotation@1"): [1, 0, 0, 0],
+        ("robust", "action_noise@1"): [1, 1, 1, 0],
+    }
+    results = [CellResult(p, s, [bool(x) for x in v], [float(x) for x in v]) for (p, s), v in outcomes.items()]
+    summary, paired = summarize(results, settings, baseline="base")
+    base = summary["base"]
+    assert base["clean_success_rate"] == 0.75
+    assert base["mean_perturbed_success_rate"] == pytest.approx((0.25 + 0 + 0.5) / 3)
+    assert base["robustness_gap"] == pytest.approx(0.75 - 0.25)
+    assert base["gap_by_perturbation"] == pytest.approx({"rotation": 0.75 - 0.125, "action_noise": 0.25})
+    assert summary["robust"]["robustness_gap"] == pytest.approx(1 - 0.5)
+    assert [d["setting"] for d in paired] == [s.name for s in settings]
+    assert all(d["policy"] == "robust" and d["baseline"] == "base" for d in paired)
+    assert [d["difference"] for d in paired] == pytest.approx([0.25, 0.25, 0.25, 0.25])
+    report = {
+        "task": "PickCube-v1",
+        "suite": "test",
+        "episodes": 4,
+        "seed": 0,
+        "deterministic": True,
+        "policies": [{"name": "base"}, {"name": "robust"}],
+        "settings": [{"name": s.name} for s in settings],
+        "results": [r.as_dict() for r in results],
+        "summary": summary,
+        "paired": paired,
+        "command": "python -m rvla_peft.eval ...",
+    }
+    table = render_markdown(report)
+    assert "| rotation@0.5 | 25.0 [4.6, 69.9] | 50.0 [15.0, 85.0] |" in table
+    assert "| base | 75.0 | 25.0 | 50.0 |" in table
+
+
+def test_grid_validates_settings_before_any_work():
+    grid = suite_grid(None, ["rotation@0.5", "action_noise@1"] if "rotation" in _names() else ["action_noise@1"])
+    assert grid[0].name == "clean" and grid[-1].specs == [PerturbationSpec("action_noise", 1.0)]
+    with pytest.raises(ValueError, match="did you mean 'action_noise'"):
+        suite_grid(None, ["action_nois@0.5"])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        suite_grid(None, ["action_noise@1.5"])
+    with pytest.raises(ValueError, match="NAME@SEVERITY"):
+        suite_grid(None, ["action_noise"])
+    with pytest.raises(ValueError, match="twice"):
+        suite_grid(None, ["action_noise@1", "action_noise@1.0"])
+
+
+def _names():
+    from rvla_peft.envs.perturbations import PERTURBATIONS
+
+    return set(PERTURBATIONS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# common random numbers on real envs
+
+
+class ConstantPolicy:
+    """Always the same action; remembers every observation it was shown."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, value: float, action_dim: int = 7):
+        self.value, self.action_dim, self.seen = value, action_dim, []
+
+    def act(self, obs, deterministic=True):
+        self.seen.append(obs["rgb"].clone())
+        n = obs["rgb"].shape[0]
+        action = torch.full((n, self.action_dim), self.value)
+        zeros = torch.zeros(n)
+        return ActionSample(action=action, env_action=action, log_prob=zeros, value=zeros, mean=action)
+
+
+@pytest.fixture
+def env_cfg(tiny_cfg):
+    tiny_cfg.env.max_episode_steps = 5
+    tiny_cfg.env.image_size = 32
+    return tiny_cfg.env
+
+
+def test_episode_seeds_do_not_depend_on_the_number_of_envs(env_cfg):
+    """Episode e starts from seed + e: 1 env or 2 in parallel play the same 3 episodes."""
+    returns = []
+    for num_envs in (1, 2):
+        env_cfg.num_envs = num_envs
+        with make_envs(env_cfg) as env:
+            out = run_episodes(ConstantPolicy(0.3), env, episodes=3, seed=11, max_steps=5)
+        assert out.success.shape == (3,) and out.lengths.tolist() == [5, 5, 5]
+        returns.append(out.returns)
+    assert torch.equal(returns[0], returns[1])
+    assert len(set(returns[0].tolist())) == 3  # three different initial states
+
+
+def test_two_policies_see_the_same_perturbation_draws(env_cfg):
+    specs = [PerturbationSpec("pixel_noise", 0.5), PerturbationSpec("action_noise", 0.5)]
+    setting = Setting("noise", "noise", 0.5, specs)
+    with make_envs(env_cfg) as real:
+        env = Recording(real)
+        a, b = ConstantPolicy(0.0), ConstantPolicy(0.1)
+        evaluate_grid({"a": a}, env, [setting], episodes=2, seed=3, max_steps=5)
+        noise_a = [x - 0.0 for x in env.actions]
+        env.actions.clear()
+        evaluate_grid({"b": b}, env, [setting], episodes=2, seed=3, max_steps=5)
+        noise_b = [x - 0.1 for x in env.actions]
+    assert torch.equal(a.seen[0], b.seen[0])  # same initial state, same pixel noise
+    assert not torch.equal(a.seen[0], a.seen[1])  # and fresh noise at the next step
+    assert len(noise_a) == len(noise_b) == 5
+    for x, y in zip(noise_a, noise_b, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)  # identical draws (clamping at +-1 is out of reach)
+    assert 0.05 < torch.stack(noise_a).std().item() < 0.3  # it is noise: std 0.15
+
+
+def test_sampled_evaluations_repeat_exactly(env_cfg, tiny_policy):
+    with make_envs(env_cfg) as env:
+        runs = [
+            evaluate_grid({"p": tiny_policy}, env, [rvla_eval.CLEAN], 2, seed=5, max_steps=5, deterministic=False)
+            for _ in range(2)
+        ]
+    assert runs[0][0].returns == runs[1][0].returns
+    assert runs[0][0].successes == runs[1][0].successes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command line
+
+
+def _cli(tmp_path, *extra):
+    from conftest import RECIPES
+
+    return [
+        "--recipe",
+        str(RECIPES / "tiny_cpu.yaml"),
+        "--episodes",
+        "2",
+        "--out",
+        str(tmp_path / "report"),
+        "env.max_episode_steps=4",
+        "env.image_size=32",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--suite", "none", "--perturb", "action_nois@0.5"], "did you mean 'action_noise'"),
+        (["--suite", "none", "--perturb", "action_noise@2"], "[0, 1]"),
+        (["--suite", "none", "--task", "PickSingleYCB-v1"], "needs assets that are not on disk"),
+        (["--suite", "none", "--episodes", "0"], "--episodes must be >= 1"),
+        (["--suite", "none", "--no-base"], "nothing to evaluate"),
+    ],
+)
+def test_cli_rejects_bad_input_before_loading_a_model(tmp_path, capsys, extra, message):
+    assert rvla_eval.main(_cli(tmp_path, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+
+
+def test_cli_refuses_an_adapter_trained_on_another_base(tmp_path, capsys, tiny_policy):
+    adapter = tmp_path / "other" / "adapter"
+    tiny_policy.save_pretrained(adapter, base_model_id="someone/another-base")
+    assert rvla_eval.main(_cli(tmp_path, "--suite", "none", "--adapter", str(adapter))) == 2
+    assert "was trained on base 'someone/another-base'" in capsys.readouterr().err
+
+
+def test_cli_writes_the_report_and_keeps_an_existing_one(tmp_path, capsys, tiny_policy):
+    adapter = tmp_path / "robust" / "adapter"
+    tiny_policy.save_pretrained(adapter, base_model_id="builtin:tiny-llava")
+    args = _cli(tmp_path, "--suite", "none", "--perturb", "action_noise@1", "--adapter", str(adapter))
+    assert rvla_eval.main(args) == 0
+    out = tmp_path / "report"
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema_version"] == 1 and report["task"] == "PickCube-v1"
+    assert [p["name"] for p in report["policies"]] == ["base", "robust"]
+    assert [s["name"] for s in report["settings"]] == ["clean", "action_noise@1"]
+    assert len(report["results"]) == 4 and all(r["episodes"] == 2 for r in report["results"])
+    assert {d["setting"] for d in report["paired"]} == {"clean", "action_noise@1"}
+    assert report["command"].startswith("python -m rvla_peft.eval --recipe")
+    assert "| action_noise@1 |" in (out / "report.md").read_text()
+    assert (out / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+    # The adapter starts as the base (LoRA B = 0), and both saw the same episodes: identical outcomes.
+    cells = {(r["policy"], r["setting"]): r for r in report["results"]}
+    assert cells["base", "clean"]["mean_return"] == cells["robust", "clean"]["mean_return"]
+    before = (out / "report.json").read_bytes()
+    assert rvla_eval.main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "report.json").read_bytes() == before
