@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ class ModelConfig:
         default="builtin:tiny-llava",
         metadata={
             "help": "Hub id or local folder of an image-text-to-text model (loaded with Auto classes), or "
-            "'builtin:tiny-llava', a tiny random model built locally from a config (no download)."
+            "'builtin:tiny-llava' / 'builtin:tiny-openvla', tiny random models built locally from a config (no "
+            "download). OpenVLA checkpoints (model_type 'openvla') load natively, without remote code."
         },
     )
     hub_id: str | None = field(
@@ -51,15 +53,33 @@ class ModelConfig:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention kernel passed to from_pretrained ('sdpa', 'eager', ...)."}
     )
+    quantization: Literal["none", "4bit", "8bit"] = field(
+        default="none",
+        metadata={
+            "help": "QLoRA: load the frozen base quantized by bitsandbytes ('4bit': nf4 with double quantization, "
+            "compute in torch_dtype; '8bit': LLM.int8). LoRA weights, value head and norms stay in float32."
+        },
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint."})
     revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the base model."})
+    processor_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the processor comes from when the checkpoint has none (pi0: the PaliGemma tokenizer, "
+            "e.g. google/paligemma2-3b-mix-224); None: name_or_path."
+        },
+    )
 
 
 @dataclass
 class PolicyConfig:
     family: str = field(
         default="action_tokens",
-        metadata={"help": "Policy family (see rvla_peft.policies.registry): 'action_tokens' = OpenVLA-style."},
+        metadata={
+            "help": "Policy family (see rvla_peft.policies.registry): 'action_tokens' = OpenVLA-style over any "
+            "image-text-to-text model; 'openvla' = OpenVLA checkpoints (their action ids, norm_stats and prompt); "
+            "'pi0' = transformers' PI0, PPO over its flow-SDE denoising chain."
+        },
     )
     prompt_template: str = field(
         default="In: What action should the robot take to {instruction}?\nOut:",
@@ -74,20 +94,59 @@ class PolicyConfig:
     action_high: list[float] | None = field(
         default=None, metadata={"help": "Per-dimension q99 used to un-normalise (None: identity)."}
     )
+    unnorm_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "Family 'openvla': the dataset in the checkpoint's norm_stats whose action q01/q99 (and mask) "
+            "un-normalise actions, e.g. 'bridge_orig' (None: action_low/action_high)."
+        },
+    )
     value_head_hidden: int = field(default=256, metadata={"help": "Width of the value head's hidden layer."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of action tokens."})
+    num_denoise_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Family 'pi0': denoising steps K per action chunk (None: the checkpoint's num_inference_steps)."
+        },
+    )
+    noise_level: float = field(
+        default=0.5,
+        metadata={
+            "help": "Family 'pi0': flow-SDE noise level a; each denoising step adds Gaussian noise of std "
+            "sqrt(dt) * a * sqrt(t / (1 - t)) to the executed actions (RLinf's flow-SDE; 0.5 is its default)."
+        },
+    )
+    execute_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Family 'pi0': actions of each predicted chunk executed open-loop as one PPO step (None: the "
+            "whole chunk)."
+        },
+    )
+    use_state: bool = field(
+        default=False,
+        metadata={
+            "help": "Family 'pi0': feed obs['state'] (zero-padded to max_state_dim) as pi0's robot state; false: a "
+            "zero state. The rollout buffer keeps no state, so PPO training needs false."
+        },
+    )
 
 
 @dataclass
 class LoraSettings:
-    r: int = field(default=8, metadata={"help": "LoRA rank."})
-    alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    """LoRA settings; a field left None takes the policy family's default (``registry.LORA_DEFAULTS``)."""
+
+    r: int | None = field(default=None, metadata={"help": "LoRA rank (None: the family's default)."})
+    alpha: int | None = field(
+        default=None, metadata={"help": "LoRA alpha, scale = alpha / r (None: the family's default)."}
+    )
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    target_modules: list[str] | str = field(
-        default="all-linear", metadata={"help": "Module names to adapt, or 'all-linear'."}
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names to adapt, or 'all-linear' (None: the family's default)."}
     )
     exclude_modules: list[str] | None = field(
-        default=None, metadata={"help": "Module names never adapted (peft's exclude_modules)."}
+        default=None,
+        metadata={"help": "Module names never adapted, peft's exclude_modules (None: the family's default)."},
     )
     adapt_output_layer: bool = field(
         default=False,
@@ -124,12 +183,51 @@ class EnvConfig:
         default_factory=lambda: ["agent.qpos", "extra.tcp_pose"],
         metadata={"help": "Observation entries concatenated into obs['state'] (dotted paths)."},
     )
+    privileged_state: bool = field(
+        default=False,
+        metadata={
+            "help": "Also ask ManiSkill for privileged state (obs_mode 'rgb+state_dict'), so that state_keys may name "
+            "object poses such as extra.obj_pose (scripted experts, demos); the policy sees only rgb + instruction."
+        },
+    )
 
 
 @dataclass
 class PerturbationSpec:
-    name: str = field(metadata={"help": "Perturbation name (see rvla_peft.envs.perturbations)."})
+    name: str = field(
+        metadata={
+            "help": "Perturbation name (see rvla_peft.envs.perturbations.PERTURBATIONS), or a combination "
+            "'rotation+action_noise'; a part may set its own severity: 'rotation@0.5+action_noise'."
+        }
+    )
     severity: float = field(default=0.5, metadata={"help": "Strength in [0, 1], mapped to a physical range."})
+
+
+@dataclass
+class CurriculumConfig:
+    schedule: Literal["none", "linear", "step", "success"] = field(
+        default="none",
+        metadata={
+            "help": "Scale multiplying every perturb.train severity over training (RobustVLA-C): 'none': 1; "
+            "'linear': start -> 1 over ramp_updates; 'step': the same in `stages` jumps; 'success': start, "
+            "+increment after each update whose rollout success rate >= success_threshold."
+        },
+    )
+    start: float = field(default=0.0, metadata={"help": "Scale at the first update, in [0, 1]."})
+    ramp_updates: int = field(default=10, metadata={"help": "'linear'/'step': updates until the scale reaches 1."})
+    stages: int = field(default=4, metadata={"help": "'step': number of equal jumps from start to 1."})
+    success_threshold: float = field(
+        default=0.5, metadata={"help": "'success': rollout success rate in [0, 1] that raises the scale."}
+    )
+    increment: float = field(default=0.1, metadata={"help": "'success': scale added per successful update."})
+
+    def __post_init__(self) -> None:
+        # On construction, so load_config stops on a bad value like any other; the section lives only here.
+        _check(0 <= self.start <= 1, "perturb.curriculum.start", "must be in [0, 1]")
+        _check(self.ramp_updates >= 1, "perturb.curriculum.ramp_updates", "must be >= 1")
+        _check(self.stages >= 1, "perturb.curriculum.stages", "must be >= 1")
+        _check(0 <= self.success_threshold <= 1, "perturb.curriculum.success_threshold", "must be in [0, 1]")
+        _check(0 < self.increment <= 1, "perturb.curriculum.increment", "must be in (0, 1]")
 
 
 @dataclass
@@ -140,6 +238,21 @@ class PerturbConfig:
     eval: list[PerturbationSpec] = field(
         default_factory=list, metadata={"help": "Perturbed settings evaluated periodically (besides clean)."}
     )
+    eval_suite: str | None = field(
+        default=None,
+        metadata={
+            "help": "Named suite of rvla_peft.eval (quick, paper, full) also evaluated periodically, "
+            "logged as eval/<setting>/success_rate."
+        },
+    )
+    sample_per_episode: bool = field(
+        default=False,
+        metadata={
+            "help": "Training: each env draws ONE perturb.train entry (a combination counts as one) at every "
+            "episode start, instead of all of them applying together."
+        },
+    )
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
 @dataclass
@@ -199,6 +312,35 @@ class RegularizerConfig:
 
 
 @dataclass
+class HubConfig:
+    push_to_hub: bool = field(
+        default=False,
+        metadata={
+            "help": "At the end of training, push the adapter, value head, model card, recipe and training curve to "
+            "hub.repo_id in one commit (as `python -m rvla_peft.hub push OUTPUT_DIR` does). The token comes from "
+            "HF_TOKEN or `hf auth login`, never from the recipe."
+        },
+    )
+    repo_id: str | None = field(
+        default=None, metadata={"help": "Hub repo 'user/name' (or 'name': under the logged-in user)."}
+    )
+    private: bool = field(
+        default=False, metadata={"help": "Create the repo private (an existing repo keeps its visibility)."}
+    )
+    revision: str | None = field(
+        default=None, metadata={"help": "Branch the final push goes to (None: main); created from main if missing."}
+    )
+    push_checkpoints: bool = field(
+        default=False,
+        metadata={
+            "help": "Also push every save_every checkpoint to hub.checkpoint_revision (a failed checkpoint push "
+            "only warns: training goes on)."
+        },
+    )
+    checkpoint_revision: str = field(default="checkpoints", metadata={"help": "Branch the checkpoints go to."})
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = field(default="outputs/run", metadata={"help": "Where the adapter, logs and checkpoints go."})
     overwrite_output_dir: bool = field(
@@ -223,13 +365,14 @@ class TrainConfig:
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     regularizers: RegularizerConfig = field(default_factory=RegularizerConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     def validate(self) -> None:
         """Values that parse but cannot work. Raises ConfigError naming the key."""
         from rvla_peft.envs.perturbations import validate_specs  # light: no simulator import
 
         _check(self.total_updates >= 1, "total_updates", "must be >= 1")
-        _check(self.lora.r >= 1, "lora.r", "must be >= 1")
+        _check(self.lora.r is None or self.lora.r >= 1, "lora.r", "must be >= 1")
         _check(0 <= self.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
         _check(self.env.num_envs >= 1, "env.num_envs", "must be >= 1")
         _check(self.env.image_size >= 16, "env.image_size", "must be >= 16 pixels")
@@ -237,6 +380,10 @@ class TrainConfig:
         _check(self.policy.action_dim >= 1, "policy.action_dim", "must be >= 1")
         _check(self.policy.n_bins >= 2, "policy.n_bins", "must be >= 2")
         _check(self.policy.temperature > 0, "policy.temperature", "must be > 0")
+        _check(self.policy.noise_level > 0, "policy.noise_level", "must be > 0")
+        for key in ("num_denoise_steps", "execute_steps"):
+            value = getattr(self.policy, key)
+            _check(value is None or value >= 1, f"policy.{key}", "must be >= 1 (or null)")
         _check("{instruction}" in self.policy.prompt_template, "policy.prompt_template", "must contain {instruction}")
         for key in ("action_low", "action_high"):
             value = getattr(self.policy, key)
@@ -244,6 +391,13 @@ class TrainConfig:
                 value is None or len(value) == self.policy.action_dim,
                 f"policy.{key}",
                 f"needs {self.policy.action_dim} values (policy.action_dim), got {value and len(value)}",
+            )
+        if self.policy.unnorm_key is not None:
+            _check(self.policy.family == "openvla", "policy.unnorm_key", "is read by policy.family=openvla only")
+            _check(
+                self.policy.action_low is None and self.policy.action_high is None,
+                "policy.unnorm_key",
+                "set either policy.unnorm_key or policy.action_low/action_high, not both",
             )
         ppo = self.ppo
         _check(ppo.learning_rate > 0, "ppo.learning_rate", "must be > 0")
@@ -279,6 +433,25 @@ class TrainConfig:
                 validate_specs(getattr(self.perturb, key))
             except ValueError as e:
                 raise ConfigError(f"perturb.{key}: {e}") from None
+        if self.perturb.eval_suite is not None:
+            from rvla_peft.envs.perturbations import suite_settings
+
+            try:
+                suite_settings(self.perturb.eval_suite)
+            except ValueError as e:
+                raise ConfigError(f"perturb.eval_suite: {e}") from None
+        hub = self.hub
+        _check(
+            bool(hub.repo_id) or not (hub.push_to_hub or hub.push_checkpoints),
+            "hub.repo_id",
+            "is required with hub.push_to_hub or hub.push_checkpoints, e.g. hub.repo_id=user/robust-adapter",
+        )
+        _check(
+            hub.repo_id is None or re.fullmatch(r"[\w.-]+(/[\w.-]+)?", hub.repo_id) is not None,
+            "hub.repo_id",
+            f"{hub.repo_id!r} is not a Hub repo id like 'user/name'",
+        )
+        _check(not hub.push_checkpoints or self.save_every > 0, "hub.push_checkpoints", "needs save_every > 0")
         for tracker in self.report_to:
             _check(tracker in ("tensorboard",), "report_to", f"unknown tracker {tracker!r}; use ['tensorboard'] or []")
         from rvla_peft.policies.registry import POLICY_FAMILIES

@@ -85,37 +85,27 @@ class Setting:
 CLEAN = Setting("clean", "clean", 0.0, [])
 
 
+def make_setting(label: str, parts: list) -> Setting:
+    """A setting from its expanded parts; a combination plots under "a+b" at the severity of its last part."""
+    return Setting(label, "+".join(p.name for p in parts), parts[-1].severity, list(parts))
+
+
 def suite_grid(suite: str | None, extra: Sequence[str] = ()) -> list[Setting]:
-    """Clean, then the suite's settings, then ``extra`` ones written ``name@severity`` (``a+b@s`` combines)."""
-    from rvla_peft.config import PerturbationSpec
-    from rvla_peft.envs.perturbations import validate_specs
+    """Clean, the suite's settings, then ``extra`` ones written ``name@severity`` (``rotation@0.5+action_noise@0.1``
+    combines). Raises ValueError naming the problem for an unknown suite or perturbation or a bad severity."""
+    from rvla_peft.envs.perturbations import Spec, expand_spec, spec_label, suite_settings
 
-    settings = [CLEAN]
-    if suite:
-        from rvla_peft.envs.perturbations import suite_settings
-
-        settings += [_setting(label, specs) for label, specs in suite_settings(suite)]
+    settings = [CLEAN] + [make_setting(label, parts) for label, parts in (suite_settings(suite) if suite else [])]
     for text in extra:
         name, sep, severity = text.rpartition("@")
-        if not sep:
+        if not sep or not name:
             raise ValueError(f"--perturb {text!r}: write it as NAME@SEVERITY, e.g. rotation@0.5")
         try:
-            value = float(severity)
+            spec = Spec(name, float(severity))
         except ValueError:
             raise ValueError(f"--perturb {text!r}: severity {severity!r} is not a number in [0, 1]") from None
-        specs = [PerturbationSpec(name, value)]
-        validate_specs(specs)
-        settings.append(Setting(f"{name}@{value:g}", name, value, specs))
-    names = [s.name for s in settings]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"settings appear twice in the grid: {duplicates}")
-    return settings
-
-
-def _setting(label: str, specs: list) -> Setting:
-    perturbation, _, severity = label.rpartition("@")
-    return Setting(label, perturbation or label, float(severity) if severity else specs[0].severity, list(specs))
+        settings.append(make_setting(spec_label(spec), expand_spec(spec)))
+    return list({s.name: s for s in reversed(settings)}.values())[::-1]  # a setting named twice is run once
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -414,40 +404,32 @@ def _adapter_args(values: list[str]) -> list[tuple[str, str]]:
     return named
 
 
-def _local_recipe(adapter: str) -> Path | None:
-    from rvla_peft.trainer import RECIPE_FILE
+def _recipe_of(adapter: Path) -> Path | None:
+    from rvla_peft.hub import HubError, adapter_recipe
 
-    path = Path(adapter) / RECIPE_FILE
-    return path if path.is_file() else None
-
-
-def check_base_match(adapter: str, base_id: str) -> None:
-    """An adapter trained on another base silently gives garbage: refuse unless told otherwise."""
-    config = Path(adapter) / "adapter_config.json"
-    if not config.is_file():
-        raise ValueError(f"--adapter {adapter}: no adapter_config.json there; is it an adapter folder?")
-    recorded = json.loads(config.read_text()).get("base_model_name_or_path")
-    if recorded and recorded != base_id:
-        raise ValueError(
-            f"--adapter {adapter} was trained on base {recorded!r}, not {base_id!r}: pass --base {recorded} "
-            "(or --allow-base-mismatch if they are the same weights under another name)"
-        )
+    try:
+        return adapter_recipe(adapter)
+    except HubError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
     from rvla_peft.config import ConfigError, load_config
+    from rvla_peft.hub import HubError, check_base_match, resolve_adapter
 
     args = parse_args(argv)
     out = Path(args.out)
     try:
-        adapters = _adapter_args(args.adapter)
-        if args.no_base and not adapters:
+        named = _adapter_args(args.adapter)  # [(name, path or Hub id as given)]
+        if args.no_base and not named:
             raise ValueError("--no-base with no --adapter leaves nothing to evaluate")
         if args.episodes < 1:
             raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
         if (out / REPORT_JSON).exists() and not args.overwrite:
             raise ValueError(f"{out / REPORT_JSON} exists; choose another --out or pass --overwrite")
-        recipe = args.recipe or next((r for _, a in adapters if (r := _local_recipe(a))), None)
+        # Hub ids are downloaded here (only the adapter's files), so that a wrong id fails before any model loads.
+        local = [resolve_adapter(given) for _, given in named]
+        recipe = args.recipe or next((r for path in local if (r := _recipe_of(path))), None)
         overrides = list(args.overrides)
         if args.base:
             overrides.append(f"model.name_or_path={args.base}")
@@ -459,20 +441,18 @@ def main(argv: list[str] | None = None) -> int:
         settings = suite_grid(None if args.suite == "none" else args.suite, args.perturb)
         from rvla_peft.policies.registry import base_model_id
 
-        base_id = base_model_id(cfg.model)
-        for _, adapter in adapters:
-            if Path(adapter).exists() and not args.allow_base_mismatch:
-                check_base_match(adapter, base_id)
+        for path, (_, given) in zip(local, named, strict=True):
+            check_base_match(path, base_model_id(cfg.model), allow=args.allow_base_mismatch, adapter_name=given)
         from rvla_peft.envs import make_envs
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         env = make_envs(cfg.env, device=device)  # before any model loads: a bad task fails in seconds
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, HubError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     command = "python -m rvla_peft.eval " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
-        report = run(cfg, env, adapters, settings, args, command)
+        report = run(cfg, env, named, local, settings, args, command)
     finally:
         env.close()
     write_report(report, out)
@@ -481,31 +461,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def adapter_config(cfg, adapter: str):
-    """The config an adapter was trained with (its recipe.yaml: policy, LoRA), on the evaluated base."""
-    from dataclasses import replace
-
-    from rvla_peft.config import load_config
-
-    recipe = _local_recipe(adapter)
-    if recipe is None:
-        return cfg
-    own = load_config(recipe, [])
-    return replace(own, model=cfg.model, env=cfg.env)
-
-
-def run(cfg, env, adapters: list[tuple[str, str]], settings: list[Setting], args, command: str) -> dict:
+def run(cfg, env, named: list[tuple[str, str]], local: list[Path], settings: list[Setting], args, command: str):
+    """Load the policies (base first) and evaluate the grid; returns the report dict."""
     from tqdm.auto import tqdm
 
-    from rvla_peft.policies.registry import base_model_id, build_policy
+    from rvla_peft.policies.registry import base_model_id, build_policy, load_policy
 
     policies, described = {}, []
     if not args.no_base:
         policies["base"] = build_policy(cfg, device=env.device)
         described.append({"name": "base", "base": base_model_id(cfg.model), "adapter": None})
-    for name, adapter in adapters:
-        policies[name] = build_policy(adapter_config(cfg, adapter), adapter=adapter, device=env.device)
-        described.append({"name": name, "base": base_model_id(cfg.model), "adapter": adapter})
+    for (name, given), path in zip(named, local, strict=True):
+        if _recipe_of(path) is None:  # no recipe beside it: the evaluation recipe's policy settings
+            policies[name] = build_policy(cfg, adapter=path, device=env.device)
+        else:  # the policy settings it was trained with, on the evaluated base (checked in main)
+            policies[name] = load_policy(cfg.model, path, env.device, allow_base_mismatch=True)
+        described.append({"name": name, "base": base_model_id(cfg.model), "adapter": given})
     for policy in policies.values():
         policy.eval()
     deterministic = not args.sample

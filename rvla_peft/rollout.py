@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from rvla_peft.algorithms.ppo import bootstrap_truncated
+from rvla_peft.envs.maniskill import Step
 from rvla_peft.policies.base import Policy
 
 
@@ -28,6 +29,7 @@ class Rollout:
     next_value: Tensor  # [N]
     instructions: list[str]  # one per env
     episodes: dict[str, Tensor] = field(default_factory=dict)  # success / return / length of finished episodes
+    env_steps: int = 0  # simulator steps taken: T * N, times the chunk length for action-chunking policies
 
     @property
     def num_steps(self) -> int:
@@ -41,6 +43,54 @@ class Rollout:
         """Observation dict of flat (t * N + n) samples, at step t + offset (offset 1: the next observation)."""
         t, n = flat_index // self.num_envs, flat_index % self.num_envs
         return {"rgb": self.rgb[t + offset, n], "instruction": [self.instructions[i] for i in n.tolist()]}
+
+
+def step_chunk(env, env_action: Tensor) -> Step:
+    """Execute one action [N, A], or a chunk [N, k, A] open-loop, as one (macro) step.
+
+    A chunk's reward is the sum of its steps' rewards up to the env's episode end (action-chunking policies such as
+    OpenVLA-OFT and pi0 are trained as an MDP over chunks, as RLinf does). An env whose episode ends inside the
+    chunk reports that end (flags, final observation, episode statistics); the chunk's remaining actions run in the
+    env's next episode, unrewarded here.
+    """
+    if env_action.dim() == 2:
+        return env.step(env_action)
+    out = env.step(env_action[:, 0])
+    done = out.terminated | out.truncated
+    reward, terminated, truncated = out.reward.clone(), out.terminated, out.truncated
+    success, ep_return, ep_length = out.episode_success, out.episode_return, out.episode_length
+    final_obs = out.final_obs
+    for j in range(1, env_action.shape[1]):
+        step = env.step(env_action[:, j])
+        alive = ~done
+        reward = reward + step.reward * alive
+        ends = (step.terminated | step.truncated) & alive
+        terminated = torch.where(alive, step.terminated, terminated)
+        truncated = torch.where(alive, step.truncated, truncated)
+        success = torch.where(ends, step.episode_success, success)
+        ep_return = torch.where(ends, step.episode_return, ep_return)
+        ep_length = torch.where(ends, step.episode_length, ep_length)
+        if step.final_obs is not None:
+            if final_obs is None:
+                final_obs = step.final_obs
+            else:
+                final_obs = {k: _where_rows(ends, step.final_obs[k], v) for k, v in final_obs.items()}
+        done = done | ends
+        out = step
+    return Step(
+        obs=out.obs,
+        reward=reward,
+        terminated=terminated,
+        truncated=truncated,
+        final_obs=final_obs,
+        episode_success=success,
+        episode_return=ep_return,
+        episode_length=ep_length,
+    )
+
+
+def _where_rows(rows: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    return torch.where(rows.view(-1, *([1] * (a.dim() - 1))), a, b)
 
 
 def with_instructions(obs: dict, env) -> dict:
@@ -57,10 +107,12 @@ def collect(policy: Policy, env, obs: dict, num_steps: int, gamma: float) -> tup
     device = policy.device
     rgb, actions, log_probs, values, rewards, dones, means = [], [], [], [], [], [], []
     success, returns, lengths = [], [], []
+    chunk = 1
     for _ in range(num_steps):
         obs = with_instructions(obs, env)
         sample = policy.act(obs)
-        step = env.step(sample.env_action)
+        chunk = sample.env_action.shape[1] if sample.env_action.dim() == 3 else 1
+        step = step_chunk(env, sample.env_action)
         reward = step.reward.to(device).float()
         truncated, terminated = step.truncated.to(device), step.terminated.to(device)
         if step.final_obs is not None and bool(truncated.any()):
@@ -97,6 +149,7 @@ def collect(policy: Policy, env, obs: dict, num_steps: int, gamma: float) -> tup
             "return": torch.stack(returns)[dones],
             "length": torch.stack(lengths)[dones].float(),
         },
+        env_steps=num_steps * env.num_envs * chunk,
     )
     return rollout, obs
 
@@ -142,7 +195,7 @@ def run_episodes(
         batch_length = torch.zeros(n, dtype=torch.int64, device=policy.device)
         for t in range(max_steps):
             sample = policy.act(with_instructions(obs, env), deterministic=deterministic)
-            step = env.step(sample.env_action)
+            step = step_chunk(env, sample.env_action)
             first = (step.terminated | step.truncated).to(policy.device) & ~finished
             batch_success = torch.where(first, step.episode_success.to(policy.device), batch_success)
             batch_return = torch.where(first, step.episode_return.to(policy.device).float(), batch_return)

@@ -14,6 +14,7 @@ same step and the weights stay identical.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from rvla_peft.algorithms.ppo import compute_gae, minibatch_indices, normalize_advantages, policy_loss, value_loss
 from rvla_peft.config import TrainConfig, dump_yaml
-from rvla_peft.policies.registry import base_model_id, build_policy
+from rvla_peft.policies.registry import base_model_id, build_policy, resolve_lora
 from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm, smoothness_penalty
 from rvla_peft.rollout import Rollout, collect, run_episodes
 
@@ -81,6 +82,8 @@ def atomic_save(directory: Path, write) -> None:
 
 class RobustPPOTrainer:
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator | None = None):
+        # The saved recipe records the LoRA actually used, family defaults included.
+        cfg = dataclasses.replace(cfg, lora=resolve_lora(cfg.policy.family, cfg.lora))
         self.cfg = cfg
         self.accelerator = accelerator or Accelerator(
             cpu=cfg.cpu or not torch.cuda.is_available(),
@@ -100,11 +103,15 @@ class RobustPPOTrainer:
         self.optimizer = acc.prepare(torch.optim.AdamW(self.params, lr=cfg.ppo.learning_rate, eps=1e-5))
 
         from rvla_peft.envs import PerturbedEnv, make_envs
+        from rvla_peft.envs.curriculum import Curriculum
 
         # Each rank collects its own experience from different initial states.
         self.env_seed = cfg.seed + 100_003 * acc.process_index
         self.base_env = make_envs(cfg.env, device=acc.device)
-        self.train_env = PerturbedEnv(self.base_env, cfg.perturb.train, seed=self.env_seed)
+        self.train_env = PerturbedEnv(
+            self.base_env, cfg.perturb.train, seed=self.env_seed, sample_per_episode=cfg.perturb.sample_per_episode
+        )
+        self.curriculum = Curriculum(cfg.perturb.curriculum)
         self.sample_generator = torch.Generator(device="cpu").manual_seed(self.env_seed)
         torch.manual_seed(self.env_seed)  # action sampling differs per rank
         self.update_index = 0
@@ -124,33 +131,43 @@ class RobustPPOTrainer:
         bar = tqdm(range(cfg.total_updates), desc="PPO updates", disable=not acc.is_local_main_process)
         for self.update_index in bar:
             start = time.perf_counter()
+            # RobustVLA-C: the training perturbations' severity follows the schedule (fed last update's success).
+            scale = self.curriculum.scale(self.update_index, metrics.get("rollout/success_rate"))
+            self.train_env.set_severity_scale(scale)
             self.policy.eval()
             rollout, obs = collect(self.policy, self.train_env, obs, cfg.ppo.num_steps, cfg.ppo.gamma)
             rollout_s = time.perf_counter() - start
             self.policy.train()
             metrics = {**self._rollout_metrics(rollout), **self.update(rollout)}
             update_s = time.perf_counter() - start - rollout_s
-            env_steps = rollout.num_steps * rollout.num_envs * acc.num_processes
+            env_steps = rollout.env_steps * acc.num_processes
             metrics.update(
                 {
                     "time/rollout_s": rollout_s,
                     "time/update_s": update_s,
                     "time/env_steps_per_s": env_steps / rollout_s,
                     "time/env_steps": float(env_steps * (self.update_index + 1)),
+                    "perturb/severity_scale": scale,
                 }
             )
             step = self.update_index + 1
             if cfg.eval_episodes and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_updates:
                 metrics.update(self.evaluate())
                 obs = self.train_env.reset(seed=self.env_seed + step)
+            checkpoint = None
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.total_updates:
-                self.save_checkpoint(self.output_dir / "checkpoints" / f"update-{step:06d}")
+                checkpoint = self.output_dir / "checkpoints" / f"update-{step:06d}"
+                self.save_checkpoint(checkpoint)
             self._log(metrics, step, bar)
+            if checkpoint is not None and cfg.hub.push_checkpoints:
+                self.push_to_hub(checkpoint, checkpoint=True)
         if cfg.eval_episodes:
             metrics.update(self.evaluate())
             self._log({k: v for k, v in metrics.items() if k.startswith("eval/")}, cfg.total_updates, bar)
         self.save_adapter()
         acc.end_training()
+        if cfg.hub.push_to_hub:
+            self.push_to_hub(self.output_dir / ADAPTER_DIR)
         return metrics
 
     def _rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
@@ -290,7 +307,7 @@ class RobustPPOTrainer:
         t = idx // n_envs
         valid = (t + 1 < rollout.num_steps) & ~rollout.dones.reshape(-1)[idx]
         next_idx = torch.where(valid, idx + n_envs, idx)  # invalid rows are masked out below
-        next_actions = rollout.actions.reshape(-1, rollout.actions.shape[-1])[next_idx]
+        next_actions = rollout.actions.reshape(-1, *rollout.actions.shape[2:])[next_idx]
         next_mean = self.policy.evaluate(rollout.observations(next_idx), next_actions).mean
         return smoothness_penalty(mean[:k], next_mean, mask=valid)
 
@@ -318,13 +335,16 @@ class RobustPPOTrainer:
     def evaluate(self) -> dict[str, float]:
         """``eval/<setting>/success_rate`` and ``/return``: clean and each ``perturb.eval`` setting, same episodes."""
         from rvla_peft.envs import PerturbedEnv
+        from rvla_peft.envs.perturbations import spec_label
+        from rvla_peft.eval import suite_grid
 
         self.policy.eval()
         metrics = {}
-        settings = [("clean", [])] + [(f"{s.name}@{s.severity:g}", [s]) for s in self.cfg.perturb.eval]
+        settings = suite_grid(self.cfg.perturb.eval_suite, [spec_label(s) for s in self.cfg.perturb.eval])
         seed = self.env_seed + 7
-        for name, specs in settings:
-            env = PerturbedEnv(self.base_env, specs, seed=seed)
+        for setting in settings:
+            name = setting.name
+            env = PerturbedEnv(self.base_env, setting.specs, seed=seed)
             out = run_episodes(self.policy, env, self.cfg.eval_episodes, seed, self.cfg.env.max_episode_steps)
             local = torch.stack([out.success.float().mean(), out.returns.mean()]).to(self.accelerator.device)
             success_rate, mean_return = self.accelerator.reduce(local, "mean").tolist()
@@ -370,6 +390,17 @@ class RobustPPOTrainer:
             (tmp / "trainer_state.json").write_text(json.dumps({"update": self.update_index + 1}))
 
         self._save(directory, extra)
+
+    def push_to_hub(self, directory: Path, checkpoint: bool = False) -> None:
+        """Push ``directory`` with its card to ``hub.repo_id`` from the main process (see :mod:`rvla_peft.hub`).
+
+        A checkpoint goes to ``hub.checkpoint_revision`` and a failure there only warns; the final push raises.
+        """
+        if self.accelerator.is_main_process:
+            from rvla_peft.hub import push_training_output
+
+            push_training_output(self.cfg, directory, checkpoint=checkpoint)
+        self.accelerator.wait_for_everyone()
 
     def _save(self, directory: Path, extra) -> None:
         """Write the policy (and ``extra`` files) atomically from the main process; every rank waits for it."""

@@ -5,7 +5,7 @@ import torch
 from helpers import Recording
 
 from rvla_peft.envs import make_envs
-from rvla_peft.rollout import collect, with_instructions
+from rvla_peft.rollout import collect, step_chunk, with_instructions
 
 
 @pytest.fixture
@@ -38,3 +38,19 @@ def test_truncated_episodes_are_bootstrapped_and_counted(tiny_policy, env):
     torch.testing.assert_close(rollout.episodes["return"], sum(s.reward for s in env.steps[:3]))
     assert torch.equal(rollout.rgb[3], env.steps[2].obs["rgb"]), "after the cut the next episode's first frame"
     assert torch.equal(rollout.rgb[4], next_obs["rgb"])
+
+
+def test_an_action_chunk_is_one_macro_step_cut_at_the_episode_end(tiny_cfg, env):
+    """Two chunks of 2 steps over 3-step episodes: the second chunk ends the episode at its first step."""
+    actions = torch.rand(2, 4, 7, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    env.reset(seed=4)
+    singles = [env.step(actions[:, j]) for j in range(4)]
+    env.reset(seed=4)
+    first, second = step_chunk(env, actions[:, 0:2]), step_chunk(env, actions[:, 2:4])
+    torch.testing.assert_close(first.reward, singles[0].reward + singles[1].reward)
+    assert not (first.terminated | first.truncated).any()
+    torch.testing.assert_close(second.reward, singles[2].reward)  # the 4th step belongs to the next episode
+    assert second.truncated.all() and torch.equal(second.episode_length, torch.tensor([3, 3]))
+    torch.testing.assert_close(second.episode_return, singles[2].episode_return)
+    assert torch.equal(second.final_obs["rgb"], singles[2].final_obs["rgb"])
+    assert torch.equal(second.obs["rgb"], singles[3].obs["rgb"])

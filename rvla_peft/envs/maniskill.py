@@ -158,17 +158,23 @@ def check_obs_keys(single_space: gym.spaces.Dict, camera: str, state_keys: list[
         if key not in valid:
             hint = difflib.get_close_matches(key, valid, n=1)
             guess = f"did you mean {hint[0]!r}? " if hint else ""
+            if key.startswith("extra."):
+                guess += "(object poses appear only with env.privileged_state=true) "
             raise ValueError(f"unknown state key {key!r} in env.state_keys; {guess}valid keys: {valid}")
         width += int(np.prod(_lookup(single_space, key).shape, dtype=np.int64))
     return width
 
 
+def extract_state(raw: dict, state_keys: list[str], num_envs: int) -> torch.Tensor:
+    """The ``state_keys`` entries of ManiSkill's batched obs dict, flattened and concatenated: float32 [N, D]."""
+    parts = [torch.as_tensor(_lookup(raw, key)).reshape(num_envs, -1).to(torch.float32) for key in state_keys]
+    return torch.cat(parts, dim=1) if parts else torch.zeros((num_envs, 0), dtype=torch.float32)
+
+
 def extract_obs(raw: dict, camera: str, state_keys: list[str]) -> Obs:
     """ManiSkill's batched obs dict -> {"rgb": uint8 [N, H, W, 3], "state": float32 [N, D]}."""
     rgb = raw["sensor_data"][camera]["rgb"]
-    parts = [_lookup(raw, key).reshape(rgb.shape[0], -1).to(torch.float32) for key in state_keys]
-    state = torch.cat(parts, dim=1) if parts else rgb.new_zeros((rgb.shape[0], 0), dtype=torch.float32)
-    return {"rgb": rgb, "state": state}
+    return {"rgb": rgb, "state": extract_state(raw, state_keys, rgb.shape[0]).to(rgb.device)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -229,7 +235,8 @@ def _make_kwargs(cfg: EnvConfig, num_envs: int, sim_backend: str, render_backend
         # torch from sub-env 0's unchanged seed and repeat the same initial states.
         enhanced_determinism=sim_backend == "physx_cpu",
         num_envs=num_envs,
-        obs_mode="rgb",
+        # "+state_dict" adds privileged entries (object poses, goals) under "extra"; it stays a dict, not flattened.
+        obs_mode="rgb+state_dict" if cfg.privileged_state else "rgb",
         control_mode=cfg.control_mode,
         reward_mode=cfg.reward_mode,
         sim_backend=sim_backend,

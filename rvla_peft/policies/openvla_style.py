@@ -34,8 +34,9 @@ def _image_geometry(image_processor) -> tuple[tuple[int, int], Tensor, Tensor, f
         hw = (size["height"], size["width"])
     else:
         hw = (size["shortest_edge"], size["shortest_edge"])
-    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+    # 3 channels, or 3 per vision tower for processors that stack one normalisation per tower (OpenVLA's)
+    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, -1, 1, 1)
     return hw, mean, std, float(getattr(image_processor, "rescale_factor", 1 / 255))
 
 
@@ -76,6 +77,7 @@ class ActionTokenPolicy(Policy):
         x = obs["rgb"].to(self.device).permute(0, 3, 1, 2).float()
         if tuple(x.shape[-2:]) != self.image_hw:
             x = F.interpolate(x, size=self.image_hw, mode="bicubic", antialias=True, align_corners=False)
+        x = x.repeat(1, self.pixel_mean.shape[1] // 3, 1, 1)  # channel-stacked towers see the same image
         x = (x * self.rescale - self.pixel_mean) / self.pixel_std
         return x.to(self.model_dtype)
 

@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from rvla_peft.policies.base import VALUE_HEAD_FILE, Policy
 
+if TYPE_CHECKING:
+    from rvla_peft.config import ModelConfig
+
 logger = logging.getLogger(__name__)
 
 # Importing the classes is deferred (transformers is heavy); config validation only needs the names.
-POLICY_FAMILIES = {"action_tokens": "rvla_peft.policies.openvla_style:ActionTokenPolicy"}
+POLICY_FAMILIES = {
+    "action_tokens": "rvla_peft.policies.openvla_style:ActionTokenPolicy",
+    "openvla": "rvla_peft.policies.openvla:OpenVLAPolicy",
+    "pi0": "rvla_peft.policies.pi0:Pi0Policy",
+}
+
+# LoRA per family, used for every lora.* key a recipe leaves unset. Action-token VLAs follow RL4VLA (r 32, alpha 16
+# on every linear layer). A family whose modules peft cannot round-trip excludes them here.
+LORA_DEFAULTS: dict[str, dict] = {
+    "action_tokens": {"r": 32, "alpha": 16, "target_modules": "all-linear", "exclude_modules": None},
+    # pi0: peft saves LoRA on the embed_action_time.* layers but drops it on reload (a key-renaming clash)
+    "pi0": {
+        "r": 32,
+        "alpha": 16,
+        "target_modules": "all-linear",
+        "exclude_modules": ["action_in_proj", "state_proj", "action_time_mlp_in", "action_time_mlp_out"],
+    },
+}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,15 +51,56 @@ def load_base(model_cfg):
     """The base model and processor through the Auto classes (the real ``from_pretrained`` path)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    import rvla_peft.models.openvla  # noqa: F401  registers model_type "openvla" (native OpenVLA) with the Auto classes
     from rvla_peft.policies.tiny import resolve_builtin
 
     path = resolve_builtin(model_cfg.name_or_path)
     kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=_DTYPES[model_cfg.torch_dtype], attn_implementation=model_cfg.attn_implementation, **kwargs
+        path,
+        dtype=_DTYPES[model_cfg.torch_dtype],
+        attn_implementation=model_cfg.attn_implementation,
+        quantization_config=quantization_config(model_cfg),
+        **kwargs,
     )
-    processor = AutoProcessor.from_pretrained(path, **kwargs)
+    if model_cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base, keeps norms in float32 and lets gradients reach the (frozen) input embeddings' output.
+        # No gradient checkpointing: rollouts are inference, and the Jacobian pass needs double backward.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _keep_4bit_weights_trainable_on_cpu(model)
+    if model_cfg.processor_name_or_path:  # pi0 checkpoints ship without a processor
+        processor = AutoProcessor.from_pretrained(model_cfg.processor_name_or_path)
+    else:
+        processor = AutoProcessor.from_pretrained(path, **kwargs)
     return model, processor
+
+
+def _keep_4bit_weights_trainable_on_cpu(model) -> None:
+    """bitsandbytes 0.50 repacks a 4-bit weight for a faster CPU kernel on its first no-grad eval-mode call and
+    never unpacks it; that kernel has no backward, so the next training forward fails ("a view of a leaf Variable
+    that requires grad is being used in an in-place operation"). Rollouts alternate with updates: keep the
+    trainable layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def quantization_config(model_cfg):
+    """bitsandbytes settings for ``model.quantization`` (QLoRA: nf4 + double quantization), or None."""
+    if model_cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=_DTYPES[model_cfg.torch_dtype],
+    )
 
 
 def lora_targets(model, lora_cfg) -> list[str] | str:
@@ -48,6 +112,13 @@ def lora_targets(model, lora_cfg) -> list[str] | str:
     if targets == "all-linear":
         targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
     return sorted(set(targets) | {output.rsplit(".", 1)[-1]})
+
+
+def resolve_lora(family: str, lora_cfg):
+    """``lora_cfg`` with its unset (None) fields taken from the family's :data:`LORA_DEFAULTS`."""
+    defaults = LORA_DEFAULTS.get(family, LORA_DEFAULTS["action_tokens"])
+    unset = {k: v for k, v in defaults.items() if getattr(lora_cfg, k) is None}
+    return dataclasses.replace(lora_cfg, **unset)
 
 
 def lora_config(model, lora_cfg):
@@ -72,18 +143,67 @@ def base_model_id(model_cfg) -> str:
     return model_cfg.name_or_path
 
 
+def load_adapter_strict(model, adapter: str | Path):
+    """``PeftModel.from_pretrained``, but adapter weights that do not land in the model are an error, not peft's
+    "Found missing adapter keys" warning: a silently half-loaded adapter evaluates as a different policy."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    for w in caught:
+        if "missing adapter keys" in str(w.message):
+            raise ValueError(
+                f"adapter {adapter}: some of its weights did not load into the base model ({w.message}) Is it an "
+                "adapter for this base and policy family? Modules that peft cannot round-trip must be excluded "
+                "when training (lora.exclude_modules)."
+            )
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return peft_model
+
+
 def build_policy(cfg, adapter: str | Path | None = None, device: torch.device | str = "cpu") -> Policy:
     """Base model + LoRA (fresh from ``cfg.lora``, or loaded from ``adapter``) + value head, on ``device``."""
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
     from safetensors.torch import load_file
 
     model, processor = load_base(cfg.model)
     if adapter is None:
-        peft_model = get_peft_model(model, lora_config(model, cfg.lora))
+        peft_model = get_peft_model(model, lora_config(model, resolve_lora(cfg.policy.family, cfg.lora)))
     else:
-        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-    hidden = model.config.get_text_config().hidden_size
+        peft_model = load_adapter_strict(model, adapter)
+    hidden = getattr(model.config, "vlm_config", model.config).get_text_config().hidden_size  # pi0: vlm_config
     policy = _family_class(cfg.policy.family)(peft_model, processor, cfg.policy, hidden)
     if adapter is not None and (Path(adapter) / VALUE_HEAD_FILE).exists():
         policy.value_head.load_state_dict(load_file(str(Path(adapter) / VALUE_HEAD_FILE)))
     return policy.to(device)
+
+
+def load_policy(
+    base: str | ModelConfig | None,
+    adapter: str | Path,
+    device: torch.device | str = "cpu",
+    *,
+    revision: str | None = None,
+    allow_base_mismatch: bool = False,
+    token: str | None = None,
+) -> Policy:
+    """The policy an adapter was trained as: ``base`` + its LoRA + its value head, set up by its ``recipe.yaml``.
+
+    ``adapter`` is a local folder or a Hub id (downloaded with ``snapshot_download``, at ``revision``). ``base`` is
+    a model id or folder, a ``ModelConfig``, or None for the base the recipe names. An adapter on another base gives
+    garbage actions without any error, so a base other than the adapter's ``base_model_name_or_path`` raises
+    ``BaseMismatchError`` unless ``allow_base_mismatch`` (the same weights under another name).
+    """
+    from rvla_peft.config import ConfigError, load_config
+    from rvla_peft.hub import HubError, adapter_recipe, check_base_match, resolve_adapter, with_base
+
+    local = resolve_adapter(adapter, revision=revision, token=token)
+    recipe = adapter_recipe(local)
+    try:
+        cfg = load_config(recipe)
+    except ConfigError as e:
+        raise HubError(f"{recipe} (the recipe of adapter {adapter}): {e}") from None
+    cfg.model = with_base(cfg.model, base)
+    check_base_match(local, base_model_id(cfg.model), allow=allow_base_mismatch, adapter_name=str(adapter))
+    return build_policy(cfg, adapter=local, device=device)

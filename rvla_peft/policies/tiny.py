@@ -98,23 +98,38 @@ def build_tiny_llava(directory: str | Path, seed: int = 0, image_size: int = 64,
     return directory
 
 
+def _builtins() -> dict:
+    """Built-in model name -> (cache version, builder writing the model and processor to a folder)."""
+    from rvla_peft.policies.openvla import TINY_OPENVLA_NAME, TINY_OPENVLA_VERSION, build_tiny_openvla
+    from rvla_peft.policies.pi0 import TINY_PI0_NAME, TINY_PI0_VERSION, build_tiny_pi0
+
+    return {
+        TINY_NAME: (_VERSION, build_tiny_llava),
+        TINY_OPENVLA_NAME: (TINY_OPENVLA_VERSION, build_tiny_openvla),
+        TINY_PI0_NAME: (TINY_PI0_VERSION, build_tiny_pi0),
+    }
+
+
 def resolve_builtin(name_or_path: str) -> str:
     """'builtin:tiny-llava' -> a cached folder (built once, written atomically); anything else unchanged."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
     name = name_or_path[len(BUILTIN_PREFIX) :]
-    if name != TINY_NAME:
-        raise ValueError(f"unknown built-in model {name_or_path!r}; available: {BUILTIN_PREFIX}{TINY_NAME}")
-    target = cache_dir() / f"{TINY_NAME}-{_VERSION}"
+    builtins = _builtins()
+    if name not in builtins:
+        available = ", ".join(BUILTIN_PREFIX + n for n in builtins)
+        raise ValueError(f"unknown built-in model {name_or_path!r}; available: {available}")
+    version, build = builtins[name]
+    target = cache_dir() / f"{name}-{version}"
     if (target / "model.safetensors").exists():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # One builder at a time (several ranks may start together); the others wait, then find it built.
-    with open(target.parent / f".{TINY_NAME}.lock", "w") as lock:
+    with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "model.safetensors").exists():
-            staging = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}.", dir=target.parent))
-            build_tiny_llava(staging)
+            staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+            build(staging)
             if not (staging / "model.safetensors").exists():  # transformers writes on distributed rank 0 only
                 shutil.rmtree(staging, ignore_errors=True)
                 raise RuntimeError(

@@ -1,0 +1,424 @@
+"""The ``pi0`` policy family: PPO over the denoising chain of a flow-matching VLA (transformers' ``PI0``).
+
+pi0 predicts a chunk of H actions by integrating a learned velocity field from Gaussian noise (t = 1) to actions
+(t = 0) in K Euler steps, ``x_{t-dt} = x_t - dt * v(x_t, t)``. That chain is deterministic given its start, so it
+has no log-prob. Following flow-SDE (Flow-GRPO; piRL / RLinf for pi0), each Euler step becomes a Gaussian
+transition with the same marginals as the ODE:
+
+    mean = x_t - dt * v - sigma_t^2 * dt / (2 t) * (x_t + (1 - t) * v)      sigma_t = a * sqrt(t / (1 - t))
+    std  = sqrt(dt) * sigma_t
+
+(``x_t + (1 - t) v`` is the predicted noise, ``a`` is ``policy.noise_level``; ``1 - t`` is floored at ``dt`` so that
+the first step, t = 1, stays finite, as RLinf does). The policy's action is the whole chain x_0 .. x_K; its log-prob
+is the sum of the K Gaussian step log-probs (x_0 ~ N(0, I) does not depend on the weights and is left out).
+
+Only the dimensions the env executes are noised: the first ``execute_steps`` rows of the chunk and the first
+``action_dim`` columns of pi0's ``max_action_dim``. The other entries follow the plain ODE step (sigma = 0), so the
+log-prob and the entropy are sums over the executed block only (given the recorded chain: how a weight change moves
+the noiseless entries is not in the ratio). Noising dimensions that never reach the env would add hundreds of
+reward-free terms to every PPO ratio (RLinf slices them off for the same reason).
+
+The regularisers need a mean action mu(o) that is a smooth function of the image: ``mean`` is the chunk denoised
+by the plain ODE from a fixed start x_0 = 0 (the mode of the noise prior; nothing to store, the same on every
+device), executed block only, not clipped. It is what deterministic ``act`` executes.
+
+Cost: one prefix pass (image + prompt through PaliGemma, kept as a KV cache) and K action-expert passes per call;
+the fixed-noise ODE and the sampled (or given) chain share each expert pass as a batch of 2N.
+
+Prompt: ``policy.prompt_template`` (pi0 reads the bare task text: set it to ``"{instruction}"``, as
+``recipes/pi0_maniskill.yaml`` does). Observations: the image and the instruction; with ``policy.use_state`` also
+``obs["state"]`` (zero-padded to ``max_state_dim``), else a zero state. The rollout buffer keeps images and
+instructions only, so training with the state needs a rollout that stores it: the default feeds zeros in ``act``
+and ``evaluate`` alike.
+
+``builtin:tiny-pi0`` (:func:`build_tiny_pi0`) is a random PI0 of the same architecture, small enough for tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from torch import Tensor
+
+from rvla_peft.policies.base import VALUE_HEAD_FILE, ActionSample, Observation, Policy, PolicyOutput, ValueHead
+
+TINY_PI0_NAME = "tiny-pi0"
+TINY_PI0_VERSION = "v1"  # bump when the architecture below changes, so caches are rebuilt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# flow-SDE maths: pure functions on tensors, checked exactly by the tests
+
+
+def flow_timesteps(num_steps: int) -> Tensor:
+    """t_0 = 1 (noise) > t_1 > ... > t_K = 0 (actions), evenly spaced as in pi0's sampler. float64 [K+1]."""
+    return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+
+
+def flow_sde_sigma(t: float, dt: float, noise_level: float) -> float:
+    """Diffusion coefficient a * sqrt(t / (1 - t)); 1 - t floored at dt, so the first step (t = 1) stays finite."""
+    return noise_level * math.sqrt(t / max(1.0 - t, dt))
+
+
+def flow_sde_step(x: Tensor, velocity: Tensor, t: float, dt: float, sigma: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Mean and std of the Gaussian transition x_t -> x_{t-dt}.
+
+    The Euler step of the ODE plus the drift that keeps its marginals when noise of std sqrt(dt) * sigma is added:
+    ``- sigma^2 dt / (2 t) * eps_hat`` with eps_hat = x + (1 - t) v the predicted noise (for x_t = (1 - t) a + t eps,
+    the score is -eps_hat / t). sigma = 0 gives the plain Euler step with std 0; ``sigma`` broadcasts against x.
+    """
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    predicted_noise = x + (1 - t) * velocity
+    mean = x - dt * velocity - sigma**2 * dt / (2 * t) * predicted_noise
+    return mean, math.sqrt(dt) * sigma.expand_as(mean)
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Elementwise log N(x; mean, std^2)."""
+    return -((x - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
+
+
+def gaussian_entropy(std: Tensor) -> Tensor:
+    """Elementwise entropy of N(., std^2): 0.5 log(2 pi e std^2)."""
+    return 0.5 + 0.5 * math.log(2 * math.pi) + std.log()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prefix:
+    """Image + prompt through the VLM once: its KV cache (reused by every denoising step) and what reads it."""
+
+    cache: object  # transformers Cache holding the prefix keys / values
+    mask: Tensor  # [B, L] attention mask of the prefix (prompts right-padded)
+    pooled: Tensor  # [B, hidden] mean of the VLM's last hidden states over the prefix: the value head's input
+    state: Tensor  # [B, max_state_dim] in the model dtype
+
+
+@dataclass
+class _Chains:
+    mean: Tensor  # [B, k, A] the fixed-noise ODE's executed block (float32)
+    chain: Tensor  # [B, K+1, H, D] float32: the SDE chain, or the ODE's when only the ODE ran
+    log_prob: Tensor | None  # [B] (None: ODE only)
+    entropy: Tensor | None  # [B]
+
+
+class Pi0Policy(Policy):
+    """pi0 with LoRA as a PPO policy over its denoising chain (module docstring for the maths and conventions).
+
+    ``act`` returns ``action`` = the chain [N, K+1, H, max_action_dim] (float32), ``env_action`` = its executed
+    block [N, k, action_dim] clipped to [-1, 1] and un-normalised with ``policy.action_low/high``, and ``mean`` =
+    the fixed-noise ODE's block [N, k, action_dim]."""
+
+    def __init__(self, peft_model, processor, policy_cfg, hidden_size: int):
+        super().__init__()
+        self.peft_model = peft_model
+        self.processor = processor
+        self.cfg = policy_cfg
+        config = self.model.config
+        self.chunk_size, self.max_action_dim = config.chunk_size, config.max_action_dim
+        self.max_state_dim = config.max_state_dim
+        self.num_steps = policy_cfg.num_denoise_steps or config.num_inference_steps
+        self.execute_steps = policy_cfg.execute_steps or self.chunk_size
+        self.action_dim = policy_cfg.action_dim
+        if not 1 <= self.execute_steps <= self.chunk_size:
+            raise ValueError(f"policy.execute_steps={self.execute_steps} must be in [1, chunk_size={self.chunk_size}]")
+        if self.action_dim > self.max_action_dim:
+            raise ValueError(f"policy.action_dim={self.action_dim} exceeds the model's max_action_dim")
+        self.value_head = ValueHead(hidden_size, policy_cfg.value_head_hidden)  # PaliGemma's text width
+        vision = config.vlm_config.vision_config
+        self.image_hw = (vision.image_size, vision.image_size)
+        image_processor = getattr(processor, "image_processor", None)
+        mean = getattr(image_processor, "image_mean", None) or [0.5] * 3
+        std = getattr(image_processor, "image_std", None) or [0.5] * 3
+        self.rescale = float(getattr(image_processor, "rescale_factor", 1 / 255))
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.unnormalize = policy_cfg.action_low is not None or policy_cfg.action_high is not None
+        low = policy_cfg.action_low if policy_cfg.action_low is not None else [-1.0] * self.action_dim
+        high = policy_cfg.action_high if policy_cfg.action_high is not None else [1.0] * self.action_dim
+        self.register_buffer("action_low", torch.tensor(low, dtype=torch.float32), persistent=False)
+        self.register_buffer("action_high", torch.tensor(high, dtype=torch.float32), persistent=False)
+        self._prompt_ids: dict[str, Tensor] = {}
+
+    @property
+    def model(self):
+        """The PI0ForConditionalGeneration inside the PeftModel (its Linear layers carry the LoRA weights)."""
+        return self.peft_model.get_base_model()
+
+    @property
+    def device(self) -> torch.device:
+        return self.value_head.net[0].weight.device
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    # ------------------------------------------------------------------------------------------------------------
+    # inputs
+
+    def observation_inputs(self, obs: Observation) -> Tensor:
+        """uint8 [B,H,W,3] -> normalised pixel_values [B,3,h,w] on the device (the image the Jacobian is taken in)."""
+        x = obs["rgb"].to(self.device).permute(0, 3, 1, 2).float()
+        if tuple(x.shape[-2:]) != self.image_hw:
+            x = F.interpolate(x, size=self.image_hw, mode="bicubic", antialias=True, align_corners=False)
+        x = (x * self.rescale - self.pixel_mean) / self.pixel_std
+        return x.to(self.model_dtype)
+
+    def _prompt(self, instruction: str) -> Tensor:
+        """Prompt ids for one instruction, image placeholders expanded by the processor (pi0 and PaliGemma
+        processors write ``<image> * n + <bos> + text + "\\n"``); cached."""
+        if instruction not in self._prompt_ids:
+            text = self.cfg.prompt_template.format(instruction=instruction.strip().replace("\n", " "))
+            blank = Image.fromarray(np.zeros((*self.image_hw, 3), dtype=np.uint8))
+            enc = self.processor(images=blank, text=text, padding=False, return_tensors="pt")
+            ids = enc["input_ids"][0]
+            if "attention_mask" in enc:
+                ids = ids[enc["attention_mask"][0].bool()]
+            self._prompt_ids[instruction] = ids
+        return self._prompt_ids[instruction]
+
+    def encode_prompts(self, instructions: list[str]) -> tuple[Tensor, Tensor]:
+        """Right-padded prompt ids and attention mask [B, L], as pi0's processor pads (the prefix attends
+        bidirectionally, so padding at the end leaves every real token's position unchanged)."""
+        seqs = [self._prompt(i) for i in instructions]
+        length = max(len(s) for s in seqs)
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        pad_id = tokenizer.pad_token_id or 0
+        ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = s
+            mask[row, : len(s)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _state(self, obs: Observation, batch: int) -> Tensor:
+        if not self.cfg.use_state:
+            return torch.zeros(batch, self.max_state_dim, device=self.device, dtype=self.model_dtype)
+        if "state" not in obs:
+            raise ValueError(
+                "policy.use_state=true but the observation has no 'state' (the rollout buffer keeps rgb and "
+                "instruction only); train with use_state=false"
+            )
+        state = obs["state"].to(self.device, torch.float32)[:, : self.max_state_dim]
+        return F.pad(state, (0, self.max_state_dim - state.shape[1])).to(self.model_dtype)
+
+    def _env_action(self, block: Tensor) -> Tensor:
+        """Executed block [B, k, A] clipped to [-1, 1] -> env action, un-normalised as the action-token family does
+        (q01 / q99 to [-1, 1]) when ``policy.action_low/high`` are set, else as is."""
+        block = block.clamp(-1, 1)
+        if not self.unnormalize:
+            return block
+        return 0.5 * (block + 1) * (self.action_high - self.action_low) + self.action_low
+
+    # ------------------------------------------------------------------------------------------------------------
+    # forward passes
+
+    def _prefix(self, obs: Observation, pixel_values: Tensor | None = None) -> _Prefix:
+        """Image + prompt through PaliGemma once, with a KV cache (what pi0's ``sample_actions`` does)."""
+        pi0 = self.model.model
+        ids, mask = self.encode_prompts(obs["instruction"])
+        pixels = self.observation_inputs(obs) if pixel_values is None else pixel_values
+        batch = ids.shape[0]
+        one_camera = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
+        embeds = pi0.embed_prefix(ids, pixels.to(self.model_dtype)[:, None], one_camera)
+        out = pi0.vlm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=mask.cumsum(-1) - 1,
+            token_type_ids=torch.zeros_like(ids),
+            use_cache=True,
+        )
+        weights = mask.to(out.last_hidden_state.dtype)[..., None]
+        pooled = (out.last_hidden_state * weights).sum(1) / weights.sum(1)
+        return _Prefix(cache=out.cache, mask=mask, pooled=pooled, state=self._state(obs, batch))
+
+    def _velocity(self, prefix: _Prefix, x: Tensor, t: float) -> Tensor:
+        """v(x, t) from the action expert over the cached prefix; float32 [B, H, D]. The expert's keys are cropped
+        from the cache afterwards, so every step attends to the prefix only."""
+        prefix_length = prefix.cache.get_seq_length()
+        out = self.model(
+            state=prefix.state,
+            noise=x.to(self.model_dtype),
+            timestep=torch.full((x.shape[0],), t, dtype=torch.float32, device=self.device),
+            attention_mask=prefix.mask,
+            cache=prefix.cache,
+        )
+        prefix.cache.crop(prefix_length - prefix.cache.get_seq_length())
+        return out.logits.float()
+
+    def _noise_sigma(self, t: float, dt: float) -> Tensor:
+        """sigma_t on the executed block [k, A] of the chunk, 0 elsewhere: [H, D] float32."""
+        sigma = torch.zeros(self.chunk_size, self.max_action_dim, device=self.device)
+        sigma[: self.execute_steps, : self.action_dim] = flow_sde_sigma(t, dt, self.cfg.noise_level)
+        return sigma
+
+    def _run(self, prefix: _Prefix, chain: Tensor | None = None, sample: bool = False) -> _Chains:
+        """The K denoising steps. Lane 0 is the ODE from x_0 = 0 (-> ``mean``). Lane 1, when ``chain`` is given or
+        ``sample``, is the SDE chain: ``chain``'s log-prob recomputed, or a new chain sampled from x_0 ~ N(0, I).
+        Both lanes go through each expert pass together, a batch of 2N against the prefix cache repeated."""
+        batch, k, a = prefix.mask.shape[0], self.execute_steps, self.action_dim
+        shape = (batch, self.chunk_size, self.max_action_dim)
+        block = (slice(None), slice(0, k), slice(0, a))
+        times = flow_timesteps(self.num_steps).tolist()
+        x_ode = torch.zeros(shape, device=self.device)
+        if chain is None and not sample:
+            ode_steps = [x_ode]
+            for i in range(self.num_steps):
+                x_ode = x_ode - (times[i] - times[i + 1]) * self._velocity(prefix, x_ode, times[i])
+                ode_steps.append(x_ode)
+            return _Chains(mean=x_ode[block], chain=torch.stack(ode_steps, 1), log_prob=None, entropy=None)
+
+        if chain is not None and chain.shape[1:] != (self.num_steps + 1, *shape[1:]):
+            raise ValueError(f"chain of shape {tuple(chain.shape)}; expected [B, {self.num_steps + 1}, *{shape[1:]}]")
+        lanes = _Prefix(
+            cache=prefix.cache,
+            mask=prefix.mask.repeat_interleave(2, 0),
+            pooled=prefix.pooled,
+            state=prefix.state.repeat_interleave(2, 0),
+        )
+        lanes.cache.batch_repeat_interleave(2)  # rows 2n and 2n+1 are sample n's ODE and SDE lanes
+        x = chain[:, 0].float() if chain is not None else torch.randn(shape, device=self.device)
+        steps, log_prob, entropy = [x], 0.0, 0.0
+        for i in range(self.num_steps):
+            t, dt = times[i], times[i] - times[i + 1]
+            both = self._velocity(lanes, torch.stack([x_ode, x], 1).flatten(0, 1), t)
+            v_ode, v = both.unflatten(0, (batch, 2)).unbind(1)
+            x_ode = x_ode - dt * v_ode
+            mean, std = flow_sde_step(x, v, t, dt, self._noise_sigma(t, dt))
+            if chain is not None:
+                x_next = chain[:, i + 1].float()
+            else:
+                x_next = mean + std * torch.randn(shape, device=self.device)
+            log_prob = log_prob + gaussian_log_prob(x_next[block], mean[block], std[block]).sum((1, 2))
+            entropy = entropy + gaussian_entropy(std[block]).sum((1, 2))
+            x = x_next
+            steps.append(x)
+        return _Chains(mean=x_ode[block], chain=torch.stack(steps, 1), log_prob=log_prob, entropy=entropy)
+
+    @torch.no_grad()
+    def act(self, obs: Observation, deterministic: bool = False) -> ActionSample:
+        prefix = self._prefix(obs)
+        value = self.value_head(prefix.pooled)
+        out = self._run(prefix, sample=not deterministic)
+        # deterministic: the fixed-noise ODE chain executes; without noise it has no log-prob (0 here)
+        last = out.chain[:, -1, : self.execute_steps, : self.action_dim]
+        return ActionSample(
+            action=out.chain,
+            env_action=self._env_action(last),
+            log_prob=out.log_prob if out.log_prob is not None else torch.zeros_like(value),
+            value=value,
+            mean=out.mean,
+        )
+
+    def evaluate(self, obs: Observation, action: Tensor, pixel_values: Tensor | None = None) -> PolicyOutput:
+        prefix = self._prefix(obs, pixel_values)
+        value = self.value_head(prefix.pooled)
+        out = self._run(prefix, chain=action.to(self.device))
+        return PolicyOutput(log_prob=out.log_prob, entropy=out.entropy, value=value, mean=out.mean)
+
+    @torch.no_grad()
+    def value(self, obs: Observation) -> Tensor:
+        return self.value_head(self._prefix(obs).pooled)
+
+    def visual_embedding_module(self) -> torch.nn.Module:
+        """PaliGemma's projector: its output is the image embeddings placed in the prefix."""
+        return self.model.model.vlm.multi_modal_projector
+
+    @contextlib.contextmanager
+    def capture_visual_embeddings(self) -> Iterator[list[Tensor]]:
+        captured: list[Tensor] = []
+        handle = self.visual_embedding_module().register_forward_hook(lambda m, i, o: captured.append(o))
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def save_pretrained(self, directory: str | Path, base_model_id: str | None = None) -> None:
+        """The LoRA adapter (adapter_config.json + adapter_model.safetensors) and, beside it, the value head."""
+        directory = Path(directory)
+        if base_model_id is not None:
+            for config in self.peft_model.peft_config.values():
+                config.base_model_name_or_path = base_model_id
+        self.peft_model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+        save_file(
+            state, str(directory / VALUE_HEAD_FILE), metadata={"hidden_size": str(state["net.0.weight"].shape[1])}
+        )
+
+
+def build_tiny_pi0(directory: str | Path, seed: int = 0, image_size: int = 64, patch_size: int = 16) -> Path:
+    """Write a tiny random PI0 + processor to ``directory`` (deterministic for a seed).
+
+    PaliGemma (SigLIP 2 layers + Gemma 2 layers) and a Gemma action expert of the same depth and head layout (the
+    expert attends to the VLM's keys layer by layer), widths 64; a chunk of 8 actions in 4 denoising steps. Text
+    is tokenised per character (offline, any instruction); the processor is transformers' ``PI0Processor`` with a
+    PIL SigLIP image processor (its own image processor needs torchvision)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PI0Config, PI0ForConditionalGeneration, PI0Processor, PreTrainedTokenizerFast
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    gemma = dict(
+        model_type="gemma",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
+    config = PI0Config(
+        vlm_config=dict(
+            model_type="paligemma",
+            text_config=dict(gemma, vocab_size=512, pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"]),
+            vision_config=dict(
+                model_type="siglip_vision_model",
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=image_size,
+                patch_size=patch_size,
+                vision_use_head=False,
+            ),
+            projection_dim=64,
+            image_token_id=vocab["<image>"],
+        ),
+        dit_config=gemma,
+        chunk_size=8,
+        num_inference_steps=4,
+    )
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
+        torch.manual_seed(seed)
+        model = PI0ForConditionalGeneration(config)
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = (image_size // patch_size) ** 2
+    processor = PI0Processor(image_processor=image_processor, tokenizer=tokenizer, chunk_size=config.chunk_size)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
