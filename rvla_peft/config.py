@@ -78,7 +78,8 @@ class PolicyConfig:
         metadata={
             "help": "Policy family (see rvla_peft.policies.registry): 'action_tokens' = OpenVLA-style over any "
             "image-text-to-text model; 'openvla' = OpenVLA checkpoints (their action ids, norm_stats and prompt); "
-            "'pi0' = transformers' PI0, PPO over its flow-SDE denoising chain."
+            "'pi0' = transformers' PI0, PPO over its flow-SDE denoising chain; 'openvla_oft' = OpenVLA-OFT "
+            "(parallel decoding of an action chunk, continuous action head, learned Gaussian/Laplace scale)."
         },
     )
     prompt_template: str = field(
@@ -97,7 +98,8 @@ class PolicyConfig:
     unnorm_key: str | None = field(
         default=None,
         metadata={
-            "help": "Family 'openvla': the dataset in the checkpoint's norm_stats whose action q01/q99 (and mask) "
+            "help": "Families 'openvla', 'openvla_oft': the dataset in the checkpoint's norm_stats whose action "
+            "q01/q99 (and mask) "
             "un-normalise actions, e.g. 'bridge_orig' (None: action_low/action_high)."
         },
     )
@@ -119,8 +121,45 @@ class PolicyConfig:
     execute_steps: int | None = field(
         default=None,
         metadata={
-            "help": "Family 'pi0': actions of each predicted chunk executed open-loop as one PPO step (None: the "
-            "whole chunk)."
+            "help": "Families 'pi0', 'openvla_oft': actions of each predicted chunk executed open-loop as one PPO "
+            "step (None: the whole chunk)."
+        },
+    )
+    chunk_size: int = field(
+        default=8,
+        metadata={
+            "help": "Family 'openvla_oft': actions predicted per forward pass (OFT's NUM_ACTIONS_CHUNK, not in its "
+            "config.json: 8 for the LIBERO checkpoints, 25 ALOHA, 5 Bridge)."
+        },
+    )
+    action_distribution: Literal["gaussian", "laplace"] = field(
+        default="laplace",
+        metadata={
+            "help": "Family 'openvla_oft': distribution around the action head's output for PPO's log-probs. "
+            "'laplace' (RIPT-VLA's; the likelihood whose maximum is OFT's L1 regression) or 'gaussian'."
+        },
+    )
+    scale_head: Literal["state_independent", "state_dependent"] = field(
+        default="state_independent",
+        metadata={
+            "help": "Family 'openvla_oft': the distribution's scale. 'state_independent': a learned log-scale per "
+            "chunk step and action dim; 'state_dependent': RIPT-VLA's scale head (an MLP over the action features)."
+        },
+    )
+    init_log_scale: float = field(
+        default=-2.0,
+        metadata={"help": "Family 'openvla_oft': initial log-scale (std or Laplace b) of normalised actions."},
+    )
+    log_scale_bounds: list[float] = field(
+        default_factory=lambda: [-5.0, 0.5],
+        metadata={"help": "Family 'openvla_oft': [min, max] the log-scale is clamped to (RIPT-VLA: [-2, 0.5])."},
+    )
+    action_head_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Family 'openvla_oft': OFT's released action head to start from, e.g. "
+            "'action_head--150000_checkpoint.pt': a file path, or a file name in the base model's folder or Hub "
+            "repo (None: a freshly initialised head)."
         },
     )
     use_state: bool = field(
@@ -384,6 +423,23 @@ class TrainConfig:
         for key in ("num_denoise_steps", "execute_steps"):
             value = getattr(self.policy, key)
             _check(value is None or value >= 1, f"policy.{key}", "must be >= 1 (or null)")
+        _check(self.policy.chunk_size >= 1, "policy.chunk_size", "must be >= 1")
+        if self.policy.family == "openvla_oft":
+            steps = self.policy.execute_steps
+            _check(
+                steps is None or steps <= self.policy.chunk_size,
+                "policy.execute_steps",
+                f"must be <= policy.chunk_size={self.policy.chunk_size}",
+            )
+            _check(
+                not self.lora.adapt_output_layer,
+                "lora.adapt_output_layer",
+                "must be false for policy.family=openvla_oft: its forward never computes logits",
+            )
+        bounds = self.policy.log_scale_bounds
+        _check(
+            len(bounds) == 2 and bounds[0] < bounds[1], "policy.log_scale_bounds", f"needs [min, max], got {bounds}"
+        )
         _check("{instruction}" in self.policy.prompt_template, "policy.prompt_template", "must contain {instruction}")
         for key in ("action_low", "action_high"):
             value = getattr(self.policy, key)
@@ -393,7 +449,11 @@ class TrainConfig:
                 f"needs {self.policy.action_dim} values (policy.action_dim), got {value and len(value)}",
             )
         if self.policy.unnorm_key is not None:
-            _check(self.policy.family == "openvla", "policy.unnorm_key", "is read by policy.family=openvla only")
+            _check(
+                self.policy.family in ("openvla", "openvla_oft"),
+                "policy.unnorm_key",
+                "is read by policy.family=openvla or openvla_oft only",
+            )
             _check(
                 self.policy.action_low is None and self.policy.action_high is None,
                 "policy.unnorm_key",

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from rvla_peft.eval import REPORT_JSON, REPORT_MD, REPORT_PNG
-from rvla_peft.policies.base import VALUE_HEAD_FILE
+from rvla_peft.policies.base import ACTION_HEADS_FILE, VALUE_HEAD_FILE
 from rvla_peft.trainer import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, atomic_save
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ CURVE_PNG = "training_curve.png"
 CARD_FILE = "README.md"
 TRAINER_STATE = "trainer_state.json"
 # The files a policy is rebuilt from; the rest of a pushed repo (card, plots, report) is for people.
-POLICY_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, VALUE_HEAD_FILE, RECIPE_FILE)
+POLICY_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, VALUE_HEAD_FILE, ACTION_HEADS_FILE, RECIPE_FILE)
 TEMPLATE = Path(__file__).resolve().parent.parent / "cards" / "adapter_card.md"
 PIPELINE_TAG = "robotics"
 BASE_TAGS = ("lora", "robustness", "rvla-peft")
@@ -465,6 +465,8 @@ def stage(
         shutil.copyfile(adapter / VALUE_HEAD_FILE, staging / VALUE_HEAD_FILE)
     else:
         logger.warning("%s has no %s: load_policy will start from a fresh value head", adapter, VALUE_HEAD_FILE)
+    if (adapter / ACTION_HEADS_FILE).is_file():  # OpenVLA-OFT's fully trained action and scale heads
+        shutil.copyfile(adapter / ACTION_HEADS_FILE, staging / ACTION_HEADS_FILE)
     shutil.copyfile(run.recipe, staging / RECIPE_FILE)
     if (adapter / TRAINER_STATE).is_file():
         shutil.copyfile(adapter / TRAINER_STATE, staging / TRAINER_STATE)

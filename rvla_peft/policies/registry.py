@@ -21,13 +21,28 @@ logger = logging.getLogger(__name__)
 POLICY_FAMILIES = {
     "action_tokens": "rvla_peft.policies.openvla_style:ActionTokenPolicy",
     "openvla": "rvla_peft.policies.openvla:OpenVLAPolicy",
+    "openvla_oft": "rvla_peft.policies.openvla_oft:OpenVLAOFTPolicy",
     "pi0": "rvla_peft.policies.pi0:Pi0Policy",
 }
+
+# OpenVLA's layers that never run, so never get a gradient: its features are the patch tokens after the
+# second-to-last block of each vision tower, so the last block (DINOv2 ViT-L: 24 blocks, SigLIP So400m: 27) and
+# SigLIP's attention-pool head are only there to load the checkpoint. peft's list form matches these as name
+# suffixes. Written for the published dinosiglip-224px towers (openvla-7b and every OpenVLA-OFT checkpoint); the
+# 3-block towers of builtin:tiny-openvla keep LoRA on their last block (zero-initialised, it stays zero).
+OPENVLA_UNUSED_MODULES = [
+    f"{tower}.blocks.{last}.{layer}"
+    for tower, last in (("featurizer", 23), ("fused_featurizer", 26))
+    for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+] + [f"attn_pool.{layer}" for layer in ("q", "kv", "proj", "mlp.fc1", "mlp.fc2")]
 
 # LoRA per family, used for every lora.* key a recipe leaves unset. Action-token VLAs follow RL4VLA (r 32, alpha 16
 # on every linear layer). A family whose modules peft cannot round-trip excludes them here.
 LORA_DEFAULTS: dict[str, dict] = {
     "action_tokens": {"r": 32, "alpha": 16, "target_modules": "all-linear", "exclude_modules": None},
+    # OpenVLA and OpenVLA-OFT (whose own fine-tuning used r 32, alpha 16, all-linear): all but the layers never run
+    "openvla": {"r": 32, "alpha": 16, "target_modules": "all-linear", "exclude_modules": OPENVLA_UNUSED_MODULES},
+    "openvla_oft": {"r": 32, "alpha": 16, "target_modules": "all-linear", "exclude_modules": OPENVLA_UNUSED_MODULES},
     # pi0: peft saves LoRA on the embed_action_time.* layers but drops it on reload (a key-renaming clash)
     "pi0": {
         "r": 32,
@@ -176,6 +191,8 @@ def build_policy(cfg, adapter: str | Path | None = None, device: torch.device | 
     policy = _family_class(cfg.policy.family)(peft_model, processor, cfg.policy, hidden)
     if adapter is not None and (Path(adapter) / VALUE_HEAD_FILE).exists():
         policy.value_head.load_state_dict(load_file(str(Path(adapter) / VALUE_HEAD_FILE)))
+    if adapter is not None and hasattr(policy, "load_adapter_extras"):
+        policy.load_adapter_extras(Path(adapter))  # fully trained modules beside the adapter (OpenVLA-OFT's heads)
     return policy.to(device)
 
 

@@ -1,0 +1,184 @@
+"""The RobustVLA claim at small scale: base vs PPO vs PPO + Jacobian + smoothness (RobustVLA) vs its curriculum
+variant (RobustVLA-C), each trained from the same base with several seeds, evaluated on the `paper` suite.
+
+    python bench/reproduce_paper.py                                  # recipes/tiny_cpu.yaml, seeds 0 1 2
+    python bench/reproduce_paper.py --seeds 0 --total-updates 4 --episodes 10    # a quick look
+    python bench/reproduce_paper.py --recipe recipes/openvla_maniskill.yaml       # on a GPU
+
+Every variant trains under the recipe's training perturbations; they differ only in the penalties and the severity
+schedule. For each training seed, the base and the three adapters are evaluated together by ``rvla_peft.eval``
+(same episodes and perturbation draws: paired), with evaluation seed 1000 + training seed. Finished runs and
+reports are kept, so an interrupted reproduction resumes where it stopped. Writes ``OUT/summary.md``,
+``OUT/summary.json`` and ``OUT/summary.png``: per setting, the success rate of each variant as the mean over
+training seeds, with a 95% interval over all its episodes (Wilson), and the paired difference against PPO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rvla_peft.eval import Z95, wilson_interval  # noqa: E402
+
+# Overrides on top of the recipe: the variants differ only here.
+VARIANTS: dict[str, list[str]] = {
+    "ppo": ["regularizers.jacobian.weight=0", "regularizers.smoothness.weight=0", "perturb.curriculum.schedule=none"],
+    "robustvla": ["perturb.curriculum.schedule=none"],
+    "robustvla_c": ["perturb.curriculum.schedule=linear", "perturb.curriculum.start=0.0"],
+}
+
+
+def run(cmd: list[str], log: Path) -> None:
+    print("$", " ".join(cmd), f"> {log}", flush=True)
+    with log.open("w") as f:
+        result = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(f"failed ({result.returncode}); see {log}")
+
+
+def train(args, variant: str, seed: int) -> Path:
+    out = args.out / f"{variant}-seed{seed}"
+    if (out / "adapter" / "adapter_model.safetensors").exists():
+        return out / "adapter"
+    ramp = [f"perturb.curriculum.ramp_updates={max(1, args.total_updates // 2)}"] if variant == "robustvla_c" else []
+    cmd = [sys.executable, "-m", "rvla_peft.train", str(args.recipe), f"output_dir={out}", f"seed={seed}",
+           f"total_updates={args.total_updates}", "eval_episodes=0", "overwrite_output_dir=true",
+           *VARIANTS[variant], *ramp, *args.overrides]  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    run(cmd, args.out / f"{variant}-seed{seed}.log")
+    return out / "adapter"
+
+
+def evaluate(args, seed: int, adapters: dict[str, Path]) -> dict:
+    out = args.out / f"report-seed{seed}"
+    if not (out / "report.json").exists():
+        cmd = [sys.executable, "-m", "rvla_peft.eval", "--recipe", str(args.recipe), "--suite", args.suite,
+               "--episodes", str(args.episodes), "--seed", str(1000 + seed), "--out", str(out), "--overwrite",
+               *[f"--adapter={name}={path}" for name, path in adapters.items()], *args.overrides]  # fmt: skip
+        run(cmd, args.out / f"report-seed{seed}.log")
+    return json.loads((out / "report.json").read_text())
+
+
+def aggregate(reports: list[dict]) -> dict:
+    """Pool the per-seed reports: success per (variant, setting) over all episodes, and paired differences."""
+    settings = [s["name"] for s in reports[0]["settings"]]
+    variants = [p["name"] for p in reports[0]["policies"]]
+    cells = {}
+    for v in variants:
+        for s in settings:
+            per_seed = [next(r for r in rep["results"] if r["policy"] == v and r["setting"] == s) for rep in reports]
+            successes = sum(sum(r["successes"]) for r in per_seed)
+            n = sum(r["episodes"] for r in per_seed)
+            cells[f"{v}|{s}"] = {
+                "success_rate": successes / n,
+                "ci95": list(wilson_interval(successes, n)),
+                "per_seed": [r["success_rate"] for r in per_seed],
+                "episodes": n,
+            }
+    paired = {}
+    baseline = "ppo" if "ppo" in variants else variants[0]
+    for v in variants:
+        for s in settings:
+            diffs = []
+            for rep in reports:
+                a = next(r for r in rep["results"] if r["policy"] == v and r["setting"] == s)["successes"]
+                b = next(r for r in rep["results"] if r["policy"] == baseline and r["setting"] == s)["successes"]
+                diffs += [x - y for x, y in zip(a, b, strict=True)]
+            mean = sum(diffs) / len(diffs)
+            sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1))
+            half = Z95 * sd / math.sqrt(len(diffs))
+            paired[f"{v}|{s}"] = {"difference": mean, "ci95": [mean - half, mean + half], "baseline": baseline}
+    return {"settings": settings, "variants": variants, "cells": cells, "paired": paired}
+
+
+def markdown(summary: dict, args) -> str:
+    variants, settings = summary["variants"], summary["settings"]
+    lines = [
+        "| setting | " + " | ".join(variants) + " |",
+        "|---|" + "---|" * len(variants),
+    ]
+    for s in settings + ["mean perturbed"]:
+        row = []
+        for v in variants:
+            if s == "mean perturbed":
+                rates = [summary["cells"][f"{v}|{x}"]["success_rate"] for x in settings if x != "clean"]
+                row.append(f"**{100 * sum(rates) / len(rates):.1f}**")
+            else:
+                c = summary["cells"][f"{v}|{s}"]
+                row.append(f"{100 * c['success_rate']:.1f} [{100 * c['ci95'][0]:.0f}, {100 * c['ci95'][1]:.0f}]")
+        lines.append(f"| {s} | " + " | ".join(row) + " |")
+    base = summary["paired"][f"{variants[0]}|{settings[0]}"]["baseline"]
+    lines += ["", f"Paired difference against `{base}` (percentage points, 95% interval, all seeds' episodes):", ""]
+    lines += ["| setting | " + " | ".join(v for v in variants if v != base) + " |"]
+    lines += ["|---|" + "---|" * (len(variants) - 1)]
+    for s in settings:
+        row = []
+        for v in variants:
+            if v == base:
+                continue
+            d = summary["paired"][f"{v}|{s}"]
+            row.append(f"{100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.0f}, {100 * d['ci95'][1]:+.0f}]")
+        lines.append(f"| {s} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings, variants = summary["settings"], summary["variants"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(settings)), 3.6), dpi=110)
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        cells = [summary["cells"][f"{v}|{s}"] for s in settings]
+        xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(settings))]
+        rates = [c["success_rate"] for c in cells]
+        err = [[r - c["ci95"][0] for r, c in zip(rates, cells, strict=True)],
+               [c["ci95"][1] - r for r, c in zip(rates, cells, strict=True)]]  # fmt: skip
+        ax.bar(xs, rates, width, yerr=err, capsize=2, label=v)
+    ax.set_xticks(range(len(settings)), settings, rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("success rate")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=len(variants))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "tiny_cpu.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--total-updates", type=int, default=20)
+    parser.add_argument("--episodes", type=int, default=50, help="evaluation episodes per cell and seed")
+    parser.add_argument("--suite", default="paper")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. env.num_envs=4")
+    args = parser.parse_intermixed_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for seed in args.seeds:
+        adapters = {variant: train(args, variant, seed) for variant in args.variants}
+        reports.append(evaluate(args, seed, adapters))
+    summary = aggregate(reports)
+    summary["command"] = "python bench/reproduce_paper.py " + " ".join(sys.argv[1:])
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown(summary, args)
+    (args.out / "summary.md").write_text(table)
+    plot(summary, args.out / "summary.png")
+    print(table)
+    print(f"written to {args.out}/summary.md, summary.json, summary.png")
+
+
+if __name__ == "__main__":
+    main()
