@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         if args.dry_run:
+            from rvla_peft.memory import format_estimate
+
             print(dump_yaml(cfg), end="")
+            print(format_estimate(cfg), end="")  # YAML comment lines: stdout stays a loadable recipe
             return 0
         check_output_dir(cfg)
     except ConfigError as e:

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextTo
 from rvla_peft.algorithms.ppo import policy_loss, value_loss
 from rvla_peft.config import ConfigError, load_config
 from rvla_peft.models.openvla import OpenVLAConfig, OpenVLAForActionPrediction, PrismaticProcessor
+from rvla_peft.models.openvla.published import OPENVLA_7B_CONFIG as PUBLISHED_CONFIG
 from rvla_peft.policies.openvla import OpenVLAPolicy, action_bounds_from_norm_stats
 from rvla_peft.policies.tiny import resolve_builtin
 from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm
@@ -23,42 +24,7 @@ from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_nor
 DATA = Path(__file__).parent / "data"
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
-# openvla/openvla-7b's config.json as vla-scripts/extern/convert_openvla_weights_to_hf.py writes it (transformers
-# 4.40's diff against the defaults; norm_stats cut to one dataset with illustrative numbers).
-PUBLISHED_CONFIG = {
-    "arch_specifier": "no-align+fused-gelu-mlp",
-    "architectures": ["OpenVLAForActionPrediction"],
-    "auto_map": {
-        "AutoConfig": "configuration_prismatic.OpenVLAConfig",
-        "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction",
-    },
-    "hf_llm_id": "meta-llama/Llama-2-7b-hf",
-    "image_resize_strategy": "resize-naive",
-    "image_sizes": [224, 224],
-    "llm_backbone_id": "llama2-7b-pure",
-    "llm_max_length": 2048,
-    "model_type": "openvla",
-    "n_action_bins": 256,
-    "norm_stats": {
-        "bridge_orig": {
-            "action": {
-                "q01": [-0.03, -0.04, -0.03, -0.1, -0.1, -0.2, 0.0],
-                "q99": [0.03, 0.04, 0.04, 0.1, 0.1, 0.2, 1.0],
-                "mask": [True, True, True, True, True, True, False],
-            }
-        }
-    },
-    "output_projector_states": False,
-    "pad_to_multiple_of": 64,
-    "pad_token_id": 32000,
-    "text_config": {"model_type": "llama", "pad_token_id": 32000, "torch_dtype": "bfloat16", "vocab_size": 32064},
-    "timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
-    "timm_override_act_layers": [None, None],
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.40.1",
-    "use_fused_vision_backbone": True,
-    "vision_backbone_id": "dinosiglip-vit-so-224px",
-}
+# openvla/openvla-7b's config.json, kept in the package (rvla_peft.models.openvla.published).
 # ... and its preprocessor_config.json: PrismaticImageProcessor from timm's data configs of the two towers, saved with
 # the tvf_* values it derives from them (and recomputes on load, as the native class does).
 PUBLISHED_PREPROCESSOR = {
