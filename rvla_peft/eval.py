@@ -90,12 +90,14 @@ def make_setting(label: str, parts: list) -> Setting:
     return Setting(label, "+".join(p.name for p in parts), parts[-1].severity, list(parts))
 
 
-def suite_grid(suite: str | None, extra: Sequence[str] = ()) -> list[Setting]:
-    """Clean, the suite's settings, then ``extra`` ones written ``name@severity`` (``rotation@0.5+action_noise@0.1``
-    combines). Raises ValueError naming the problem for an unknown suite or perturbation or a bad severity."""
+def suite_grid(suite: str | None, extra: Sequence[str] = (), specs: Sequence = ()) -> list[Setting]:
+    """Clean, the suite's settings, then ``specs`` (recipe entries: name + severity), then ``extra`` ones written
+    ``name@severity`` (``rotation@0.5+action_noise@0.1`` combines); a setting named twice is run once. Raises
+    ValueError naming the problem for an unknown suite or perturbation or a bad severity."""
     from rvla_peft.envs.perturbations import Spec, expand_spec, spec_label, suite_settings
 
     settings = [CLEAN] + [make_setting(label, parts) for label, parts in (suite_settings(suite) if suite else [])]
+    settings += [make_setting(spec_label(spec), expand_spec(spec)) for spec in specs]  # exact severities
     for text in extra:
         name, sep, severity = text.rpartition("@")
         if not sep or not name:

@@ -335,12 +335,11 @@ class RobustPPOTrainer:
     def evaluate(self) -> dict[str, float]:
         """``eval/<setting>/success_rate`` and ``/return``: clean and each ``perturb.eval`` setting, same episodes."""
         from rvla_peft.envs import PerturbedEnv
-        from rvla_peft.envs.perturbations import spec_label
         from rvla_peft.eval import suite_grid
 
         self.policy.eval()
         metrics = {}
-        settings = suite_grid(self.cfg.perturb.eval_suite, [spec_label(s) for s in self.cfg.perturb.eval])
+        settings = suite_grid(self.cfg.perturb.eval_suite, specs=self.cfg.perturb.eval)
         seed = self.env_seed + 7
         for setting in settings:
             name = setting.name
