@@ -21,8 +21,14 @@ $(STAMP): pyproject.toml Makefile rvla_peft/renderer.py
 	$(PY) -m rvla_peft.renderer check
 	@touch $@
 
+# The demo: robust LoRA post-training of the shipped pretrained base (builtin:tiny-vla-maniskill) on PushCube, then
+# the base ("before") and the adapter ("after") evaluated on the same episodes, clean and perturbed:
+# outputs/tiny_cpu/report/report.md.
+DEMO_EVAL ?= --suite none --perturb shift@0.5 --perturb rotation@0.5 --perturb color_jitter@0.5 --episodes 20
 demo: setup
 	$(PY) -m rvla_peft.train recipes/tiny_cpu.yaml overwrite_output_dir=true $(ARGS)
+	$(PY) -m rvla_peft.eval --adapter robust=outputs/tiny_cpu/adapter $(DEMO_EVAL) --out outputs/tiny_cpu/report \
+		--overwrite
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

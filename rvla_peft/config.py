@@ -37,7 +37,9 @@ class ModelConfig:
         metadata={
             "help": "Hub id or local folder of an image-text-to-text model (loaded with Auto classes), or "
             "'builtin:tiny-llava' / 'builtin:tiny-openvla', tiny random models built locally from a config (no "
-            "download). OpenVLA checkpoints (model_type 'openvla') load natively, without remote code."
+            "download), or 'builtin:tiny-vla-maniskill', the small pretrained VLA shipped in the package "
+            "(rvla_peft/assets/, made by rvla_peft.pretrain). OpenVLA checkpoints (model_type 'openvla') load "
+            "natively, without remote code."
         },
     )
     hub_id: str | None = field(

@@ -105,6 +105,7 @@ def generate_task(
     shard_episodes: int,
     max_attempts: int,
     progress: bool = True,
+    action_noise: float = 0.0,
 ) -> dict:
     """Record ``episodes`` successful expert episodes of ``task`` into shards under ``out``; return its index entry."""
     from rvla_peft.envs import make_envs
@@ -124,6 +125,12 @@ def generate_task(
     failed_seeds: list[int] = []
     env_steps, start = 0, time.perf_counter()
     env = make_envs(cfg)
+    stepper = env
+    if action_noise > 0:  # DART: the env executes a noisy action, the recorded label stays the expert's clean one
+        from rvla_peft.envs import PerturbedEnv
+        from rvla_peft.envs.perturbations import Spec
+
+        stepper = PerturbedEnv(env, [Spec("action_noise", action_noise)], seed=seed)
     startup = time.perf_counter() - start
     start = time.perf_counter()
 
@@ -143,7 +150,7 @@ def generate_task(
                     f"{task}: only {len(kept_seeds)} of {episodes} episodes succeeded in {max_attempts} attempts "
                     f"(failed seeds {failed_seeds[:20]}...)"
                 )
-            batch = record_batch(env, expert, next_seed, max_episode_steps)
+            batch = record_batch(stepper, expert, next_seed, max_episode_steps)
             env_steps += num_envs * max(len(e.data["action"]) for e in batch)
             for episode in batch:
                 if len(kept_seeds) == episodes:
@@ -196,10 +203,13 @@ def generate_demos(
     max_attempts: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    action_noise: float = 0.0,
 ) -> dict:
     """Write a demo dataset for ``tasks`` to ``out`` (built in a temporary folder, then moved in); return the index.
 
-    ``max_attempts`` (default ``2 * episodes + 10``) bounds the seeds tried per task."""
+    ``max_attempts`` (default ``2 * episodes + 10``) bounds the seeds tried per task. ``action_noise`` > 0 records
+    DART-style demos: the executed action gets the ``action_noise`` perturbation at that severity (Gaussian, std
+    0.3 x severity, seeded per batch), the recorded action is the expert's clean one for the state reached."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not (out / INDEX).is_file():
@@ -221,6 +231,7 @@ def generate_demos(
         "action_dim": 7,
         "num_envs": num_envs,
         "vectorization": vectorization,
+        "action_noise": action_noise,
         "tasks": {},
     }
     for task in tasks:
@@ -236,6 +247,7 @@ def generate_demos(
             shard_episodes,
             max_attempts if max_attempts is not None else 2 * episodes + 10,
             progress,
+            action_noise,
         )
     (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     if out.exists():
@@ -289,6 +301,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shard-episodes", type=int, default=200, help="episodes per safetensors file")
     parser.add_argument("--max-attempts", type=int, default=None, help="seeds tried per task (2 * episodes + 10)")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--action-noise",
+        type=float,
+        default=0.0,
+        help="DART: severity in [0, 1] of Gaussian noise (std 0.3 x severity) on the executed action; the recorded "
+        "action stays the expert's",
+    )
     args = parser.parse_args(argv)
     index = generate_demos(
         args.task,
@@ -302,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         shard_episodes=args.shard_episodes,
         max_attempts=args.max_attempts,
         overwrite=args.overwrite,
+        action_noise=args.action_noise,
     )
     for task, entry in index["tasks"].items():
         print(

@@ -17,6 +17,9 @@ import torch  # noqa: E402
 from rvla_peft.config import TrainConfig, load_config  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+# recipes/tiny_cpu.yaml starts from the shipped pretrained base (builtin:tiny-vla-maniskill, 64 bins, PushCube); the
+# tests that use it as "the tiny recipe" pin the tiny random model with OpenVLA's 256 bins on PickCube instead.
+TINY_RANDOM = ["model.name_or_path=builtin:tiny-llava", "policy.n_bins=256", "env.task=PickCube-v1"]
 
 
 @pytest.fixture(autouse=True)
@@ -30,10 +33,12 @@ def _fresh_accelerator_state():
 
 @pytest.fixture
 def tiny_cfg(tmp_path) -> TrainConfig:
-    """The tiny recipe, shrunk for tests: 2 CPU envs, short rollouts, regularisers on."""
+    """The tiny recipe, shrunk for tests: 2 CPU envs, short rollouts, regularisers on; on the tiny random model
+    (TINY_RANDOM), not the pretrained base that the recipe ships with."""
     return load_config(
         RECIPES / "tiny_cpu.yaml",
         [
+            *TINY_RANDOM,
             f"output_dir={tmp_path / 'run'}",
             "total_updates=1",
             "eval_episodes=0",

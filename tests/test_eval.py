@@ -184,7 +184,7 @@ def test_sampled_evaluations_repeat_exactly(env_cfg, tiny_policy):
 
 
 def _cli(tmp_path, *extra):
-    from conftest import RECIPES
+    from conftest import RECIPES, TINY_RANDOM
 
     return [
         "--recipe",
@@ -195,6 +195,7 @@ def _cli(tmp_path, *extra):
         str(tmp_path / "report"),
         "env.max_episode_steps=4",
         "env.image_size=32",
+        *TINY_RANDOM,
         *extra,
     ]
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from conftest import TINY_RANDOM
 from helpers import fixed_obs
 from hub_server import HubServer, point_huggingface_hub_at, validate_card_metadata
 
@@ -130,7 +131,14 @@ def run(tmp_path_factory):
     out = root / "run"
     cfg = load_config(
         RECIPES / "tiny_cpu.yaml",
-        [f"output_dir={out}", "report_to=[]", f"model.hub_id={BASE_HUB_ID}", "total_updates=3", "eval_episodes=2"],
+        [
+            *TINY_RANDOM,
+            f"output_dir={out}",
+            "report_to=[]",
+            f"model.hub_id={BASE_HUB_ID}",
+            "total_updates=3",
+            "eval_episodes=2",
+        ],
     )
     torch.manual_seed(0)
     policy = build_policy(cfg).eval()

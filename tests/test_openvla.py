@@ -254,6 +254,7 @@ def openvla_cfg(tmp_path):
             f"output_dir={tmp_path / 'run'}",
             "model.name_or_path=builtin:tiny-openvla",
             "policy.family=openvla",
+            "policy.n_bins=256",
             "report_to=[]",
         ],
     )

@@ -177,12 +177,34 @@ def load_adapter_strict(model, adapter: str | Path):
     return peft_model
 
 
+def check_trained_policy_settings(name_or_path: str, policy_cfg) -> None:
+    """Warn when ``policy_cfg`` decodes actions otherwise than a base made by ``rvla_peft.pretrain`` was trained to
+    (its ``policy.json``): other bins or statistics give wrong actions without any error."""
+    import json
+
+    from rvla_peft.policies.tiny import resolve_builtin
+
+    if not name_or_path.startswith("builtin:") and not Path(name_or_path).is_dir():
+        return  # a Hub id: nothing local to read
+    settings = Path(resolve_builtin(name_or_path)) / "policy.json"
+    if not settings.is_file():
+        return
+    trained = json.loads(settings.read_text())
+    for key in ("family", "n_bins", "action_low", "action_high", "prompt_template"):
+        if key in trained and getattr(policy_cfg, key, trained[key]) != trained[key]:
+            logger.warning(
+                "policy.%s=%r but %s was trained with %r (its policy.json): set policy.%s=%s",
+                key, getattr(policy_cfg, key), name_or_path, trained[key], key, json.dumps(trained[key]),
+            )  # fmt: skip
+
+
 def build_policy(cfg, adapter: str | Path | None = None, device: torch.device | str = "cpu") -> Policy:
     """Base model + LoRA (fresh from ``cfg.lora``, or loaded from ``adapter``) + value head, on ``device``."""
     from peft import get_peft_model
     from safetensors.torch import load_file
 
     model, processor = load_base(cfg.model)
+    check_trained_policy_settings(cfg.model.name_or_path, cfg.policy)
     if adapter is None:
         peft_model = get_peft_model(model, lora_config(model, resolve_lora(cfg.policy.family, cfg.lora)))
     else:

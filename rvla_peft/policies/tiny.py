@@ -18,6 +18,11 @@ import torch
 BUILTIN_PREFIX = "builtin:"
 TINY_NAME = "tiny-llava"
 _VERSION = "v1"  # bump when the architecture below changes, so caches are rebuilt
+# Pretrained checkpoints shipped inside the package: builtin:NAME is the folder rvla_peft/assets/NAME (no build,
+# no cache), loaded with the real from_pretrained. tiny-vla-maniskill: behaviour-cloned by rvla_peft.pretrain.
+PRETRAINED_NAME = "tiny-vla-maniskill"
+PACKAGED = (PRETRAINED_NAME,)
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
 
 def cache_dir() -> Path:
@@ -28,8 +33,19 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def build_tiny_llava(directory: str | Path, seed: int = 0, image_size: int = 64, patch_size: int = 8) -> Path:
-    """Write a tiny random Llava + processor to ``directory`` (deterministic for a seed)."""
+def build_tiny_llava(
+    directory: str | Path,
+    seed: int = 0,
+    image_size: int = 64,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vision_hidden_size: int = 64,
+    vision_layers: int = 2,
+) -> Path:
+    """Write a tiny random Llava + processor to ``directory`` (deterministic for a seed).
+
+    The sizes default to the ``builtin:tiny-llava`` test model; ``rvla_peft.pretrain`` builds a wider one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import (
         CLIPImageProcessor,
@@ -56,18 +72,18 @@ def build_tiny_llava(directory: str | Path, seed: int = 0, image_size: int = 64,
         extra_special_tokens={"image_token": "<image>"},
     )
     vision = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
+        num_hidden_layers=vision_layers,
         num_attention_heads=4,
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=64,
+        projection_dim=vision_hidden_size,
     )
     text = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         vocab_size=512,
@@ -111,13 +127,19 @@ def _builtins() -> dict:
 
 
 def resolve_builtin(name_or_path: str) -> str:
-    """'builtin:tiny-llava' -> a cached folder (built once, written atomically); anything else unchanged."""
+    """'builtin:tiny-llava' -> a cached folder (built once, written atomically); 'builtin:tiny-vla-maniskill' -> the
+    packaged checkpoint's folder; anything else unchanged."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
     name = name_or_path[len(BUILTIN_PREFIX) :]
+    if name in PACKAGED:
+        folder = ASSETS_DIR / name
+        if not (folder / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{name_or_path}: the packaged checkpoint {folder} is missing its weights")
+        return str(folder)
     builtins = _builtins()
     if name not in builtins:
-        available = ", ".join(BUILTIN_PREFIX + n for n in builtins)
+        available = ", ".join(BUILTIN_PREFIX + n for n in (*builtins, *PACKAGED))
         raise ValueError(f"unknown built-in model {name_or_path!r}; available: {available}")
     version, build = builtins[name]
     target = cache_dir() / f"{name}-{version}"
