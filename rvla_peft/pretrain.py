@@ -298,10 +298,10 @@ def word_tokenizer(text_vocab: int = 256):
     same specials and characters as the tiny Llava's per-character one (ids below ``text_vocab``): a known prompt
     is ~15 tokens instead of ~80, and any other text still tokenises, by pieces down to single characters."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     from rvla_peft.config import PolicyConfig
     from rvla_peft.envs.maniskill import INSTRUCTIONS
+    from rvla_peft.policies.tiny import fast_tokenizer
 
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
     chars = [chr(i) for i in range(32, 127)] + ["\n"]
@@ -315,14 +315,7 @@ def word_tokenizer(text_vocab: int = 256):
         show_progress=False,
     )  # fmt: skip
     backend.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    return fast_tokenizer(backend)
 
 
 def build_initial_model(args, directory: Path) -> Path:

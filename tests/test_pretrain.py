@@ -216,3 +216,20 @@ def test_other_policy_settings_than_trained_warn(caplog):
         check_trained_policy_settings("builtin:tiny-vla-maniskill", PolicyConfig())  # 256 bins
     assert "policy.n_bins=256 but builtin:tiny-vla-maniskill was trained with 64" in caplog.text
     assert "set policy.n_bins=64" in caplog.text
+
+
+def test_shipped_base_pushes_the_cube_and_breaks_under_rotation(one_thread):
+    """The point of the shipped base: the real ManiSkill PushCube-v1, its recipe's settings, argmax actions. In the
+    100-episode evaluation (bench/results/base_eval) episodes 0-7 all succeed clean and all fail under rotation@0.5;
+    margins of one episode each way absorb float differences across CPUs."""
+    from rvla_peft.envs import make_envs
+    from rvla_peft.eval import evaluate_grid, suite_grid
+    from rvla_peft.policies import build_policy
+
+    cfg = load_config(RECIPES / "tiny_cpu.yaml")
+    policy = build_policy(cfg).eval()
+    with make_envs(cfg.env) as env:
+        grid = suite_grid(None, ["rotation@0.5"])
+        clean, rotated = evaluate_grid({"base": policy}, env, grid, episodes=8, seed=0, max_steps=50)
+    assert sum(clean.successes) >= 7, clean
+    assert sum(rotated.successes) <= 1, rotated

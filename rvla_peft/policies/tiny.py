@@ -33,6 +33,20 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def fast_tokenizer(backend):
+    """A ``tokenizers`` backend over the tiny models' specials, as a transformers tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
 def build_tiny_llava(
     directory: str | Path,
     seed: int = 0,
@@ -54,7 +68,6 @@ def build_tiny_llava(
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        PreTrainedTokenizerFast,
     )
 
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
@@ -63,14 +76,7 @@ def build_tiny_llava(
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    tokenizer = fast_tokenizer(backend)
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden_size,
         intermediate_size=2 * vision_hidden_size,
