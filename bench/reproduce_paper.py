@@ -66,35 +66,56 @@ def evaluate(args, seed: int, adapters: dict[str, Path]) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
+MEAN = "mean perturbed"
+
+
+def mean_and_interval(values: list[float]) -> tuple[float, list[float]]:
+    """Mean of paired per-episode differences with a normal 95% interval."""
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in values) / max(1, len(values) - 1))
+    half = Z95 * sd / math.sqrt(len(values))
+    return mean, [mean - half, mean + half]
+
+
 def aggregate(reports: list[dict]) -> dict:
-    """Pool the per-seed reports: success per (variant, setting) over all episodes, and paired differences."""
+    """Pool the per-seed reports: success per (variant, setting) over all episodes, and paired differences.
+
+    The "mean perturbed" row averages the perturbed settings. Its rate pools their episodes (equal counts, so the
+    pooled rate is the mean; the Wilson interval treats them as independent, so it is somewhat narrow). Its paired
+    difference is over (seed, episode) units, each the mean over settings of that episode's difference."""
     settings = [s["name"] for s in reports[0]["settings"]]
     variants = [p["name"] for p in reports[0]["policies"]]
+    perturbed = [s for s in settings if s != "clean"]
+
+    def successes(rep: dict, v: str, s: str) -> list[float]:
+        return next(r for r in rep["results"] if r["policy"] == v and r["setting"] == s)["successes"]
+
     cells = {}
     for v in variants:
-        for s in settings:
-            per_seed = [next(r for r in rep["results"] if r["policy"] == v and r["setting"] == s) for rep in reports]
-            successes = sum(sum(r["successes"]) for r in per_seed)
-            n = sum(r["episodes"] for r in per_seed)
+        for s in [*settings, MEAN]:
+            names = perturbed if s == MEAN else [s]
+            per_seed = [[x for name in names for x in successes(rep, v, name)] for rep in reports]
+            wins, n = sum(map(sum, per_seed)), sum(map(len, per_seed))
             cells[f"{v}|{s}"] = {
-                "success_rate": successes / n,
-                "ci95": list(wilson_interval(successes, n)),
-                "per_seed": [r["success_rate"] for r in per_seed],
+                "success_rate": wins / n,
+                "ci95": list(wilson_interval(wins, n)),
+                "per_seed": [sum(x) / len(x) for x in per_seed],
                 "episodes": n,
             }
     paired = {}
     baseline = "ppo" if "ppo" in variants else variants[0]
     for v in variants:
-        for s in settings:
+        for s in [*settings, MEAN]:
+            names = perturbed if s == MEAN else [s]
             diffs = []
             for rep in reports:
-                a = next(r for r in rep["results"] if r["policy"] == v and r["setting"] == s)["successes"]
-                b = next(r for r in rep["results"] if r["policy"] == baseline and r["setting"] == s)["successes"]
-                diffs += [x - y for x, y in zip(a, b, strict=True)]
-            mean = sum(diffs) / len(diffs)
-            sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1))
-            half = Z95 * sd / math.sqrt(len(diffs))
-            paired[f"{v}|{s}"] = {"difference": mean, "ci95": [mean - half, mean + half], "baseline": baseline}
+                per_setting = [
+                    [a - b for a, b in zip(successes(rep, v, name), successes(rep, baseline, name), strict=True)]
+                    for name in names
+                ]
+                diffs += [sum(d) / len(d) for d in zip(*per_setting, strict=True)]
+            mean, ci95 = mean_and_interval(diffs)
+            paired[f"{v}|{s}"] = {"difference": mean, "ci95": ci95, "baseline": baseline}
     return {"settings": settings, "variants": variants, "cells": cells, "paired": paired}
 
 
@@ -104,21 +125,18 @@ def markdown(summary: dict, args) -> str:
         "| setting | " + " | ".join(variants) + " |",
         "|---|" + "---|" * len(variants),
     ]
-    for s in settings + ["mean perturbed"]:
+    for s in [*settings, MEAN]:
         row = []
         for v in variants:
-            if s == "mean perturbed":
-                rates = [summary["cells"][f"{v}|{x}"]["success_rate"] for x in settings if x != "clean"]
-                row.append(f"**{100 * sum(rates) / len(rates):.1f}**")
-            else:
-                c = summary["cells"][f"{v}|{s}"]
-                row.append(f"{100 * c['success_rate']:.1f} [{100 * c['ci95'][0]:.0f}, {100 * c['ci95'][1]:.0f}]")
+            c = summary["cells"][f"{v}|{s}"]
+            cell = f"{100 * c['success_rate']:.1f} [{100 * c['ci95'][0]:.0f}, {100 * c['ci95'][1]:.0f}]"
+            row.append(f"**{cell}**" if s == MEAN else cell)
         lines.append(f"| {s} | " + " | ".join(row) + " |")
     base = summary["paired"][f"{variants[0]}|{settings[0]}"]["baseline"]
     lines += ["", f"Paired difference against `{base}` (percentage points, 95% interval, all seeds' episodes):", ""]
     lines += ["| setting | " + " | ".join(v for v in variants if v != base) + " |"]
     lines += ["|---|" + "---|" * (len(variants) - 1)]
-    for s in settings:
+    for s in [*settings, MEAN]:
         row = []
         for v in variants:
             if v == base:
@@ -135,7 +153,7 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings, variants = summary["settings"], summary["variants"]
+    settings, variants = [*summary["settings"], MEAN], summary["variants"]
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(settings)), 3.6), dpi=110)
     width = 0.8 / len(variants)
     for i, v in enumerate(variants):
