@@ -17,9 +17,15 @@ import torch  # noqa: E402
 from rvla_peft.config import TrainConfig, load_config  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-# recipes/tiny_cpu.yaml starts from the shipped pretrained base (builtin:tiny-vla-maniskill, 64 bins, PushCube); the
-# tests that use it as "the tiny recipe" pin the tiny random model with OpenVLA's 256 bins on PickCube instead.
-TINY_RANDOM = ["model.name_or_path=builtin:tiny-llava", "policy.n_bins=256", "env.task=PickCube-v1"]
+# recipes/tiny_cpu.yaml starts from the shipped pretrained base (builtin:tiny-vla-maniskill, 64 bins, PushCube,
+# success reward); the tests that use it as "the tiny recipe" pin the tiny random model with OpenVLA's 256 bins on
+# PickCube with the dense reward (which varies from episode to episode even when nothing succeeds) instead.
+TINY_RANDOM = [
+    "model.name_or_path=builtin:tiny-llava",
+    "policy.n_bins=256",
+    "env.task=PickCube-v1",
+    "env.reward_mode=normalized_dense",
+]
 
 
 @pytest.fixture(autouse=True)
