@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml Makefile rvla_peft/renderer.py
 # the base ("before") and the adapter ("after") evaluated on the same episodes, clean and perturbed:
 # outputs/tiny_cpu/report/report.md.
 DEMO_EVAL ?= --suite none --perturb shift@0.5 --perturb rotation@0.5 --perturb color_jitter@0.5 --episodes 20
+# One torch thread: the tiny model gains nothing from two, and OpenMP workers spinning beside the simulator and the
+# software renderer made each update 5-10x slower whenever anything else used the other core.
+demo: export OMP_NUM_THREADS ?= 1
 demo: setup
 	$(PY) -m rvla_peft.train recipes/tiny_cpu.yaml overwrite_output_dir=true $(ARGS)
 	$(PY) -m rvla_peft.eval --adapter robust=outputs/tiny_cpu/adapter $(DEMO_EVAL) --out outputs/tiny_cpu/report \

@@ -35,6 +35,8 @@ def test_wilson_interval_matches_the_closed_form():
     lo, hi = wilson_interval(10, 10)
     assert (lo, hi) == pytest.approx((0.722467, 1.0), abs=1e-6)
     assert wilson_interval(0, 0) == (0.0, 1.0)
+    for n in range(1, 200):  # the rate always lies inside its interval, float rounding included
+        assert wilson_interval(n, n)[1] == 1.0 and wilson_interval(0, n)[0] == 0.0
 
 
 def test_paired_difference_uses_the_per_episode_differences():
