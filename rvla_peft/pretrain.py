@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import shlex
-import shutil
 import sys
 import tempfile
 import time
@@ -301,17 +300,16 @@ def word_tokenizer(text_vocab: int = 256):
 
     from rvla_peft.config import PolicyConfig
     from rvla_peft.envs.maniskill import INSTRUCTIONS
-    from rvla_peft.policies.tiny import fast_tokenizer
+    from rvla_peft.policies.tiny import CHARS, fast_tokenizer
 
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
     template = PolicyConfig().prompt_template
     corpus = [template.format(instruction=i.lower().rstrip(".")) for i in sorted(set(INSTRUCTIONS.values()))]
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous")
     backend.decoder = decoders.Fuse()
     trainer = trainers.BpeTrainer(
-        vocab_size=text_vocab, special_tokens=specials, initial_alphabet=chars, limit_alphabet=len(chars),
+        vocab_size=text_vocab, special_tokens=specials, initial_alphabet=CHARS, limit_alphabet=len(CHARS),
         show_progress=False,
     )  # fmt: skip
     backend.train_from_iterator(corpus, trainer)
@@ -381,26 +379,19 @@ def policy_settings(policy_cfg, image_size: int, index: dict) -> dict:
 
 
 def save_checkpoint(policy, out: Path, files: dict[str, str]) -> None:
-    """Model + processor via save_pretrained, plus ``files`` (name -> text), into a temporary folder beside
-    ``out``, then swapped in: a reader never sees a half-written checkpoint."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Model + processor via save_pretrained, plus ``files`` (name -> text), swapped in atomically (the trainer's
+    ``atomic_save``): a reader never sees a half-written checkpoint."""
+    from rvla_peft.trainer import atomic_save
+
+    def write(staging: Path) -> None:
         policy.peft_model.save_pretrained(str(staging), safe_serialization=True)
         policy.processor.save_pretrained(str(staging))
         for name, text in files.items():
             (staging / name).write_text(text)
-        staging.chmod(0o755)  # mkdtemp's 0700 and safetensors' 0600 are not what a shipped folder should have
         for path in staging.iterdir():
-            path.chmod(0o644)
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            path.chmod(0o644)  # safetensors writes 0600, not what a shipped folder should have
+
+    atomic_save(out, write)
 
 
 def demo_sources(dirs: list, indexes: list[dict]) -> list[dict]:

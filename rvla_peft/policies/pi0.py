@@ -364,24 +364,13 @@ def build_tiny_pi0(directory: str | Path, seed: int = 0, image_size: int = 64, p
     expert attends to the VLM's keys layer by layer), widths 64; a chunk of 8 actions in 4 denoising steps. Text
     is tokenised per character (offline, any instruction); the processor is transformers' ``PI0Processor`` with a
     PIL SigLIP image processor (its own image processor needs torchvision)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PI0Config, PI0ForConditionalGeneration, PI0Processor, PreTrainedTokenizerFast
+    from transformers import PI0Config, PI0ForConditionalGeneration, PI0Processor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {token: i for i, token in enumerate(specials + chars)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    from rvla_peft.policies.tiny import char_tokenizer
+
+    tokenizer = char_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], bos="<bos>", eos="<eos>")
+    vocab = tokenizer.get_vocab()
     gemma = dict(
         model_type="gemma",
         hidden_size=64,

@@ -33,18 +33,33 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def fast_tokenizer(backend):
+# Printable ASCII and newline: the tiny models' text alphabet, after their special tokens.
+CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
+
+
+def fast_tokenizer(backend, bos: str = "<s>", eos: str = "</s>"):
     """A ``tokenizers`` backend over the tiny models' specials, as a transformers tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
+        bos_token=bos,
+        eos_token=eos,
         unk_token="<unk>",
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
     )
+
+
+def char_tokenizer(specials: list[str], bos: str = "<s>", eos: str = "</s>"):
+    """One token per character (ids after ``specials``): offline, and any instruction tokenises."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(specials + CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return fast_tokenizer(backend, bos, eos)
 
 
 def build_tiny_llava(
@@ -60,7 +75,6 @@ def build_tiny_llava(
     """Write a tiny random Llava + processor to ``directory`` (deterministic for a seed).
 
     The sizes default to the ``builtin:tiny-llava`` test model; ``rvla_peft.pretrain`` builds a wider one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -70,13 +84,8 @@ def build_tiny_llava(
         LlavaProcessor,
     )
 
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {token: i for i, token in enumerate(specials + chars)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = fast_tokenizer(backend)
+    tokenizer = char_tokenizer(["<pad>", "<s>", "</s>", "<unk>", "<image>"])
+    vocab = tokenizer.get_vocab()
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden_size,
         intermediate_size=2 * vision_hidden_size,
