@@ -197,3 +197,20 @@ def test_demos_round_trip_and_determinism(tmp_path: Path) -> None:
     again = load_demos(tmp_path / "b")
     for key, value in data.items():
         assert torch.equal(value, again[key]) if isinstance(value, torch.Tensor) else value == again[key], key
+
+
+def test_dart_demos_execute_noise_and_record_the_clean_action(tmp_path: Path) -> None:
+    """--action-noise: from the same reset, the first recorded action equals the clean recording's (the label is the
+    expert's action), and the next state differs (the env executed the noisy one)."""
+    from rvla_peft.demos import generate_demos, load_demos
+
+    kwargs = dict(episodes=2, seed=0, image_size=32, num_envs=2, progress=False)
+    generate_demos(["PushCube-v1"], tmp_path / "clean", **kwargs)
+    index = generate_demos(["PushCube-v1"], tmp_path / "dart", action_noise=0.5, **kwargs)
+    clean, dart = load_demos(tmp_path / "clean"), load_demos(tmp_path / "dart")
+    assert index["action_noise"] == 0.5 and dart["episode_seed"].tolist() == clean["episode_seed"].tolist()
+    for c0, d0 in zip(clean["episode_start"].tolist(), dart["episode_start"].tolist(), strict=True):
+        assert torch.equal(clean["state"][c0], dart["state"][d0])
+        assert torch.equal(clean["action"][c0], dart["action"][d0])
+        assert not torch.allclose(clean["state"][c0 + 1], dart["state"][d0 + 1], atol=1e-4)
+    assert (dart["episode_length"] < 50).all(), "only successful episodes are kept"
