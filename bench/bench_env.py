@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from rvla_peft.config import load_config  # noqa: E402
 from rvla_peft.envs import make_envs  # noqa: E402
-from rvla_peft.policies import build_policy  # noqa: E402
+from rvla_peft.policies.registry import build_policy  # noqa: E402
 from rvla_peft.rollout import with_instructions  # noqa: E402
 
 

@@ -215,7 +215,7 @@ def write_random_openvla_7b(directory: Path) -> Path:
     from rvla_peft.models.openvla import PrismaticImageProcessor, PrismaticProcessor
     from rvla_peft.models.openvla.processing import DINOSIGLIP_MEANS, DINOSIGLIP_STDS
     from rvla_peft.models.openvla.published import OPENVLA_7B_CONFIG
-    from rvla_peft.policies.tiny import resolve_builtin
+    from rvla_peft.models.tiny import resolve_builtin
 
     config = AutoConfig.for_model(**copy.deepcopy(OPENVLA_7B_CONFIG))
     with torch.device("cuda"):

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 
 from rvla_peft.config import EnvConfig, PerturbationSpec  # noqa: E402
 from rvla_peft.envs import PerturbedEnv, VecEnv, make_envs  # noqa: E402
-from rvla_peft.envs.perturbations import PERTURBATIONS, ObservationPerturbation, _one_thread_on_cpu  # noqa: E402
+from rvla_peft.envs.perturbed import _one_thread_on_cpu  # noqa: E402
+from rvla_peft.perturbations import PERTURBATIONS, ObservationPerturbation  # noqa: E402
 
 
 def steps_per_second(env: VecEnv | PerturbedEnv, steps: int, generator: torch.Generator) -> float:

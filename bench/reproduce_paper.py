@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rvla_peft.eval import Z95, wilson_interval  # noqa: E402
+from rvla_peft.stats import Z95, wilson_interval  # noqa: E402
 
 # Overrides on top of the recipe: the variants differ only here.
 VARIANTS: dict[str, list[str]] = {

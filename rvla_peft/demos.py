@@ -40,8 +40,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from rvla_peft.envs import PerturbedEnv, make_envs
 from rvla_peft.envs.maniskill import resolve_instruction
 from rvla_peft.experts import KEY_WIDTHS, PROPRIO_KEYS, Expert, expert_env_config, make_expert
+from rvla_peft.perturbations import Spec
 
 FORMAT = "rvla_peft.demos/1"
 INDEX = "index.json"
@@ -108,7 +110,6 @@ def generate_task(
     action_noise: float = 0.0,
 ) -> dict:
     """Record ``episodes`` successful expert episodes of ``task`` into shards under ``out``; return its index entry."""
-    from rvla_peft.envs import make_envs
 
     expert = make_expert(task)
     cfg = expert_env_config(
@@ -127,9 +128,6 @@ def generate_task(
     env = make_envs(cfg)
     stepper = env
     if action_noise > 0:  # DART: the env executes a noisy action, the recorded label stays the expert's clean one
-        from rvla_peft.envs import PerturbedEnv
-        from rvla_peft.envs.perturbations import Spec
-
         stepper = PerturbedEnv(env, [Spec("action_noise", action_noise)], seed=seed)
     startup = time.perf_counter() - start
     start = time.perf_counter()

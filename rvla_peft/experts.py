@@ -32,15 +32,14 @@ import argparse
 import math
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from rvla_peft.config import EnvConfig
+from rvla_peft.envs.maniskill import _check_task, _import_mani_skill, _make_kwargs, extract_state
 from rvla_peft.policies.base import ActionSample
-
-if TYPE_CHECKING:
-    from rvla_peft.config import EnvConfig
 
 PROPRIO_KEYS = ("agent.qpos", "extra.tcp_pose")  # EnvConfig's default state_keys: the columns a policy would see
 KEY_WIDTHS = {
@@ -330,7 +329,6 @@ def make_expert(task: str, base_quat: Sequence[float] = (1.0, 0.0, 0.0, 0.0)) ->
 
 def expert_env_config(task: str, **overrides: object) -> EnvConfig:
     """An EnvConfig whose obs["state"] is what ``make_expert(task)`` reads."""
-    from rvla_peft.config import EnvConfig
 
     fields = {"task": task, "privileged_state": True, "state_keys": list(make_expert(task).state_keys)}
     return EnvConfig(**{**fields, **overrides})
@@ -370,8 +368,6 @@ def make_state_env(cfg: EnvConfig):
     """One CPU ManiSkill env like ``make_envs`` builds (same controller, seeding, time limit), without cameras."""
     import gymnasium as gym
 
-    from rvla_peft.envs.maniskill import _check_task, _import_mani_skill, _make_kwargs
-
     _import_mani_skill()
     _check_task(cfg.task)
     kwargs = _make_kwargs(cfg, 1, "physx_cpu", "cpu")
@@ -381,7 +377,6 @@ def make_state_env(cfg: EnvConfig):
 
 def run_expert(task: str, seeds: Sequence[int], max_episode_steps: int = 50, env=None) -> tuple[list[bool], list[int]]:
     """Success and length of one expert episode per seed, on a state-only env (``env`` to reuse one)."""
-    from rvla_peft.envs.maniskill import extract_state
 
     expert = make_expert(task)
     cfg = expert_env_config(task, max_episode_steps=max_episode_steps)

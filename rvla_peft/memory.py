@@ -52,10 +52,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rvla_peft.config import TrainConfig
+from rvla_peft.envs.maniskill import resolve_instruction
+from rvla_peft.models.openvla.published import OPENVLA_7B_CONFIG
+from rvla_peft.models.tiny import resolve_builtin
+from rvla_peft.policies.openvla_oft import L1RegressionActionHead, StateDependentScale, StateIndependentScale
+from rvla_peft.policies.registry import lora_targets, resolve_lora
+from rvla_peft.utils.constants import BUILTIN_PREFIX
+
 if TYPE_CHECKING:
     from torch import nn
 
-    from rvla_peft.config import TrainConfig
 
 GIB = 2**30
 
@@ -293,7 +300,6 @@ def estimate_training_memory(cfg: TrainConfig, prompt_tokens: int | None = None)
     """The estimate for a resolved recipe (see the module docstring). ``prompt_tokens``: the prompt's length in
     tokens, BOS included (default: counted with the model's tokenizer when it is on disk, else ~4 characters per
     token). Raises :class:`EstimateUnavailable` when the architecture cannot be known offline."""
-    from rvla_peft.policies.registry import resolve_lora
 
     config, local = load_model_config(cfg.model)
     model = build_meta_model(config)
@@ -365,7 +371,6 @@ def _pi0_base() -> dict[str, Any]:
 
 
 def _openvla_7b() -> dict[str, Any]:
-    from rvla_peft.models.openvla.published import OPENVLA_7B_CONFIG
 
     return OPENVLA_7B_CONFIG
 
@@ -385,7 +390,6 @@ def load_model_config(model_cfg) -> tuple[Any, Path | None]:
     from transformers import AutoConfig
 
     import rvla_peft.models.openvla  # noqa: F401  registers model_type "openvla"
-    from rvla_peft.policies.tiny import BUILTIN_PREFIX, resolve_builtin
 
     name = model_cfg.name_or_path
     kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
@@ -452,8 +456,6 @@ def lora_target_modules(model: nn.Module, lora_cfg) -> list[tuple[str, nn.Module
     run does not import peft (and bitsandbytes with it); ``tests/test_memory.py`` checks it against peft."""
     from torch import nn
 
-    from rvla_peft.policies.registry import lora_targets
-
     def matches(patterns, key: str) -> bool:
         if isinstance(patterns, str):
             return re.fullmatch(patterns, key) is not None
@@ -493,8 +495,6 @@ def family_head_param_count(cfg: TrainConfig, hidden: int) -> int:
         return 0
     import torch
 
-    from rvla_peft.policies.openvla_oft import L1RegressionActionHead, StateDependentScale, StateIndependentScale
-
     policy = cfg.policy
     with torch.device("meta"):
         heads = [L1RegressionActionHead(hidden, hidden, policy.action_dim)]
@@ -507,7 +507,6 @@ def family_head_param_count(cfg: TrainConfig, hidden: int) -> int:
 
 def count_prompt_tokens(cfg: TrainConfig, local: Path | None) -> int:
     """Tokens of the formatted prompt with BOS: by the model's own tokenizer when on disk, else from its length."""
-    from rvla_peft.envs.maniskill import resolve_instruction
 
     instruction = (cfg.env.instruction or resolve_instruction(cfg.env)).lower().rstrip(".")
     text = cfg.policy.prompt_template.format(instruction=instruction)

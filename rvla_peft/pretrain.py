@@ -5,7 +5,7 @@
     python -m rvla_peft.pretrain --demos demos/ --out my-base/ --epochs 20 --seed 0
     python -m rvla_peft.eval --base my-base/ --recipe recipes/tiny_cpu.yaml --task PushCube-v1 --episodes 100
 
-The model is the tiny Llava of ``rvla_peft.policies.tiny`` (sized with ``--hidden-size`` / ``--num-layers`` / ...)
+The model is the tiny Llava of ``rvla_peft.models.tiny`` (sized with ``--hidden-size`` / ``--num-layers`` / ...)
 or any checkpoint given with ``--init``, fully fine-tuned (no LoRA). The forward is the project's own
 :class:`~rvla_peft.policies.openvla_style.ActionTokenPolicy`, so image pre-processing, prompt and action-token
 mapping are exactly what RL and evaluation use: each expert action is normalised with the policy's statistics
@@ -42,6 +42,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from rvla_peft.config import EnvConfig, PolicyConfig
+from rvla_peft.demos import INDEX, load_demos
+from rvla_peft.envs import make_envs
+from rvla_peft.envs.maniskill import INSTRUCTIONS
+from rvla_peft.models.tiny import CHARS, build_tiny_llava, fast_tokenizer, resolve_builtin
+from rvla_peft.policies.openvla_style import ActionTokenPolicy
+from rvla_peft.rollout import run_episodes
+from rvla_peft.utils.io import atomic_save
 
 POLICY_FILE = "policy.json"
 RECORD_FILE = "pretrain.json"
@@ -80,7 +89,6 @@ class BCData:
 
 def read_demos(dirs: list[str | Path]) -> tuple[dict, list[dict]]:
     """Every episode of the demo folders ``dirs`` concatenated; a clear error for a missing, foreign or empty one."""
-    from rvla_peft.demos import INDEX, load_demos
 
     parts, indexes = [], []
     for d in dirs:
@@ -256,8 +264,6 @@ class ClosedLoop:
     """One CPU env per task, kept open between evaluations; argmax actions, episodes from ``seed + e``."""
 
     def __init__(self, tasks: list[str], image_size: int, num_envs: int, max_episode_steps: int) -> None:
-        from rvla_peft.config import EnvConfig
-        from rvla_peft.envs import make_envs
 
         self.max_steps = max_episode_steps
         self.envs = {}
@@ -266,7 +272,6 @@ class ClosedLoop:
             self.envs[task] = make_envs(cfg)
 
     def __call__(self, policy, episodes: int, seed: int) -> dict[str, float]:
-        from rvla_peft.rollout import run_episodes
 
         policy.eval()
         threads = torch.get_num_threads()
@@ -298,10 +303,6 @@ def word_tokenizer(text_vocab: int = 256):
     is ~15 tokens instead of ~80, and any other text still tokenises, by pieces down to single characters."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from rvla_peft.config import PolicyConfig
-    from rvla_peft.envs.maniskill import INSTRUCTIONS
-    from rvla_peft.policies.tiny import CHARS, fast_tokenizer
-
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
     template = PolicyConfig().prompt_template
     corpus = [template.format(instruction=i.lower().rstrip(".")) for i in sorted(set(INSTRUCTIONS.values()))]
@@ -320,8 +321,6 @@ def build_initial_model(args, directory: Path) -> Path:
     """``--init`` as given (a folder, Hub id or builtin:NAME), or a fresh tiny Llava of the requested size (with
     ``--tokenizer words``, its processor gets :func:`word_tokenizer`)."""
     from transformers import AutoProcessor, LlavaProcessor
-
-    from rvla_peft.policies.tiny import build_tiny_llava, resolve_builtin
 
     if args.init:
         return Path(resolve_builtin(args.init)) if args.init.startswith("builtin:") else Path(args.init)
@@ -356,8 +355,6 @@ def make_policy(model_path: str | Path, policy_cfg):
     """The raw model (no LoRA: BC trains every weight) behind the project's ActionTokenPolicy."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from rvla_peft.policies.openvla_style import ActionTokenPolicy
-
     model = AutoModelForImageTextToText.from_pretrained(str(model_path), dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(str(model_path))
     hidden = model.config.get_text_config().hidden_size
@@ -381,7 +378,6 @@ def policy_settings(policy_cfg, image_size: int, index: dict) -> dict:
 def save_checkpoint(policy, out: Path, files: dict[str, str]) -> None:
     """Model + processor via save_pretrained, plus ``files`` (name -> text), swapped in atomically (the trainer's
     ``atomic_save``): a reader never sees a half-written checkpoint."""
-    from rvla_peft.trainer import atomic_save
 
     def write(staging: Path) -> None:
         policy.peft_model.save_pretrained(str(staging), safe_serialization=True)
@@ -527,8 +523,6 @@ def lr_at(step: int, total: int, warmup: int, base: float, final_fraction: float
 
 def pretrain(args: argparse.Namespace, command: str = "") -> dict:
     from tqdm.auto import tqdm
-
-    from rvla_peft.config import PolicyConfig
 
     start_time = time.perf_counter()
     out = Path(args.out)

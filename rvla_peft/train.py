@@ -44,7 +44,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.help_config:
-        print(help_text())
+        print(help_text(TrainConfig))
         return 0
     try:
         cfg = load_config(args.recipe, args.overrides)

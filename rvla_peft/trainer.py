@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +29,24 @@ from tqdm.auto import tqdm
 
 from rvla_peft.algorithms.ppo import compute_gae, minibatch_indices, normalize_advantages, policy_loss, value_loss
 from rvla_peft.config import TrainConfig, dump_yaml
+from rvla_peft.envs import PerturbedEnv, make_envs
+from rvla_peft.evaluation import evaluate_grid
+from rvla_peft.hub.push import push_training_output
+from rvla_peft.perturbations import suite_grid
+from rvla_peft.perturbations.curriculum import Curriculum
 from rvla_peft.policies.registry import base_model_id, build_policy, resolve_lora
 from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm, smoothness_penalty
-from rvla_peft.rollout import Rollout, collect, run_episodes
-
-ADAPTER_DIR = "adapter"
-RECIPE_FILE = "recipe.yaml"
-METRICS_FILE = "metrics.jsonl"
+from rvla_peft.rollout import Rollout, collect
+from rvla_peft.stats import explained_variance
+from rvla_peft.utils.constants import (
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    OPTIMIZER_FILE,
+    RECIPE_FILE,
+    TRAINER_STATE,
+)
+from rvla_peft.utils.io import atomic_save
 
 
 @dataclass
@@ -60,26 +70,6 @@ class _Losses:
     stats: dict[str, torch.Tensor]
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
-    var = returns.var()
-    return float("nan") if var == 0 else float(1 - (returns - values).var() / var)
-
-
-def atomic_save(directory: Path, write) -> None:
-    """Write into a sibling temp folder, then swap it in: a crash never leaves a half-written ``directory``."""
-    directory = Path(directory)
-    staging = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    write(staging)
-    old = directory.with_name(f".{directory.name}.old")
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        directory.rename(old)
-    staging.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 class RobustPPOTrainer:
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator | None = None):
         # The saved recipe records the LoRA actually used, family defaults included.
@@ -101,9 +91,6 @@ class RobustPPOTrainer:
         self.params = self.policy.trainable_parameters()
         self._broadcast_parameters()
         self.optimizer = acc.prepare(torch.optim.AdamW(self.params, lr=cfg.ppo.learning_rate, eps=1e-5))
-
-        from rvla_peft.envs import PerturbedEnv, make_envs
-        from rvla_peft.envs.curriculum import Curriculum
 
         # Each rank collects its own experience from different initial states.
         self.env_seed = cfg.seed + 100_003 * acc.process_index
@@ -156,7 +143,7 @@ class RobustPPOTrainer:
                 obs = self.train_env.reset(seed=self.env_seed + step)
             checkpoint = None
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.total_updates:
-                checkpoint = self.output_dir / "checkpoints" / f"update-{step:06d}"
+                checkpoint = self.output_dir / CHECKPOINTS_DIR / f"update-{step:06d}"
                 self.save_checkpoint(checkpoint)
             self._log(metrics, step, bar)
             if checkpoint is not None and cfg.hub.push_checkpoints:
@@ -333,22 +320,26 @@ class RobustPPOTrainer:
     # evaluation, logging, saving
 
     def evaluate(self) -> dict[str, float]:
-        """``eval/<setting>/success_rate`` and ``/return``: clean and each ``perturb.eval`` setting, same episodes."""
-        from rvla_peft.envs import PerturbedEnv
-        from rvla_peft.eval import suite_grid
-
+        """``eval/<setting>/success_rate`` and ``/return``: clean and each ``perturb.eval`` setting, same episodes
+        (``rvla_peft.evaluation.evaluate_grid``), averaged over ranks."""
         self.policy.eval()
-        metrics = {}
         settings = suite_grid(self.cfg.perturb.eval_suite, specs=self.cfg.perturb.eval)
-        seed = self.env_seed + 7
-        for setting in settings:
-            name = setting.name
-            env = PerturbedEnv(self.base_env, setting.specs, seed=seed)
-            out = run_episodes(self.policy, env, self.cfg.eval_episodes, seed, self.cfg.env.max_episode_steps)
-            local = torch.stack([out.success.float().mean(), out.returns.mean()]).to(self.accelerator.device)
+        cells = evaluate_grid(
+            {"policy": self.policy},
+            self.base_env,
+            settings,
+            self.cfg.eval_episodes,
+            seed=self.env_seed + 7,
+            max_steps=self.cfg.env.max_episode_steps,
+        )
+        metrics = {}
+        for cell in cells:
+            local = torch.tensor(
+                [cell.success_rate, sum(cell.returns) / cell.episodes], device=self.accelerator.device
+            )
             success_rate, mean_return = self.accelerator.reduce(local, "mean").tolist()
-            metrics[f"eval/{name}/success_rate"] = success_rate
-            metrics[f"eval/{name}/return"] = mean_return
+            metrics[f"eval/{cell.setting}/success_rate"] = success_rate
+            metrics[f"eval/{cell.setting}/return"] = mean_return
         return metrics
 
     def _log(self, metrics: dict[str, float], step: int, bar) -> None:
@@ -385,8 +376,8 @@ class RobustPPOTrainer:
         """The adapter and value head plus the optimizer state and the update reached."""
 
         def extra(tmp: Path) -> None:
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({"update": self.update_index + 1}))
+            torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            (tmp / TRAINER_STATE).write_text(json.dumps({"update": self.update_index + 1}))
 
         self._save(directory, extra)
 
@@ -396,8 +387,6 @@ class RobustPPOTrainer:
         A checkpoint goes to ``hub.checkpoint_revision`` and a failure there only warns; the final push raises.
         """
         if self.accelerator.is_main_process:
-            from rvla_peft.hub import push_training_output
-
             push_training_output(self.cfg, directory, checkpoint=checkpoint)
         self.accelerator.wait_for_everyone()
 

@@ -60,7 +60,7 @@ def tiny_cfg(tmp_path) -> TrainConfig:
 
 @pytest.fixture
 def tiny_policy(tiny_cfg):
-    from rvla_peft.policies import build_policy
+    from rvla_peft.policies.registry import build_policy
 
     torch.manual_seed(0)
     return build_policy(tiny_cfg)

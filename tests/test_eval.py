@@ -10,19 +10,12 @@ from helpers import Recording
 from rvla_peft import eval as rvla_eval
 from rvla_peft.config import PerturbationSpec
 from rvla_peft.envs import make_envs
-from rvla_peft.envs.perturbations import Spec
-from rvla_peft.eval import (
-    CellResult,
-    Setting,
-    evaluate_grid,
-    paired_difference,
-    render_markdown,
-    suite_grid,
-    summarize,
-    wilson_interval,
-)
+from rvla_peft.evaluation import CellResult, evaluate_grid, summarize
+from rvla_peft.perturbations import CLEAN, Setting, Spec, suite_grid
 from rvla_peft.policies.base import ActionSample
+from rvla_peft.report import render_markdown
 from rvla_peft.rollout import run_episodes
+from rvla_peft.stats import paired_difference, wilson_interval
 
 # ----------------------------------------------------------------------------------------------------------------
 # statistics
@@ -174,7 +167,7 @@ def test_two_policies_see_the_same_perturbation_draws(env_cfg):
 def test_sampled_evaluations_repeat_exactly(env_cfg, tiny_policy):
     with make_envs(env_cfg) as env:
         runs = [
-            evaluate_grid({"p": tiny_policy}, env, [rvla_eval.CLEAN], 2, seed=5, max_steps=5, deterministic=False)
+            evaluate_grid({"p": tiny_policy}, env, [CLEAN], 2, seed=5, max_steps=5, deterministic=False)
             for _ in range(2)
         ]
     assert runs[0][0].returns == runs[1][0].returns

@@ -22,8 +22,10 @@ from hub_server import HubServer, point_huggingface_hub_at, validate_card_metada
 
 from rvla_peft import hub as rhub
 from rvla_peft.config import ModelConfig, dump_yaml, load_config
+from rvla_peft.hub import cli as hub_cli
+from rvla_peft.hub import push as hub_push
+from rvla_peft.models.tiny import resolve_builtin
 from rvla_peft.policies.registry import build_policy, load_base, load_policy
-from rvla_peft.policies.tiny import resolve_builtin
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 TOKEN = "hf_alice_" + secrets.token_hex(16)  # unique: any occurrence in a file or a log is a leak
@@ -177,7 +179,7 @@ def run(tmp_path_factory):
 def hub(tmp_path, monkeypatch):
     """A live local Hub with users alice and bob; huggingface_hub points at it, logged in as alice (HF_TOKEN)."""
     server = HubServer(tmp_path / "hub_store", users={TOKEN: "alice", BOB_TOKEN: "bob"}).start()
-    monkeypatch.setattr(rhub, "BACKOFF_S", 0.01)  # the retries themselves are real
+    monkeypatch.setattr(hub_push, "BACKOFF_S", 0.01)  # the retries themselves are real
     point_huggingface_hub_at(server.url, tmp_path / "hf_home", monkeypatch)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     yield server
@@ -251,7 +253,7 @@ def test_card_parses_validates_and_holds_the_report_numbers(run, hub):
     assert {r.metric_type for r in data.eval_results} == {"success_rate"}
     assert data.model_name == "robust-tiny"
 
-    from rvla_peft.envs.perturbations import PERTURBATIONS
+    from rvla_peft.perturbations import PERTURBATIONS
 
     untried = sorted(set(PERTURBATIONS) - {"pixel_noise", "rotation"})  # registered, absent from the report
     assert "action_noise" in untried
@@ -342,7 +344,7 @@ def test_local_base_path_is_refused_without_hub_id(run, hub, tmp_path, capsys):
     assert hub.calls("create") == 0 and tree_digest(out) == before
 
     argv = ["push", str(out), "--repo-id", "alice/nope", "--base-id", BASE_HUB_ID, "--private"]
-    assert rhub.main(argv) == 0  # the command line; --base-id names the base instead
+    assert hub_cli.main(argv) == 0  # the command line; --base-id names the base instead
     assert json.loads(hub.files("alice/nope")["adapter_config.json"])["base_model_name_or_path"] == BASE_HUB_ID
     assert hub.repos["alice/nope"]["private"] and f"{hub.url}/alice/nope/commit/" in capsys.readouterr().out
     assert tree_digest(out) == before
@@ -417,7 +419,7 @@ def test_card_command_stages_the_upload_locally(run, tmp_path, capsys):
     before = tree_digest(run.out)
     out = tmp_path / "card"
     argv = ["card", str(run.out), "--out", str(out), "--repo-id", "alice/robust-tiny", "--report", str(elsewhere)]
-    assert rhub.main(argv) == 0  # two adapters in the report: the one whose path is this adapter is chosen
+    assert hub_cli.main(argv) == 0  # two adapters in the report: the one whose path is this adapter is chosen
     assert set(p.name for p in out.iterdir()) == PUSHED - {".gitattributes"}
     assert tree_digest(run.out) == before
     card = ModelCard.load(out / "README.md")
@@ -426,9 +428,9 @@ def test_card_command_stages_the_upload_locally(run, tmp_path, capsys):
 
     report["policies"][1]["adapter"] = "moved/adapter"  # now neither adapter is this one: ask for --policy
     (elsewhere / "report.json").write_text(json.dumps(report))
-    assert rhub.main(argv) == 1
+    assert hub_cli.main(argv) == 1
     assert "choose the one being pushed with --policy NAME" in capsys.readouterr().err
-    assert rhub.main([*argv, "--policy", "robust"]) == 0
+    assert hub_cli.main([*argv, "--policy", "robust"]) == 0
 
 
 def test_base_ids_are_hub_ids_never_local_paths(tmp_path):

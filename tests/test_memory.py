@@ -93,7 +93,7 @@ def test_weight_bytes_equal_the_loaded_quantized_tiny_model(tiny_cfg, quantizati
 
 @pytest.mark.parametrize("model", ["builtin:tiny-llava", "builtin:tiny-openvla"])
 def test_trainable_counts_equal_what_build_policy_creates(tiny_cfg, model):
-    from rvla_peft.policies import build_policy
+    from rvla_peft.policies.registry import build_policy
 
     tiny_cfg.model.name_or_path = model
     tiny_cfg.policy.family = "openvla" if "openvla" in model else "action_tokens"

@@ -17,8 +17,8 @@ from rvla_peft.algorithms.ppo import policy_loss, value_loss
 from rvla_peft.config import ConfigError, load_config
 from rvla_peft.models.openvla import OpenVLAConfig, OpenVLAForActionPrediction, PrismaticProcessor
 from rvla_peft.models.openvla.published import OPENVLA_7B_CONFIG as PUBLISHED_CONFIG
+from rvla_peft.models.tiny import resolve_builtin
 from rvla_peft.policies.openvla import OpenVLAPolicy, action_bounds_from_norm_stats
-from rvla_peft.policies.tiny import resolve_builtin
 from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm
 
 DATA = Path(__file__).parent / "data"
@@ -262,7 +262,7 @@ def openvla_cfg(tmp_path):
 
 @pytest.fixture
 def openvla_policy(openvla_cfg):
-    from rvla_peft.policies import build_policy
+    from rvla_peft.policies.registry import build_policy
 
     torch.manual_seed(0)
     return build_policy(openvla_cfg)
@@ -306,8 +306,7 @@ def test_ppo_and_both_penalties_update_the_lora_weights_and_the_adapter_reloads_
 ):
     from peft import PeftModel
 
-    from rvla_peft.policies import build_policy
-    from rvla_peft.policies.registry import load_base
+    from rvla_peft.policies.registry import build_policy, load_base
 
     policy = openvla_policy
     obs = fixed_obs(4)

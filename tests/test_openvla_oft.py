@@ -17,7 +17,6 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from rvla_peft.algorithms.ppo import policy_loss, value_loss
 from rvla_peft.config import ConfigError, load_config
-from rvla_peft.policies import build_policy
 from rvla_peft.policies.openvla_oft import (
     ACTION_HEADS_FILE,
     OpenVLAOFTPolicy,
@@ -25,7 +24,7 @@ from rvla_peft.policies.openvla_oft import (
     action_entropy,
     action_log_prob,
 )
-from rvla_peft.policies.registry import load_base, lora_config, resolve_lora
+from rvla_peft.policies.registry import build_policy, load_base, lora_config, resolve_lora
 from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm, smoothness_penalty
 from rvla_peft.trainer import RobustPPOTrainer
 

@@ -12,21 +12,14 @@ import pytest
 import torch
 
 from rvla_peft.config import ConfigError, CurriculumConfig, PerturbationSpec, load_config
-from rvla_peft.envs.curriculum import Curriculum
 from rvla_peft.envs.maniskill import VecEnv
-from rvla_peft.envs.perturbations import (
+from rvla_peft.envs.perturbed import PerturbedEnv
+from rvla_peft.perturbations import (
     PERTURBATIONS,
     SUITES,
-    ActionNoise,
     ActionPerturbation,
-    Blur,
-    ColorJitter,
     ImagePerturbation,
     ObservationPerturbation,
-    PerturbedEnv,
-    PixelNoise,
-    Rotation,
-    Shift,
     Spec,
     build_perturbations,
     expand_spec,
@@ -34,6 +27,9 @@ from rvla_peft.envs.perturbations import (
     suite_settings,
     validate_specs,
 )
+from rvla_peft.perturbations.action import ActionNoise
+from rvla_peft.perturbations.curriculum import Curriculum
+from rvla_peft.perturbations.observation import Blur, ColorJitter, PixelNoise, Rotation, Shift
 
 NAMES = sorted(PERTURBATIONS)
 HISTORY = {"frame_drop", "latency", "action_delay"}  # outputs depend on earlier steps: no sample/transform

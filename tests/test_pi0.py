@@ -15,9 +15,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from rvla_peft.algorithms.ppo import policy_loss, value_loss
 from rvla_peft.config import load_config
 from rvla_peft.envs.maniskill import Step
-from rvla_peft.policies import build_policy
 from rvla_peft.policies.pi0 import flow_sde_sigma, flow_sde_step, flow_timesteps, gaussian_entropy, gaussian_log_prob
-from rvla_peft.policies.registry import LORA_DEFAULTS
+from rvla_peft.policies.registry import LORA_DEFAULTS, build_policy
 from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm, smoothness_penalty
 from rvla_peft.rollout import collect
 

@@ -9,8 +9,8 @@ import torch
 from rvla_peft import pretrain
 from rvla_peft.config import PolicyConfig, load_config
 from rvla_peft.demos import FORMAT, INDEX, Episode, _write_shard
+from rvla_peft.models.tiny import resolve_builtin
 from rvla_peft.policies.action_tokens import ActionTokenizer
-from rvla_peft.policies.tiny import resolve_builtin
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 INSTRUCTIONS = {"PushCube-v1": "push the cube to the goal region", "PullCube-v1": "pull the cube to the goal region"}
@@ -132,7 +132,7 @@ def test_split_holds_out_whole_episodes(tmp_path):
 def test_cli_writes_a_from_pretrained_checkpoint(tmp_path, capsys, one_thread):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from rvla_peft.policies import build_policy
+    from rvla_peft.policies.registry import build_policy
 
     demos = write_demos(tmp_path / "demos", episodes=3, size=64)
     out = tmp_path / "base"
@@ -183,7 +183,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
 def test_shipped_checkpoint_loads_and_matches_the_recipe():
     """builtin:tiny-vla-maniskill is the packaged folder, it loads through from_pretrained, its card and policy
     settings are there, recipes/tiny_cpu.yaml uses it with those settings, and it stays a few MB."""
-    from rvla_peft.policies import build_policy
+    from rvla_peft.policies.registry import build_policy
 
     folder = Path(resolve_builtin("builtin:tiny-vla-maniskill"))
     assert folder.is_dir() and folder.parent.name == "assets"
@@ -224,7 +224,7 @@ def test_shipped_base_pushes_the_cube_and_breaks_under_rotation(one_thread):
     margins of one episode each way absorb float differences across CPUs."""
     from rvla_peft.envs import make_envs
     from rvla_peft.eval import evaluate_grid, suite_grid
-    from rvla_peft.policies import build_policy
+    from rvla_peft.policies.registry import build_policy
 
     cfg = load_config(RECIPES / "tiny_cpu.yaml")
     policy = build_policy(cfg).eval()

@@ -8,8 +8,7 @@ from helpers import fixed_obs
 from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from rvla_peft.policies import build_policy
-from rvla_peft.policies.registry import LORA_DEFAULTS, resolve_lora
+from rvla_peft.policies.registry import LORA_DEFAULTS, build_policy, resolve_lora
 from rvla_peft.regularizers import hutchinson_jacobian_sq_norm
 
 

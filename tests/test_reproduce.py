@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rvla_peft.eval import Z95, wilson_interval
+from rvla_peft.stats import Z95, wilson_interval
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "reproduce_paper.py"
 

@@ -1,4 +1,6 @@
-from rvla_peft.policies.base import ActionSample, Policy, PolicyOutput, ValueHead
-from rvla_peft.policies.registry import POLICY_FAMILIES, build_policy
+"""Policy families over pretrained VLAs: the contract (:mod:`rvla_peft.policies.base`), one module per family, and
+:mod:`rvla_peft.policies.registry` (``build_policy``, ``load_policy``).
 
-__all__ = ["ActionSample", "Policy", "PolicyOutput", "ValueHead", "POLICY_FAMILIES", "build_policy"]
+This package's ``__init__`` imports nothing, so that light modules (the family catalogue read by the config) load
+without torch or transformers.
+"""

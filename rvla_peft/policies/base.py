@@ -11,10 +11,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-VALUE_HEAD_FILE = "value_head.safetensors"
-# Fully trained heads some families keep beside the adapter (OpenVLA-OFT's action and scale heads).
-ACTION_HEADS_FILE = "action_heads.safetensors"
-
 Observation = dict  # {"rgb": uint8 [B,H,W,3], "state": float [B,D], "instruction": list[str]}
 
 

@@ -17,7 +17,6 @@ tests: two 3-block ViTs (DINOv2-style with registers and LayerScale, SigLIP-styl
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +26,6 @@ from rvla_peft.policies.openvla_style import ActionTokenPolicy
 
 logger = logging.getLogger(__name__)
 
-TINY_OPENVLA_NAME = "tiny-openvla"
-TINY_OPENVLA_VERSION = "v1"  # bump when the architecture below changes, so caches are rebuilt
 EMPTY_WORD_TOKEN = "\u2581"  # SentencePiece's word boundary alone: id 29871 in the Llama-2 vocabulary
 
 
@@ -99,83 +96,3 @@ class OpenVLAPolicy(ActionTokenPolicy):
     def visual_embedding_module(self) -> nn.Module:
         """The projector: its output is the patch embeddings the language model reads."""
         return self.peft_model.get_base_model().projector
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the tiny random OpenVLA
-
-
-def build_tiny_openvla(directory: str | Path, seed: int = 0, image_size: int = 64, patch_size: int = 16) -> Path:
-    """Write a tiny random OpenVLA + processor to ``directory`` (deterministic for a seed).
-
-    Text is tokenised per character (offline, any instruction) with a BOS token first, as Llama's tokenizer does:
-    the model inserts the image after it. The embedding matrix has 512 rows, the last 64 of them padding as in
-    openvla-7b, so the 256 action ids are 192..447."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from rvla_peft.models.openvla import (
-        OpenVLAConfig,
-        OpenVLAForActionPrediction,
-        PrismaticImageProcessor,
-        PrismaticProcessor,
-    )
-    from rvla_peft.models.openvla.processing import DINOSIGLIP_MEANS, DINOSIGLIP_STDS
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {token: i for i, token in enumerate(specials + chars)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    tower = dict(img_size=image_size, patch_size=patch_size, embed_dim=64, depth=3, num_heads=4)
-    config = OpenVLAConfig(
-        vision_backbone_id="tiny-dinosiglip",
-        llm_backbone_id="llama2-7b-pure",
-        arch_specifier="no-align+fused-gelu-mlp",
-        use_fused_vision_backbone=True,
-        image_resize_strategy="resize-naive",
-        image_sizes=[image_size, image_size],
-        featurizer_configs=[
-            # DINOv2-style: class + 4 register tokens, LayerScale, position embeddings on the patches only
-            dict(tower, mlp_ratio=4.0, init_values=0.1, reg_tokens=4, no_embed_class=True),
-            # SigLIP-style: no class token, attention-pool head
-            dict(tower, mlp_ratio=3.0, class_token=False, global_pool="map"),
-        ],
-        text_config=dict(
-            model_type="llama",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=512,
-            max_position_embeddings=512,
-            pad_token_id=vocab["<pad>"],
-            bos_token_id=vocab["<s>"],
-            eos_token_id=vocab["</s>"],
-        ),
-        pad_token_id=vocab["<pad>"],
-        pad_to_multiple_of=64,
-        llm_max_length=512,
-    )
-    with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
-        torch.manual_seed(seed)
-        model = OpenVLAForActionPrediction(config)
-    image_processor = PrismaticImageProcessor(
-        use_fused_vision_backbone=True,
-        image_resize_strategy="resize-naive",
-        input_sizes=[[3, image_size, image_size]] * 2,
-        interpolations=["bicubic", "bicubic"],
-        means=DINOSIGLIP_MEANS,
-        stds=DINOSIGLIP_STDS,
-    )
-    processor = PrismaticProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    directory = Path(directory)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory

@@ -53,9 +53,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers.masking_utils import create_bidirectional_mask
 
-from rvla_peft.policies.base import ACTION_HEADS_FILE, ActionSample, Observation, PolicyOutput
+from rvla_peft.policies.base import ActionSample, Observation, PolicyOutput
 from rvla_peft.policies.openvla import OpenVLAPolicy
 from rvla_peft.policies.openvla_style import _positions
+from rvla_peft.utils.constants import ACTION_HEADS_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from rvla_peft.policies.action_tokens import ActionTokenizer
-from rvla_peft.policies.base import VALUE_HEAD_FILE, ActionSample, Observation, Policy, PolicyOutput, ValueHead
+from rvla_peft.policies.base import ActionSample, Observation, Policy, PolicyOutput, ValueHead
+from rvla_peft.utils.constants import VALUE_HEAD_FILE
 
 
 def _image_geometry(image_processor) -> tuple[tuple[int, int], Tensor, Tensor, float]:

@@ -49,11 +49,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import Tensor
 
-from rvla_peft.policies.base import VALUE_HEAD_FILE, ActionSample, Observation, Policy, PolicyOutput, ValueHead
-
-TINY_PI0_NAME = "tiny-pi0"
-TINY_PI0_VERSION = "v1"  # bump when the architecture below changes, so caches are rebuilt
-
+from rvla_peft.policies.base import ActionSample, Observation, Policy, PolicyOutput, ValueHead
+from rvla_peft.utils.constants import VALUE_HEAD_FILE
 
 # ----------------------------------------------------------------------------------------------------------------
 # flow-SDE maths: pure functions on tensors, checked exactly by the tests
@@ -355,59 +352,3 @@ class Pi0Policy(Policy):
         save_file(
             state, str(directory / VALUE_HEAD_FILE), metadata={"hidden_size": str(state["net.0.weight"].shape[1])}
         )
-
-
-def build_tiny_pi0(directory: str | Path, seed: int = 0, image_size: int = 64, patch_size: int = 16) -> Path:
-    """Write a tiny random PI0 + processor to ``directory`` (deterministic for a seed).
-
-    PaliGemma (SigLIP 2 layers + Gemma 2 layers) and a Gemma action expert of the same depth and head layout (the
-    expert attends to the VLM's keys layer by layer), widths 64; a chunk of 8 actions in 4 denoising steps. Text
-    is tokenised per character (offline, any instruction); the processor is transformers' ``PI0Processor`` with a
-    PIL SigLIP image processor (its own image processor needs torchvision)."""
-    from transformers import PI0Config, PI0ForConditionalGeneration, PI0Processor
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-    from rvla_peft.policies.tiny import char_tokenizer
-
-    tokenizer = char_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], bos="<bos>", eos="<eos>")
-    vocab = tokenizer.get_vocab()
-    gemma = dict(
-        model_type="gemma",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-    )
-    config = PI0Config(
-        vlm_config=dict(
-            model_type="paligemma",
-            text_config=dict(gemma, vocab_size=512, pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"]),
-            vision_config=dict(
-                model_type="siglip_vision_model",
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=image_size,
-                patch_size=patch_size,
-                vision_use_head=False,
-            ),
-            projection_dim=64,
-            image_token_id=vocab["<image>"],
-        ),
-        dit_config=gemma,
-        chunk_size=8,
-        num_inference_steps=4,
-    )
-    with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
-        torch.manual_seed(seed)
-        model = PI0ForConditionalGeneration(config)
-    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
-    image_processor.image_seq_length = (image_size // patch_size) ** 2
-    processor = PI0Processor(image_processor=image_processor, tokenizer=tokenizer, chunk_size=config.chunk_size)
-    directory = Path(directory)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory

@@ -6,51 +6,17 @@ import dataclasses
 import logging
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from rvla_peft.policies.base import VALUE_HEAD_FILE, Policy
-
-if TYPE_CHECKING:
-    from rvla_peft.config import ModelConfig
+from rvla_peft.adapters import HubError, adapter_recipe, check_base_match, resolve_adapter, with_base
+from rvla_peft.config import ConfigError, ModelConfig, load_config
+from rvla_peft.models.tiny import resolve_builtin
+from rvla_peft.policies.base import Policy
+from rvla_peft.policies.families import LORA_DEFAULTS, POLICY_FAMILIES
+from rvla_peft.utils.constants import POLICY_SETTINGS_FILE, VALUE_HEAD_FILE
 
 logger = logging.getLogger(__name__)
-
-# Importing the classes is deferred (transformers is heavy); config validation only needs the names.
-POLICY_FAMILIES = {
-    "action_tokens": "rvla_peft.policies.openvla_style:ActionTokenPolicy",
-    "openvla": "rvla_peft.policies.openvla:OpenVLAPolicy",
-    "openvla_oft": "rvla_peft.policies.openvla_oft:OpenVLAOFTPolicy",
-    "pi0": "rvla_peft.policies.pi0:Pi0Policy",
-}
-
-# OpenVLA's layers that never run, so never get a gradient: its features are the patch tokens after the
-# second-to-last block of each vision tower, so the last block (DINOv2 ViT-L: 24 blocks, SigLIP So400m: 27) and
-# SigLIP's attention-pool head are only there to load the checkpoint. peft's list form matches these as name
-# suffixes. Written for the published dinosiglip-224px towers (openvla-7b and every OpenVLA-OFT checkpoint); the
-# 3-block towers of builtin:tiny-openvla keep LoRA on their last block (zero-initialised, it stays zero).
-OPENVLA_UNUSED_MODULES = [
-    f"{tower}.blocks.{last}.{layer}"
-    for tower, last in (("featurizer", 23), ("fused_featurizer", 26))
-    for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-] + [f"attn_pool.{layer}" for layer in ("q", "kv", "proj", "mlp.fc1", "mlp.fc2")]
-
-# LoRA per family, used for every lora.* key a recipe leaves unset. Action-token VLAs follow RL4VLA (r 32, alpha 16
-# on every linear layer). A family whose modules peft cannot round-trip excludes them here.
-LORA_DEFAULTS: dict[str, dict] = {
-    "action_tokens": {"r": 32, "alpha": 16, "target_modules": "all-linear", "exclude_modules": None},
-    # OpenVLA and OpenVLA-OFT (whose own fine-tuning used r 32, alpha 16, all-linear): all but the layers never run
-    "openvla": {"r": 32, "alpha": 16, "target_modules": "all-linear", "exclude_modules": OPENVLA_UNUSED_MODULES},
-    "openvla_oft": {"r": 32, "alpha": 16, "target_modules": "all-linear", "exclude_modules": OPENVLA_UNUSED_MODULES},
-    # pi0: peft saves LoRA on the embed_action_time.* layers but drops it on reload (a key-renaming clash)
-    "pi0": {
-        "r": 32,
-        "alpha": 16,
-        "target_modules": "all-linear",
-        "exclude_modules": ["action_in_proj", "state_proj", "action_time_mlp_in", "action_time_mlp_out"],
-    },
-}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,7 +33,6 @@ def load_base(model_cfg):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import rvla_peft.models.openvla  # noqa: F401  registers model_type "openvla" (native OpenVLA) with the Auto classes
-    from rvla_peft.policies.tiny import resolve_builtin
 
     path = resolve_builtin(model_cfg.name_or_path)
     kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
@@ -182,11 +147,9 @@ def check_trained_policy_settings(name_or_path: str, policy_cfg) -> None:
     (its ``policy.json``): other bins or statistics give wrong actions without any error."""
     import json
 
-    from rvla_peft.policies.tiny import resolve_builtin
-
     if not name_or_path.startswith("builtin:") and not Path(name_or_path).is_dir():
         return  # a Hub id: nothing local to read
-    settings = Path(resolve_builtin(name_or_path)) / "policy.json"
+    settings = Path(resolve_builtin(name_or_path)) / POLICY_SETTINGS_FILE
     if not settings.is_file():
         return
     trained = json.loads(settings.read_text())
@@ -234,9 +197,6 @@ def load_policy(
     garbage actions without any error, so a base other than the adapter's ``base_model_name_or_path`` raises
     ``BaseMismatchError`` unless ``allow_base_mismatch`` (the same weights under another name).
     """
-    from rvla_peft.config import ConfigError, load_config
-    from rvla_peft.hub import HubError, adapter_recipe, check_base_match, resolve_adapter, with_base
-
     local = resolve_adapter(adapter, revision=revision, token=token)
     recipe = adapter_recipe(local)
     try:

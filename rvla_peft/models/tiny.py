@@ -15,9 +15,14 @@ from pathlib import Path
 
 import torch
 
-BUILTIN_PREFIX = "builtin:"
+from rvla_peft.utils.constants import BUILTIN_PREFIX
+
 TINY_NAME = "tiny-llava"
 _VERSION = "v1"  # bump when the architecture below changes, so caches are rebuilt
+TINY_OPENVLA_NAME = "tiny-openvla"
+TINY_OPENVLA_VERSION = "v1"
+TINY_PI0_NAME = "tiny-pi0"
+TINY_PI0_VERSION = "v1"
 # Pretrained checkpoints shipped inside the package: builtin:NAME is the folder rvla_peft/assets/NAME (no build,
 # no cache), loaded with the real from_pretrained. tiny-vla-maniskill: behaviour-cloned by rvla_peft.pretrain.
 PRETRAINED_NAME = "tiny-vla-maniskill"
@@ -129,11 +134,150 @@ def build_tiny_llava(
     return directory
 
 
+# --------------------------------------------------------------------------------------------------------------
+# the tiny random OpenVLA
+
+
+def build_tiny_openvla(directory: str | Path, seed: int = 0, image_size: int = 64, patch_size: int = 16) -> Path:
+    """Write a tiny random OpenVLA + processor to ``directory`` (deterministic for a seed).
+
+    Text is tokenised per character (offline, any instruction) with a BOS token first, as Llama's tokenizer does:
+    the model inserts the image after it. The embedding matrix has 512 rows, the last 64 of them padding as in
+    openvla-7b, so the 256 action ids are 192..447."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from rvla_peft.models.openvla import (
+        OpenVLAConfig,
+        OpenVLAForActionPrediction,
+        PrismaticImageProcessor,
+        PrismaticProcessor,
+    )
+    from rvla_peft.models.openvla.processing import DINOSIGLIP_MEANS, DINOSIGLIP_STDS
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tower = dict(img_size=image_size, patch_size=patch_size, embed_dim=64, depth=3, num_heads=4)
+    config = OpenVLAConfig(
+        vision_backbone_id="tiny-dinosiglip",
+        llm_backbone_id="llama2-7b-pure",
+        arch_specifier="no-align+fused-gelu-mlp",
+        use_fused_vision_backbone=True,
+        image_resize_strategy="resize-naive",
+        image_sizes=[image_size, image_size],
+        featurizer_configs=[
+            # DINOv2-style: class + 4 register tokens, LayerScale, position embeddings on the patches only
+            dict(tower, mlp_ratio=4.0, init_values=0.1, reg_tokens=4, no_embed_class=True),
+            # SigLIP-style: no class token, attention-pool head
+            dict(tower, mlp_ratio=3.0, class_token=False, global_pool="map"),
+        ],
+        text_config=dict(
+            model_type="llama",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=512,
+            max_position_embeddings=512,
+            pad_token_id=vocab["<pad>"],
+            bos_token_id=vocab["<s>"],
+            eos_token_id=vocab["</s>"],
+        ),
+        pad_token_id=vocab["<pad>"],
+        pad_to_multiple_of=64,
+        llm_max_length=512,
+    )
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
+        torch.manual_seed(seed)
+        model = OpenVLAForActionPrediction(config)
+    image_processor = PrismaticImageProcessor(
+        use_fused_vision_backbone=True,
+        image_resize_strategy="resize-naive",
+        input_sizes=[[3, image_size, image_size]] * 2,
+        interpolations=["bicubic", "bicubic"],
+        means=DINOSIGLIP_MEANS,
+        stds=DINOSIGLIP_STDS,
+    )
+    processor = PrismaticProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the tiny random PI0
+
+
+def build_tiny_pi0(directory: str | Path, seed: int = 0, image_size: int = 64, patch_size: int = 16) -> Path:
+    """Write a tiny random PI0 + processor to ``directory`` (deterministic for a seed).
+
+    PaliGemma (SigLIP 2 layers + Gemma 2 layers) and a Gemma action expert of the same depth and head layout (the
+    expert attends to the VLM's keys layer by layer), widths 64; a chunk of 8 actions in 4 denoising steps. Text
+    is tokenised per character (offline, any instruction); the processor is transformers' ``PI0Processor`` with a
+    PIL SigLIP image processor (its own image processor needs torchvision)."""
+    from transformers import PI0Config, PI0ForConditionalGeneration, PI0Processor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tokenizer = char_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], bos="<bos>", eos="<eos>")
+    vocab = tokenizer.get_vocab()
+    gemma = dict(
+        model_type="gemma",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
+    config = PI0Config(
+        vlm_config=dict(
+            model_type="paligemma",
+            text_config=dict(gemma, vocab_size=512, pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"]),
+            vision_config=dict(
+                model_type="siglip_vision_model",
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=image_size,
+                patch_size=patch_size,
+                vision_use_head=False,
+            ),
+            projection_dim=64,
+            image_token_id=vocab["<image>"],
+        ),
+        dit_config=gemma,
+        chunk_size=8,
+        num_inference_steps=4,
+    )
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
+        torch.manual_seed(seed)
+        model = PI0ForConditionalGeneration(config)
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = (image_size // patch_size) ** 2
+    processor = PI0Processor(image_processor=image_processor, tokenizer=tokenizer, chunk_size=config.chunk_size)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------------------
+# builtin:NAME
+
+
 def _builtins() -> dict:
     """Built-in model name -> (cache version, builder writing the model and processor to a folder)."""
-    from rvla_peft.policies.openvla import TINY_OPENVLA_NAME, TINY_OPENVLA_VERSION, build_tiny_openvla
-    from rvla_peft.policies.pi0 import TINY_PI0_NAME, TINY_PI0_VERSION, build_tiny_pi0
-
     return {
         TINY_NAME: (_VERSION, build_tiny_llava),
         TINY_OPENVLA_NAME: (TINY_OPENVLA_VERSION, build_tiny_openvla),

@@ -9,25 +9,17 @@ nearest valid one.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe or an override that cannot be used; the message names the key and the fix."""
-
-
-def _check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
+from rvla_peft.config.parsing import ConfigError, apply_override, check, from_dict, to_dict
+from rvla_peft.perturbations.specs import suite_settings, validate_specs
+from rvla_peft.policies.families import POLICY_FAMILIES
+from rvla_peft.utils.constants import HUB_REPO_ID_PATTERN
 
 
 @dataclass
@@ -237,7 +229,7 @@ class EnvConfig:
 class PerturbationSpec:
     name: str = field(
         metadata={
-            "help": "Perturbation name (see rvla_peft.envs.perturbations.PERTURBATIONS), or a combination "
+            "help": "Perturbation name (see rvla_peft.perturbations.PERTURBATIONS), or a combination "
             "'rotation+action_noise'; a part may set its own severity: 'rotation@0.5+action_noise'."
         }
     )
@@ -264,11 +256,11 @@ class CurriculumConfig:
 
     def __post_init__(self) -> None:
         # On construction, so load_config stops on a bad value like any other; the section lives only here.
-        _check(0 <= self.start <= 1, "perturb.curriculum.start", "must be in [0, 1]")
-        _check(self.ramp_updates >= 1, "perturb.curriculum.ramp_updates", "must be >= 1")
-        _check(self.stages >= 1, "perturb.curriculum.stages", "must be >= 1")
-        _check(0 <= self.success_threshold <= 1, "perturb.curriculum.success_threshold", "must be in [0, 1]")
-        _check(0 < self.increment <= 1, "perturb.curriculum.increment", "must be in (0, 1]")
+        check(0 <= self.start <= 1, "perturb.curriculum.start", "must be in [0, 1]")
+        check(self.ramp_updates >= 1, "perturb.curriculum.ramp_updates", "must be >= 1")
+        check(self.stages >= 1, "perturb.curriculum.stages", "must be >= 1")
+        check(0 <= self.success_threshold <= 1, "perturb.curriculum.success_threshold", "must be in [0, 1]")
+        check(0 < self.increment <= 1, "perturb.curriculum.increment", "must be in (0, 1]")
 
 
 @dataclass
@@ -410,222 +402,111 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Values that parse but cannot work. Raises ConfigError naming the key."""
-        from rvla_peft.envs.perturbations import validate_specs  # light: no simulator import
-
-        _check(self.total_updates >= 1, "total_updates", "must be >= 1")
-        _check(self.lora.r is None or self.lora.r >= 1, "lora.r", "must be >= 1")
-        _check(0 <= self.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
-        _check(self.env.num_envs >= 1, "env.num_envs", "must be >= 1")
-        _check(self.env.image_size >= 16, "env.image_size", "must be >= 16 pixels")
-        _check(self.env.max_episode_steps >= 1, "env.max_episode_steps", "must be >= 1")
-        _check(self.policy.action_dim >= 1, "policy.action_dim", "must be >= 1")
-        _check(self.policy.n_bins >= 2, "policy.n_bins", "must be >= 2")
-        _check(self.policy.temperature > 0, "policy.temperature", "must be > 0")
-        _check(self.policy.noise_level > 0, "policy.noise_level", "must be > 0")
+        check(self.total_updates >= 1, "total_updates", "must be >= 1")
+        check(self.lora.r is None or self.lora.r >= 1, "lora.r", "must be >= 1")
+        check(0 <= self.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+        check(self.env.num_envs >= 1, "env.num_envs", "must be >= 1")
+        check(self.env.image_size >= 16, "env.image_size", "must be >= 16 pixels")
+        check(self.env.max_episode_steps >= 1, "env.max_episode_steps", "must be >= 1")
+        check(self.policy.action_dim >= 1, "policy.action_dim", "must be >= 1")
+        check(self.policy.n_bins >= 2, "policy.n_bins", "must be >= 2")
+        check(self.policy.temperature > 0, "policy.temperature", "must be > 0")
+        check(self.policy.noise_level > 0, "policy.noise_level", "must be > 0")
         for key in ("num_denoise_steps", "execute_steps"):
             value = getattr(self.policy, key)
-            _check(value is None or value >= 1, f"policy.{key}", "must be >= 1 (or null)")
-        _check(self.policy.chunk_size >= 1, "policy.chunk_size", "must be >= 1")
+            check(value is None or value >= 1, f"policy.{key}", "must be >= 1 (or null)")
+        check(self.policy.chunk_size >= 1, "policy.chunk_size", "must be >= 1")
         if self.policy.family == "openvla_oft":
             steps = self.policy.execute_steps
-            _check(
+            check(
                 steps is None or steps <= self.policy.chunk_size,
                 "policy.execute_steps",
                 f"must be <= policy.chunk_size={self.policy.chunk_size}",
             )
-            _check(
+            check(
                 not self.lora.adapt_output_layer,
                 "lora.adapt_output_layer",
                 "must be false for policy.family=openvla_oft: its forward never computes logits",
             )
         bounds = self.policy.log_scale_bounds
-        _check(
-            len(bounds) == 2 and bounds[0] < bounds[1], "policy.log_scale_bounds", f"needs [min, max], got {bounds}"
-        )
-        _check("{instruction}" in self.policy.prompt_template, "policy.prompt_template", "must contain {instruction}")
+        check(len(bounds) == 2 and bounds[0] < bounds[1], "policy.log_scale_bounds", f"needs [min, max], got {bounds}")
+        check("{instruction}" in self.policy.prompt_template, "policy.prompt_template", "must contain {instruction}")
         for key in ("action_low", "action_high"):
             value = getattr(self.policy, key)
-            _check(
+            check(
                 value is None or len(value) == self.policy.action_dim,
                 f"policy.{key}",
                 f"needs {self.policy.action_dim} values (policy.action_dim), got {value and len(value)}",
             )
         if self.policy.unnorm_key is not None:
-            _check(
+            check(
                 self.policy.family in ("openvla", "openvla_oft"),
                 "policy.unnorm_key",
                 "is read by policy.family=openvla or openvla_oft only",
             )
-            _check(
+            check(
                 self.policy.action_low is None and self.policy.action_high is None,
                 "policy.unnorm_key",
                 "set either policy.unnorm_key or policy.action_low/action_high, not both",
             )
         ppo = self.ppo
-        _check(ppo.learning_rate > 0, "ppo.learning_rate", "must be > 0")
-        _check(ppo.num_steps >= 1, "ppo.num_steps", "must be >= 1")
-        _check(ppo.update_epochs >= 1, "ppo.update_epochs", "must be >= 1")
-        _check(0 < ppo.gamma <= 1, "ppo.gamma", "must be in (0, 1]")
-        _check(0 <= ppo.gae_lambda <= 1, "ppo.gae_lambda", "must be in [0, 1]")
-        _check(ppo.clip_coef > 0, "ppo.clip_coef", "must be > 0")
-        _check(ppo.max_grad_norm > 0, "ppo.max_grad_norm", "must be > 0")
+        check(ppo.learning_rate > 0, "ppo.learning_rate", "must be > 0")
+        check(ppo.num_steps >= 1, "ppo.num_steps", "must be >= 1")
+        check(ppo.update_epochs >= 1, "ppo.update_epochs", "must be >= 1")
+        check(0 < ppo.gamma <= 1, "ppo.gamma", "must be in (0, 1]")
+        check(0 <= ppo.gae_lambda <= 1, "ppo.gae_lambda", "must be in [0, 1]")
+        check(ppo.clip_coef > 0, "ppo.clip_coef", "must be > 0")
+        check(ppo.max_grad_norm > 0, "ppo.max_grad_norm", "must be > 0")
         batch = ppo.num_steps * self.env.num_envs
-        _check(
+        check(
             1 <= ppo.num_minibatches <= batch,
             "ppo.num_minibatches",
             f"must be in [1, num_steps * env.num_envs = {batch}]",
         )
         minibatch = batch // ppo.num_minibatches
-        _check(
+        check(
             1 <= ppo.gradient_accumulation_steps <= minibatch,
             "ppo.gradient_accumulation_steps",
             f"must be in [1, minibatch size = {minibatch}]",
         )
         jac, smooth = self.regularizers.jacobian, self.regularizers.smoothness
-        _check(jac.weight >= 0, "regularizers.jacobian.weight", "must be >= 0")
-        _check(jac.num_probes >= 1, "regularizers.jacobian.num_probes", "must be >= 1")
-        _check(0 < jac.fraction <= 1, "regularizers.jacobian.fraction", "must be in (0, 1]")
-        _check(jac.g_max > 0, "regularizers.jacobian.g_max", "must be > 0")
-        _check(smooth.weight >= 0, "regularizers.smoothness.weight", "must be >= 0")
-        _check(0 < smooth.fraction <= 1, "regularizers.smoothness.fraction", "must be in (0, 1]")
-        _check(self.eval_every >= 0 and self.save_every >= 0, "eval_every/save_every", "must be >= 0")
-        _check(self.eval_episodes >= 0, "eval_episodes", "must be >= 0")
+        check(jac.weight >= 0, "regularizers.jacobian.weight", "must be >= 0")
+        check(jac.num_probes >= 1, "regularizers.jacobian.num_probes", "must be >= 1")
+        check(0 < jac.fraction <= 1, "regularizers.jacobian.fraction", "must be in (0, 1]")
+        check(jac.g_max > 0, "regularizers.jacobian.g_max", "must be > 0")
+        check(smooth.weight >= 0, "regularizers.smoothness.weight", "must be >= 0")
+        check(0 < smooth.fraction <= 1, "regularizers.smoothness.fraction", "must be in (0, 1]")
+        check(self.eval_every >= 0 and self.save_every >= 0, "eval_every/save_every", "must be >= 0")
+        check(self.eval_episodes >= 0, "eval_episodes", "must be >= 0")
         for key in ("train", "eval"):
             try:
                 validate_specs(getattr(self.perturb, key))
             except ValueError as e:
                 raise ConfigError(f"perturb.{key}: {e}") from None
         if self.perturb.eval_suite is not None:
-            from rvla_peft.envs.perturbations import suite_settings
-
             try:
                 suite_settings(self.perturb.eval_suite)
             except ValueError as e:
                 raise ConfigError(f"perturb.eval_suite: {e}") from None
         hub = self.hub
-        _check(
+        check(
             bool(hub.repo_id) or not (hub.push_to_hub or hub.push_checkpoints),
             "hub.repo_id",
             "is required with hub.push_to_hub or hub.push_checkpoints, e.g. hub.repo_id=user/robust-adapter",
         )
-        _check(
-            hub.repo_id is None or re.fullmatch(r"[\w.-]+(/[\w.-]+)?", hub.repo_id) is not None,
+        check(
+            hub.repo_id is None or re.fullmatch(HUB_REPO_ID_PATTERN, hub.repo_id) is not None,
             "hub.repo_id",
             f"{hub.repo_id!r} is not a Hub repo id like 'user/name'",
         )
-        _check(not hub.push_checkpoints or self.save_every > 0, "hub.push_checkpoints", "needs save_every > 0")
+        check(not hub.push_checkpoints or self.save_every > 0, "hub.push_checkpoints", "needs save_every > 0")
         for tracker in self.report_to:
-            _check(tracker in ("tensorboard",), "report_to", f"unknown tracker {tracker!r}; use ['tensorboard'] or []")
-        from rvla_peft.policies.registry import POLICY_FAMILIES
-
-        _check(
+            check(tracker in ("tensorboard",), "report_to", f"unknown tracker {tracker!r}; use ['tensorboard'] or []")
+        check(
             self.policy.family in POLICY_FAMILIES,
             "policy.family",
             f"unknown family {self.policy.family!r}; choose one of {sorted(POLICY_FAMILIES)}",
         )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# dict <-> dataclass, with errors that name the key
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML value to the annotated type, or raise ConfigError."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            raise ConfigError(
-                f"{key}: {value!r} is not one of {list(choices)}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-            )
-        return value
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-5" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
-
-
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with a suggestion."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            hint = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-            suggestion = f"; did you mean '{prefix}{hint[0]}'?" if hint else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown key '{prefix}{key}'{suggestion}")
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
-    missing = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"missing required key(s): {', '.join(prefix + m for m in missing)}")
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def apply_override(data: dict, override: str) -> None:
-    """Apply one ``a.b.c=value`` override to a nested dict; the value is parsed as YAML."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like key=value, e.g. ppo.learning_rate=3e-5")
-    dotted, raw = override.split("=", 1)
-    keys = dotted.strip().split(".")
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: '{k}' is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -647,20 +528,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
-
-
-def help_text(cls: type = TrainConfig, prefix: str = "") -> str:
-    """Every key with its default and help, for ``--help-config``."""
-    lines = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            lines.append(help_text(hints[f.name], f"{prefix}{f.name}."))
-            continue
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-        )
-        lines.append(f"  {prefix}{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
-    return "\n".join(lines)

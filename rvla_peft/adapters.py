@@ -1,0 +1,109 @@
+"""Adapter folders: resolve a local folder or a Hub id to files on disk, find the recipe an adapter was trained with,
+and refuse an adapter on another base. No model is loaded here (``rvla_peft.policies.registry.load_policy`` does)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from rvla_peft.config import ModelConfig
+from rvla_peft.utils.constants import ADAPTER_CONFIG, HUB_REPO_ID_PATTERN, POLICY_FILES, RECIPE_FILE
+
+
+class HubError(RuntimeError):
+    """A push or a download that cannot go on; the message names the problem and the fix."""
+
+
+class BaseMismatchError(ValueError):
+    """An adapter loaded on a base other than the one it was trained on."""
+
+
+def is_local_path(name: str) -> bool:
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or Path(name).exists()
+    )
+
+
+def is_hub_id(name: str | None) -> bool:
+    """A model id on the Hub ('org/name' or a canonical 'name'), not a builtin model or a local folder."""
+    if not name or ":" in name or is_local_path(name):
+        return False
+    return re.fullmatch(HUB_REPO_ID_PATTERN, name) is not None
+
+
+def resolve_adapter(adapter: str | Path, *, revision: str | None = None, token: str | None = None) -> Path:
+    """A local adapter folder as it is; a Hub id downloaded (only the files a policy needs) into the HF cache."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(adapter).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        validate_repo_id(str(adapter))
+    except HFValidationError:
+        raise HubError(f"adapter {str(adapter)!r} is neither a folder nor a Hub repo id like 'user/name'") from None
+    try:
+        return Path(snapshot_download(str(adapter), revision=revision, allow_patterns=list(POLICY_FILES), token=token))
+    except RevisionNotFoundError:
+        raise HubError(f"adapter {adapter}: the Hub repo has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise HubError(
+            f"adapter {adapter!r}: no such folder, and no Hub repo of that name you can read at {constants.ENDPOINT} "
+            "(for a private repo, log in with `hf auth login` or set HF_TOKEN)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise HubError(
+            f"adapter {adapter!r} is not in the local Hugging Face cache and the Hub cannot be reached "
+            "(HF_HUB_OFFLINE=1, or no network): download it once online"
+        ) from None
+
+
+def adapter_recipe(adapter_dir: Path) -> Path:
+    """The recipe an adapter was trained with: beside it (OUTPUT/adapter, pushed repos) or in the run folder."""
+    for d in (adapter_dir, adapter_dir.parent, adapter_dir.parent.parent):
+        if (d / RECIPE_FILE).is_file():
+            return d / RECIPE_FILE
+    raise HubError(
+        f"no {RECIPE_FILE} beside the adapter in {adapter_dir}: load it with "
+        "rvla_peft.policies.build_policy(cfg, adapter=...) and the config it was trained with"
+    )
+
+
+def with_base(model_cfg: ModelConfig, base: str | ModelConfig | None) -> ModelConfig:
+    """The recipe's model section with ``base`` swapped in; None keeps the recipe's base (its Hub id when the
+    recipe's path was local to the machine that trained it)."""
+    if isinstance(base, ModelConfig):
+        return base
+    if base is None:
+        if model_cfg.hub_id and not Path(model_cfg.name_or_path).exists():
+            return replace(model_cfg, name_or_path=model_cfg.hub_id)
+        return model_cfg
+    if base in (model_cfg.name_or_path, model_cfg.hub_id):
+        return replace(model_cfg, name_or_path=base)
+    return replace(model_cfg, name_or_path=base, hub_id=None, revision=None)
+
+
+def check_base_match(adapter_dir: Path, base_id: str, *, allow: bool = False, adapter_name: str | None = None) -> None:
+    """An adapter trained on another base gives garbage actions without any error: refuse unless ``allow``."""
+    recorded = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if allow or not recorded or recorded == base_id:
+        return
+    raise BaseMismatchError(
+        f"adapter {adapter_name or adapter_dir} was trained on base {recorded!r}, not {base_id!r}: load it on "
+        f"{recorded!r} (base=None takes the recipe's), or pass allow_base_mismatch=True (--allow-base-mismatch) "
+        "if both names are the same weights"
+    )

@@ -1,0 +1,160 @@
+"""The env wrapper that applies perturbations to a VecEnv's observations and executed actions."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+
+from rvla_peft.envs.maniskill import Step, VecEnv
+from rvla_peft.perturbations.base import (
+    ActionPerturbation,
+    Obs,
+    ObservationPerturbation,
+    Perturbation,
+    SpecLike,
+    _rows,
+    check_severity,
+)
+from rvla_peft.perturbations.specs import build_perturbations
+
+# --------------------------------------------------------------------------------------------------------------
+# The wrapper
+
+
+@contextlib.contextmanager
+def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """On CPU, run the perturbations on one intra-op thread.
+
+    A batch is a few small images: threads only add overhead there, and OpenMP workers spin-waiting after each
+    parallel op take the cores from the simulator and renderer that run next (on 2 cores, env steps went 2x slower
+    with the observation suite; bench/bench_perturbations.py).
+    """
+    if device.type != "cpu" or not torch.backends.openmp.is_available():
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _where_obs(mask: torch.Tensor, a: Obs, b: Obs) -> Obs:
+    return {k: torch.where(_rows(mask, a[k]), a[k], b[k]) for k in a}
+
+
+class PerturbedEnv:
+    """A VecEnv whose observations and executed actions are perturbed; same interface as the env it wraps.
+
+    Observation perturbations apply to ``obs`` and ``final_obs`` returned by ``reset`` and ``step``; action
+    perturbations apply to the action handed to the inner env only (the caller's tensor is never modified).
+    ``reset(seed=s)`` also reseeds the perturbations' generator from ``(seed, s)``, so a seeded evaluation is
+    reproducible. With no specs it is a pass-through.
+
+    Episodes: ``reset`` restarts every perturbation's per-env state; after a step in which some envs finished
+    (the inner env auto-resets them, so ``step.obs`` already starts their next episode), ``final_obs`` is perturbed
+    first with the finished episodes' state (``peek``), then ``reset(done)`` restarts those envs, then ``obs``.
+
+    ``sample_per_episode``: instead of every spec applying to every env, each env draws one spec (a combination
+    counts as one) at each episode start, uniformly; every spec runs on the whole batch and ``torch.where``
+    selects per env. ``set_severity_scale(s)`` multiplies every severity by s (a curriculum).
+    """
+
+    def __init__(self, env: VecEnv, specs: list[SpecLike], seed: int = 0, sample_per_episode: bool = False) -> None:
+        self.env = env
+        self.seed = seed
+        self.groups = [build_perturbations([spec]) for spec in specs]
+        self.perturbations = [p for group in self.groups for p in group]
+        self.sample_per_episode = sample_per_episode and len(self.groups) > 1
+        self._base_severity = [p.severity for p in self.perturbations]
+        self._choice: torch.Tensor | None = None  # [N] index of each env's group under sample_per_episode
+        self.severity_scale = 1.0
+        self.generator = torch.Generator(device=env.device)
+        self.generator.manual_seed(seed)
+
+    @property
+    def num_envs(self) -> int:
+        return self.env.num_envs
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+    @property
+    def action_dim(self) -> int:
+        return self.env.action_dim
+
+    @property
+    def instructions(self) -> list[str]:
+        return self.env.instructions
+
+    def set_severity_scale(self, scale: float) -> None:
+        """Effective severity = each spec's severity x ``scale`` in [0, 1], from the next step on."""
+        check_severity("severity scale", scale)
+        self.severity_scale = float(scale)
+        for p, base in zip(self.perturbations, self._base_severity, strict=True):
+            p.severity = base * self.severity_scale
+
+    def reset(self, seed: int | None = None) -> Obs:
+        if seed is not None:
+            # hash of a tuple of ints is stable across processes (no hash randomisation for ints).
+            self.generator.manual_seed(hash((self.seed, seed)))
+        obs = self.env.reset(seed=seed)
+        self._start_episodes(torch.ones(self.num_envs, dtype=torch.bool, device=self.device))
+        return self._perturb_obs(obs)
+
+    def step(self, action: torch.Tensor) -> Step:
+        step = self.env.step(self._perturb_action(action.to(self.device)))
+        if not self.perturbations:
+            return step
+        final_obs = None
+        if step.final_obs is not None:  # some episode ended (known without a device sync)
+            final_obs = self._perturb_obs(step.final_obs, peek=True)
+            self._start_episodes(step.terminated | step.truncated)
+        return dataclasses.replace(step, obs=self._perturb_obs(step.obs), final_obs=final_obs)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def _start_episodes(self, done: torch.Tensor) -> None:
+        for p in self.perturbations:
+            p.reset(done)
+        if self.sample_per_episode:
+            new = torch.randint(len(self.groups), (self.num_envs,), generator=self.generator, device=self.device)
+            self._choice = new if self._choice is None else torch.where(done, new, self._choice)
+
+    def _chosen(self) -> list[tuple[torch.Tensor | None, list[Perturbation]]]:
+        """(env mask or None for all envs, perturbations) pairs to run."""
+        if not self.sample_per_episode:
+            return [(None, self.perturbations)]
+        return [(self._choice == i, group) for i, group in enumerate(self.groups)]
+
+    def _perturb_obs(self, obs: Obs, peek: bool = False) -> Obs:
+        out = obs
+        with _one_thread_on_cpu(self.device):
+            for mask, group in self._chosen():
+                chain = [p for p in group if isinstance(p, ObservationPerturbation)]
+                if not chain:
+                    continue
+                y = obs
+                for p in chain:
+                    y = p.peek(y, self.generator) if peek else p.apply(y, self.generator)
+                out = y if mask is None else _where_obs(mask, y, out)
+        return out
+
+    def _perturb_action(self, action: torch.Tensor) -> torch.Tensor:
+        out = action
+        with _one_thread_on_cpu(self.device):
+            for mask, group in self._chosen():
+                chain = [p for p in group if isinstance(p, ActionPerturbation)]
+                if not chain:
+                    continue
+                y = action
+                for p in chain:
+                    y = p.apply(y, self.generator)
+                out = y if mask is None else torch.where(mask[:, None], y, out)
+        return out

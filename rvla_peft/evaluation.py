@@ -1,0 +1,163 @@
+"""Evaluate policies on a grid of perturbation settings with common random numbers, and build the report dict.
+
+Every policy (the base, then each adapter) is evaluated on the same grid: clean plus each perturbation of the suite
+at each of its severities. Common random numbers make the comparison paired: episode e of every cell starts from
+reset seed ``seed + e``, and every cell's perturbations draw from a generator seeded the same way for every
+policy, so two policies see the same initial states and the same perturbation draws.
+
+report.json, schema_version 1::
+
+    {"schema_version", "command", "created", "versions", "task", "suite", "episodes", "seed", "deterministic",
+     "policies": [{"name", "base", "adapter"}],
+     "settings": [{"name", "perturbation", "severity", "specs": [{"name", "severity"}]}],
+     "results": [{"policy", "setting", "success_rate", "ci95", "mean_return", "episodes", "successes"}],
+     "summary": {policy: {"clean_success_rate", "mean_perturbed_success_rate", "robustness_gap",
+                          "gap_by_perturbation": {perturbation: gap}}},
+     "paired": [{"policy", "baseline", "setting", "difference", "ci95"}]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+import torch
+
+from rvla_peft.envs.perturbed import PerturbedEnv
+from rvla_peft.perturbations.specs import CLEAN, Setting
+from rvla_peft.rollout import run_episodes
+from rvla_peft.stats import paired_difference, wilson_interval
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class CellResult:
+    policy: str
+    setting: str
+    successes: list[bool]
+    returns: list[float]
+
+    @property
+    def episodes(self) -> int:
+        return len(self.successes)
+
+    @property
+    def success_rate(self) -> float:
+        return sum(self.successes) / self.episodes
+
+    def as_dict(self) -> dict:
+        return {
+            "policy": self.policy,
+            "setting": self.setting,
+            "success_rate": self.success_rate,
+            "ci95": list(wilson_interval(sum(self.successes), self.episodes)),
+            "mean_return": sum(self.returns) / self.episodes,
+            "episodes": self.episodes,
+            "successes": [int(s) for s in self.successes],
+        }
+
+
+def evaluate_grid(
+    policies: dict[str, object],
+    env,
+    settings: list[Setting],
+    episodes: int,
+    seed: int,
+    max_steps: int,
+    deterministic: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> list[CellResult]:
+    """Run every policy on every setting over the same ``episodes`` (common random numbers); one shared env."""
+    results = []
+    for setting in settings:
+        for name, policy in policies.items():
+            perturbed = PerturbedEnv(env, setting.specs, seed=seed)
+            # Sampled actions draw from torch's global RNG: seed it per cell (and restore it after).
+            devices = [env.device] if env.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                out = run_episodes(policy, perturbed, episodes, seed, max_steps, deterministic, on_batch=progress)
+            results.append(CellResult(name, setting.name, out.success.cpu().tolist(), out.returns.cpu().tolist()))
+    return results
+
+
+def summarize(results: list[CellResult], settings: list[Setting], baseline: str | None) -> tuple[dict, list]:
+    """Per-policy robustness gaps (clean minus perturbed) and the paired difference of each policy vs ``baseline``."""
+    cell = {(r.policy, r.setting): r for r in results}
+    policies = list(dict.fromkeys(r.policy for r in results))
+    perturbed = [s for s in settings if s.name != CLEAN.name]
+    summary = {}
+    for policy in policies:
+        clean = cell[policy, CLEAN.name].success_rate if (policy, CLEAN.name) in cell else None
+        rates = {s.name: cell[policy, s.name].success_rate for s in perturbed}
+        mean_perturbed = sum(rates.values()) / len(rates) if rates else None
+        by_family: dict[str, list[float]] = {}
+        for s in perturbed:
+            by_family.setdefault(s.perturbation, []).append(rates[s.name])
+        summary[policy] = {
+            "clean_success_rate": clean,
+            "mean_perturbed_success_rate": mean_perturbed,
+            "robustness_gap": None if clean is None or mean_perturbed is None else clean - mean_perturbed,
+            "gap_by_perturbation": {
+                p: (None if clean is None else clean - sum(v) / len(v)) for p, v in by_family.items()
+            },
+        }
+    paired = []
+    if baseline is not None:
+        for policy in policies:
+            if policy == baseline:
+                continue
+            for s in settings:
+                a, b = cell[policy, s.name], cell[baseline, s.name]
+                diff, lo, hi = paired_difference(torch.tensor(a.successes), torch.tensor(b.successes))
+                paired.append({"policy": policy, "baseline": baseline, "setting": s.name, "difference": diff,
+                               "ci95": [lo, hi]})  # fmt: skip
+    return summary, paired
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("rvla_peft", "torch", "transformers", "peft", "accelerate", "mani_skill"):
+        try:
+            out[package] = version(package.replace("_", "-"))
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def build_report(
+    results: list[CellResult],
+    settings: list[Setting],
+    policies: list[dict],
+    *,
+    task: str,
+    suite: str | None,
+    episodes: int,
+    seed: int,
+    deterministic: bool,
+    command: str,
+) -> dict:
+    baseline = policies[0]["name"] if len(policies) > 1 else None
+    summary, paired = summarize(results, settings, baseline)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "versions": versions(),
+        "task": task,
+        "suite": suite,
+        "episodes": episodes,
+        "seed": seed,
+        "deterministic": deterministic,
+        "policies": policies,
+        "settings": [
+            {**asdict(s), "specs": [{"name": p.name, "severity": p.severity} for p in s.specs]} for s in settings
+        ],
+        "results": [r.as_dict() for r in results],
+        "summary": summary,
+        "paired": paired,
+    }

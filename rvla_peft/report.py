@@ -1,0 +1,104 @@
+"""A robustness report as files: ``report.json``, ``report.md`` (a table) and ``robustness.png`` (success vs
+severity per perturbation, one line per policy, 95% interval bands), each written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rvla_peft.perturbations.specs import CLEAN
+from rvla_peft.utils.constants import REPORT_JSON, REPORT_MD, REPORT_PNG
+from rvla_peft.utils.io import atomic_write
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def render_markdown(report: dict) -> str:
+    """A table a person reads: success % [95% interval] per setting and policy, then the gaps."""
+    policies = [p["name"] for p in report["policies"]]
+    cell = {(r["policy"], r["setting"]): r for r in report["results"]}
+    lines = [
+        f"# Robustness report: {report['task']}",
+        "",
+        f"Suite `{report['suite']}`, {report['episodes']} episodes per cell, seed {report['seed']}, "
+        f"{'deterministic' if report['deterministic'] else 'sampled'} actions. Success rate in % "
+        "with its 95% Wilson interval; every policy saw the same initial states and perturbation draws.",
+        "",
+        "| setting | " + " | ".join(policies) + " |",
+        "|---|" + "---|" * len(policies),
+    ]
+    for s in report["settings"]:
+        row = []
+        for p in policies:
+            r = cell[p, s["name"]]
+            lo, hi = r["ci95"]
+            row.append(f"{_pct(r['success_rate'])} [{_pct(lo)}, {_pct(hi)}]")
+        lines.append(f"| {s['name']} | " + " | ".join(row) + " |")
+    lines += ["", "| policy | clean | mean perturbed | robustness gap |", "|---|---|---|---|"]
+    for p in policies:
+        m = report["summary"][p]
+        lines.append(
+            f"| {p} | {_pct(m['clean_success_rate'])} | {_pct(m['mean_perturbed_success_rate'])} | "
+            f"{_pct(m['robustness_gap'])} |"
+        )
+    if report["paired"]:
+        lines += ["", "Paired difference in success (percentage points, policy minus baseline, 95% interval):", ""]
+        lines += ["| policy - baseline | setting | difference |", "|---|---|---|"]
+        for d in report["paired"]:
+            lo, hi = d["ci95"]
+            lines.append(
+                f"| {d['policy']} - {d['baseline']} | {d['setting']} | {_pct(d['difference'])} "
+                f"[{_pct(lo)}, {_pct(hi)}] |"
+            )
+    lines += ["", "Command:", "", "```", report["command"], "```", ""]
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path: Path) -> None:
+    """Success vs severity, one panel per perturbation (clean at severity 0), one line per policy, interval bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cell = {(r["policy"], r["setting"]): r for r in report["results"]}
+    families: dict[str, list[dict]] = {}
+    for s in report["settings"]:
+        if s["perturbation"] != CLEAN.name:
+            families.setdefault(s["perturbation"], []).append(s)
+    panels = list(families) or [CLEAN.name]
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    has_clean = any(s["name"] == CLEAN.name for s in report["settings"])
+    for ax, family in zip(axes.flat, panels, strict=False):
+        points = ([{"name": CLEAN.name, "severity": 0.0}] if has_clean else []) + sorted(
+            families.get(family, []), key=lambda s: s["severity"]
+        )
+        for policy in (p["name"] for p in report["policies"]):
+            xs = [s["severity"] for s in points]
+            rs = [cell[policy, s["name"]] for s in points]
+            ax.plot(xs, [r["success_rate"] for r in rs], marker="o", label=policy)
+            ax.fill_between(xs, [r["ci95"][0] for r in rs], [r["ci95"][1] for r in rs], alpha=0.15)
+        ax.set_title(family, fontsize=9)
+        ax.set_xlabel("severity")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("success rate")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"{report['task']}: success under perturbation ({report['episodes']} episodes per point)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path) -> None:
+    """Write the three files, each atomically (a temp file renamed into place): no half-written report."""
+    atomic_write(out / REPORT_JSON, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    atomic_write(out / REPORT_MD, lambda p: p.write_text(render_markdown(report)))
+    atomic_write(out / REPORT_PNG, lambda p: plot_report(report, p))
