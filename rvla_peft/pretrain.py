@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from rvla_peft.config import EnvConfig, PolicyConfig
 from rvla_peft.demos import INDEX, load_demos
@@ -50,11 +51,8 @@ from rvla_peft.envs.maniskill import INSTRUCTIONS
 from rvla_peft.models.tiny import CHARS, build_tiny_llava, fast_tokenizer, resolve_builtin
 from rvla_peft.policies.openvla_style import ActionTokenPolicy
 from rvla_peft.rollout import run_episodes
+from rvla_peft.utils.constants import CARD_FILE, POLICY_SETTINGS_FILE, PRETRAIN_RECORD_FILE
 from rvla_peft.utils.io import atomic_save
-
-POLICY_FILE = "policy.json"
-RECORD_FILE = "pretrain.json"
-CARD_FILE = "README.md"
 
 
 class PretrainError(ValueError):
@@ -449,7 +447,7 @@ def render_card(record: dict) -> str:
         "processor = AutoProcessor.from_pretrained(PATH)",
         "```",
         "",
-        f"As an `rvla_peft` policy, with these recipe keys (`{POLICY_FILE}` holds the same settings):",
+        f"As an `rvla_peft` policy, with these recipe keys (`{POLICY_SETTINGS_FILE}` holds the same settings):",
         "",
         "```yaml",
         "model: {name_or_path: PATH}",
@@ -521,46 +519,31 @@ def lr_at(step: int, total: int, warmup: int, base: float, final_fraction: float
     return base * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def pretrain(args: argparse.Namespace, command: str = "") -> dict:
-    from tqdm.auto import tqdm
-
-    start_time = time.perf_counter()
+def check_inputs(args: argparse.Namespace) -> Path:
+    """Refuse a non-empty ``--out`` (without --overwrite) and missing demo folders before building anything."""
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise PretrainError(f"{out} exists and is not empty: choose another --out or pass --overwrite")
-    for d in args.demos:  # fail on bad demos before building anything
+    for d in args.demos:
         if not Path(d).is_dir():
             raise PretrainError(f"demos folder {d} does not exist: record one with `python -m rvla_peft.demos`")
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    policy_cfg = PolicyConfig(n_bins=args.n_bins, action_low=args.action_low, action_high=args.action_high)
+    return out
 
-    with tempfile.TemporaryDirectory(prefix="rvla_pretrain_init.") as init_dir:
-        init_path = build_initial_model(args, Path(init_dir))
-        policy = make_policy(init_path, policy_cfg)
-    data = build_dataset(args.demos, policy.action_tokenizer)
-    image_size = data.rgb.shape[1]
-    if policy.image_hw != (image_size, image_size):
-        print(f"note: demos are {image_size} px, the model takes {policy.image_hw}: images are resized", flush=True)
-    train_idx, val_idx = split_episodes(data, args.val_fraction, args.seed)
-    if len(train_idx) == 0:
-        raise PretrainError("no training steps left after holding out validation episodes: lower --val-fraction")
-    model = policy.peft_model
-    n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-    )
-    steps_per_epoch = math.ceil(len(train_idx) / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    gen = torch.Generator().manual_seed(args.seed)
 
-    settings = policy_settings(policy_cfg, image_size, data.index[0])
-    record = {
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on embeddings, norms or biases)."""
+    decayed = {n for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n}
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n in decayed], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n not in decayed], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+
+
+def new_record(args, command: str, out: Path, settings: dict, n_params: int, data: BCData, split) -> dict:
+    """What pretrain.json records: the command, the data, the model, then the history epoch by epoch."""
+    train_idx, val_idx = split
+    return {
         "format": "rvla_peft.pretrain/1",
         "name": args.name,
         "command": command,
@@ -589,6 +572,65 @@ def pretrain(args: argparse.Namespace, command: str = "") -> dict:
         "best": {"epoch": 0},
         "wall_time_s": 0.0,
     }
+
+
+def train_epoch(policy, optimizer, data: BCData, train_idx: Tensor, args, gen, step: int, total_steps: int, bar):
+    """One pass over the training steps in a random order; returns the mean loss, samples seen and the next step."""
+    policy.train()
+    perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
+    running, seen = 0.0, 0
+    for b in range(math.ceil(len(train_idx) / args.batch_size)):
+        batch = perm[b * args.batch_size : (b + 1) * args.batch_size]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total_steps, args.warmup_steps, args.lr)
+        rgb = augment(data.rgb[batch], gen, args.shift, args.jitter)
+        loss, _ = bc_loss(policy, observations(data, batch, rgb), data.slots[batch], args.label_sigma)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.peft_model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        step += 1
+        running += loss.item() * len(batch)
+        seen += len(batch)
+        bar.update(1)
+        bar.set_postfix(loss=f"{running / seen:.3f}")
+    return running / seen, seen, step
+
+
+def epoch_line(metrics: dict) -> str:
+    line = " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "success"
+    )
+    if "success" in metrics:
+        line += " success " + " ".join(f"{t}={r:.2f}" for t, r in metrics["success"].items())
+    return line
+
+
+def pretrain(args: argparse.Namespace, command: str = "") -> dict:
+    start_time = time.perf_counter()
+    out = check_inputs(args)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policy_cfg = PolicyConfig(n_bins=args.n_bins, action_low=args.action_low, action_high=args.action_high)
+
+    with tempfile.TemporaryDirectory(prefix="rvla_pretrain_init.") as init_dir:
+        init_path = build_initial_model(args, Path(init_dir))
+        policy = make_policy(init_path, policy_cfg)
+    data = build_dataset(args.demos, policy.action_tokenizer)
+    image_size = data.rgb.shape[1]
+    if policy.image_hw != (image_size, image_size):
+        print(f"note: demos are {image_size} px, the model takes {policy.image_hw}: images are resized", flush=True)
+    train_idx, val_idx = split_episodes(data, args.val_fraction, args.seed)
+    if len(train_idx) == 0:
+        raise PretrainError("no training steps left after holding out validation episodes: lower --val-fraction")
+    n_params = sum(p.numel() for p in policy.peft_model.parameters())
+    optimizer = make_optimizer(policy.peft_model, args)
+    steps_per_epoch = math.ceil(len(train_idx) / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    gen = torch.Generator().manual_seed(args.seed)
+    settings = policy_settings(policy_cfg, image_size, data.index[0])
+    record = new_record(args, command, out, settings, n_params, data, (train_idx, val_idx))
     print(
         f"{n_params / 1e6:.2f} M parameters; {len(train_idx)} training / {len(val_idx)} validation steps of "
         f"{data.num_episodes} episodes ({', '.join(data.tasks)}); {args.epochs} epochs x {steps_per_epoch} steps",
@@ -598,32 +640,14 @@ def pretrain(args: argparse.Namespace, command: str = "") -> dict:
     closed_loop = None
     if args.eval_episodes > 0 and args.eval_every > 0:
         closed_loop = ClosedLoop(args.eval_tasks or data.tasks, image_size, args.eval_num_envs, args.max_episode_steps)
-    best_key = None
-    step = 0
+    best_key, step = None, 0
     try:
         bar = tqdm(total=total_steps, desc="BC", unit="step", dynamic_ncols=True)
         for epoch in range(1, args.epochs + 1):
             epoch_start = time.perf_counter()
-            policy.train()
-            perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
-            running, seen = 0.0, 0
-            for b in range(steps_per_epoch):
-                batch = perm[b * args.batch_size : (b + 1) * args.batch_size]
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total_steps, args.warmup_steps, args.lr)
-                rgb = augment(data.rgb[batch], gen, args.shift, args.jitter)
-                loss, _ = bc_loss(policy, observations(data, batch, rgb), data.slots[batch], args.label_sigma)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                step += 1
-                running += loss.item() * len(batch)
-                seen += len(batch)
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{running / seen:.3f}")
+            train_loss, seen, step = train_epoch(policy, optimizer, data, train_idx, args, gen, step, total_steps, bar)
             train_s = time.perf_counter() - epoch_start
-            metrics = {"epoch": epoch, "train_loss": running / seen, "train_s": round(train_s, 1),
+            metrics = {"epoch": epoch, "train_loss": train_loss, "train_s": round(train_s, 1),
                        "samples_per_s": round(seen / train_s, 1)}  # fmt: skip
             metrics.update({f"val_{k}": v for k, v in validate(policy, data, val_idx, args.batch_size * 2).items()})
             due = closed_loop is not None and (epoch % args.eval_every == 0 or epoch == args.epochs)
@@ -635,12 +659,7 @@ def pretrain(args: argparse.Namespace, command: str = "") -> dict:
                 metrics["eval_s"] = round(time.perf_counter() - eval_start, 1)
             metrics["elapsed_s"] = round(time.perf_counter() - start_time, 1)
             record["history"].append(metrics)
-            line = " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "success"
-            )
-            if "success" in metrics:
-                line += " success " + " ".join(f"{t}={r:.2f}" for t, r in metrics["success"].items())
-            bar.write(line)
+            bar.write(epoch_line(metrics))
             # The best: highest closed-loop success where measured, then the lowest validation loss.
             if closed_loop is None or due:
                 key = (metrics.get("mean_success", 0.0), -metrics.get("val_loss", metrics["train_loss"]))
@@ -655,7 +674,7 @@ def pretrain(args: argparse.Namespace, command: str = "") -> dict:
         if closed_loop is not None:
             closed_loop.close()
     record["wall_time_s"] = round(time.perf_counter() - start_time, 1)
-    (out / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")  # full history, final wall time
+    (out / PRETRAIN_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")  # full history, final wall time
     (out / CARD_FILE).write_text(render_card(record))
     print(f"best epoch {record['best']['epoch']}; wrote {out} in {record['wall_time_s'] / 60:.1f} min", flush=True)
     return record
@@ -663,8 +682,8 @@ def pretrain(args: argparse.Namespace, command: str = "") -> dict:
 
 def _files(record: dict) -> dict[str, str]:
     return {
-        POLICY_FILE: json.dumps(record["policy"], indent=2) + "\n",
-        RECORD_FILE: json.dumps(record, indent=2) + "\n",
+        POLICY_SETTINGS_FILE: json.dumps(record["policy"], indent=2) + "\n",
+        PRETRAIN_RECORD_FILE: json.dumps(record, indent=2) + "\n",
         CARD_FILE: render_card(record),
     }
 

@@ -11,6 +11,7 @@ from rvla_peft.config import PolicyConfig, load_config
 from rvla_peft.demos import FORMAT, INDEX, Episode, _write_shard
 from rvla_peft.models.tiny import resolve_builtin
 from rvla_peft.policies.action_tokens import ActionTokenizer
+from rvla_peft.utils.constants import CARD_FILE, POLICY_SETTINGS_FILE, PRETRAIN_RECORD_FILE
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 INSTRUCTIONS = {"PushCube-v1": "push the cube to the goal region", "PullCube-v1": "pull the cube to the goal region"}
@@ -142,13 +143,13 @@ def test_cli_writes_a_from_pretrained_checkpoint(tmp_path, capsys, one_thread):
     assert pretrain.main(args) == 0
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json"} <= names
-    assert {pretrain.POLICY_FILE, pretrain.RECORD_FILE, pretrain.CARD_FILE} <= names
+    assert {POLICY_SETTINGS_FILE, PRETRAIN_RECORD_FILE, CARD_FILE} <= names
     assert not list(tmp_path.glob(".base.*")), "the staging folder must be gone"
-    record = json.loads((out / pretrain.RECORD_FILE).read_text())
+    record = json.loads((out / PRETRAIN_RECORD_FILE).read_text())
     assert [h["epoch"] for h in record["history"]] == [1, 2] and record["wall_time_s"] > 0
     assert record["dataset"]["train_steps"] == 12 and record["dataset"]["val_steps"] == 6
-    assert "python -m rvla_peft.pretrain --demos" in (out / pretrain.CARD_FILE).read_text()
-    settings = json.loads((out / pretrain.POLICY_FILE).read_text())
+    assert "python -m rvla_peft.pretrain --demos" in (out / CARD_FILE).read_text()
+    settings = json.loads((out / POLICY_SETTINGS_FILE).read_text())
     assert settings["n_bins"] == 32 and settings["image_size"] == 64
 
     model = AutoModelForImageTextToText.from_pretrained(out)
@@ -191,7 +192,7 @@ def test_shipped_checkpoint_loads_and_matches_the_recipe():
     assert "python -m rvla_peft.pretrain" in card and "python -m rvla_peft.demos" in card
     assert sum(p.stat().st_size for p in folder.iterdir()) < 10e6
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))
-    settings = json.loads((folder / pretrain.POLICY_FILE).read_text())
+    settings = json.loads((folder / POLICY_SETTINGS_FILE).read_text())
     cfg = load_config(RECIPES / "tiny_cpu.yaml")
     assert cfg.model.name_or_path == "builtin:tiny-vla-maniskill"
     assert (cfg.policy.n_bins, cfg.policy.action_low, cfg.policy.action_high) == (

@@ -3,6 +3,7 @@ robustness table, the training curve and the template rendered with huggingface_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -13,6 +14,7 @@ from rvla_peft.adapters import HubError, is_hub_id, is_local_path
 from rvla_peft.config import ModelConfig, TrainConfig
 from rvla_peft.hub.run_files import RunFiles
 from rvla_peft.perturbations import PERTURBATIONS
+from rvla_peft.policies.registry import resolve_lora
 from rvla_peft.utils.constants import (
     ACTION_HEADS_FILE,
     ADAPTER_CONFIG,
@@ -246,14 +248,17 @@ def render_card(
     checkpoint_update: int | None = None,
     template: str | Path | None = None,
 ) -> ModelCard:
-    """The model card: metadata (peft, base, robotics, tags, model-index) and the body from ``cards/``."""
+    """The model card: metadata (peft, base, robotics, tags, model-index) and the body from the template shipped
+    inside the package (``rvla_peft/templates/``, package data of the wheel)."""
     from huggingface_hub import ModelCard
 
     report = run.report()
     policy = select_policy(report, run.adapter_dir, repo_id, policy) if report else None
     template = Path(template) if template else TEMPLATE
     if not template.is_file():
-        raise HubError(f"card template {template} not found (it ships in the repository's cards/ folder)")
+        raise HubError(f"card template {template} not found: it ships inside the package (rvla_peft/templates/)")
+    # A recipe may leave LoRA keys unset (the family's defaults apply): the card names what was trained.
+    cfg = dataclasses.replace(cfg, lora=resolve_lora(cfg.policy.family, cfg.lora))
     data = build_card_data(cfg, base_id, repo_id, report, policy)
     regs = cfg.regularizers
     name = repo_id.split("/")[-1]
