@@ -10,7 +10,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from rvla_peft.config import ModelConfig
-from rvla_peft.utils.constants import ADAPTER_CONFIG, HUB_REPO_ID_PATTERN, POLICY_FILES, RECIPE_FILE
+from rvla_peft.utils.constants import (
+    ACTION_HEADS_FILE,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    HUB_REPO_ID_PATTERN,
+    POLICY_FILES,
+    RECIPE_FILE,
+    VALUE_HEAD_FILE,
+)
 
 
 class HubError(RuntimeError):
@@ -38,6 +46,47 @@ def is_hub_id(name: str | None) -> bool:
     return re.fullmatch(HUB_REPO_ID_PATTERN, name) is not None
 
 
+class AdapterFolderError(HubError):
+    """An adapter folder that cannot be loaded: the message names the missing or damaged file."""
+
+
+def check_adapter_folder(path: str | Path) -> Path:
+    """Refuse, naming the file, an adapter folder that PEFT could not load: ``adapter_config.json`` missing or not
+    JSON, ``adapter_model.safetensors`` missing or with an unreadable header (a truncated download or copy), or a
+    damaged value/action head file. Cheap (reads headers only), so it runs before any base model loads; without it,
+    PEFT takes a folder without weights for a Hub id (``HFValidationError``) and a truncated file fails after the
+    base has loaded."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise AdapterFolderError(f"adapter folder {path} does not exist")
+    if not path.is_dir():
+        raise AdapterFolderError(f"adapter {path} is a file, not an adapter folder (one holding {ADAPTER_CONFIG})")
+    config = path / ADAPTER_CONFIG
+    if not config.is_file():
+        raise AdapterFolderError(f"adapter folder {path} has no {ADAPTER_CONFIG}: not a PEFT adapter folder")
+    try:
+        parsed = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise AdapterFolderError(f"{config} is damaged (not valid JSON: {e})") from None
+    if not isinstance(parsed, dict):
+        raise AdapterFolderError(f"{config} is damaged (a JSON object was expected)")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise AdapterFolderError(f"adapter folder {path} has no {ADAPTER_WEIGHTS} (the LoRA weights)")
+    for name in (ADAPTER_WEIGHTS, VALUE_HEAD_FILE, ACTION_HEADS_FILE):
+        file = path / name
+        if name != ADAPTER_WEIGHTS and not file.is_file():
+            continue  # optional: a plain PEFT adapter has no heads
+        try:  # safetensors checks the header and that the data covers every tensor it lists (truncation)
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad file
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise AdapterFolderError(f"{file} is damaged (truncated or not safetensors): {reason}") from None
+    return path
+
+
 def resolve_adapter(adapter: str | Path, *, revision: str | None = None, token: str | None = None) -> Path:
     """A local adapter folder as it is; a Hub id downloaded (only the files a policy needs) into the HF cache."""
     from huggingface_hub import constants, snapshot_download
@@ -50,14 +99,21 @@ def resolve_adapter(adapter: str | Path, *, revision: str | None = None, token: 
     from huggingface_hub.utils import validate_repo_id
 
     path = Path(adapter).expanduser()
-    if path.is_dir():
-        return path
+    if not path.exists() and is_local_path(str(adapter)):  # a path, not a Hub id: say the folder is missing
+        raise AdapterFolderError(
+            f"adapter folder {path} does not exist ({str(adapter)!r} is neither a folder nor a Hub repo id)"
+        )
+    if path.exists():
+        return check_adapter_folder(path)  # before any model loads: the missing or damaged file, by name
     try:
         validate_repo_id(str(adapter))
     except HFValidationError:
         raise HubError(f"adapter {str(adapter)!r} is neither a folder nor a Hub repo id like 'user/name'") from None
     try:
-        return Path(snapshot_download(str(adapter), revision=revision, allow_patterns=list(POLICY_FILES), token=token))
+        local = Path(
+            snapshot_download(str(adapter), revision=revision, allow_patterns=list(POLICY_FILES), token=token)
+        )
+        return check_adapter_folder(local)
     except RevisionNotFoundError:
         raise HubError(f"adapter {adapter}: the Hub repo has no revision {revision!r}") from None
     except RepositoryNotFoundError:

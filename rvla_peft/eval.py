@@ -18,11 +18,12 @@ from tqdm.auto import tqdm
 from rvla_peft.adapters import HubError, adapter_recipe, check_base_match, resolve_adapter
 from rvla_peft.config import ConfigError, load_config
 from rvla_peft.envs import make_envs
+from rvla_peft.envs.maniskill import EnvWorkerError
 from rvla_peft.evaluation import build_report, evaluate_grid
 from rvla_peft.perturbations import Setting, suite_grid
 from rvla_peft.policies.registry import base_model_id, build_policy, load_policy
 from rvla_peft.report import render_markdown, write_report
-from rvla_peft.utils.constants import REPORT_JSON, REPORT_MD, REPORT_PNG
+from rvla_peft.utils.constants import RECIPE_FILE, REPORT_JSON, REPORT_MD, REPORT_PNG
 
 # ------------------------------------------------------------------------------------------------------------------
 # the command line
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         # Hub ids are downloaded here (only the adapter's files), so that a wrong id fails before any model loads.
         local = [resolve_adapter(given) for _, given in named]
         recipe = args.recipe or next((r for path in local if (r := _recipe_of(path))), None)
+        if recipe is None and args.base and (Path(args.base) / RECIPE_FILE).is_file():
+            recipe = Path(args.base) / RECIPE_FILE  # a merged export (python -m rvla_peft.export) carries its recipe
         overrides = list(args.overrides)
         if args.base:
             overrides.append(f"model.name_or_path={args.base}")
@@ -114,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m rvla_peft.eval " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         report = run(cfg, env, named, local, settings, args, command)
+    except EnvWorkerError as e:  # a dead env worker (env.restart_dead_workers=false): one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         env.close()
     write_report(report, out)

@@ -9,11 +9,14 @@ report.json, schema_version 1::
 
     {"schema_version", "command", "created", "versions", "task", "suite", "episodes", "seed", "deterministic",
      "policies": [{"name", "base", "adapter"}],
-     "settings": [{"name", "perturbation", "severity", "specs": [{"name", "severity"}]}],
+     "settings": [{"name", "perturbation", "severity", "specs": [{"name", "severity", "resample"}]}],
      "results": [{"policy", "setting", "success_rate", "ci95", "mean_return", "episodes", "successes"}],
      "summary": {policy: {"clean_success_rate", "mean_perturbed_success_rate", "robustness_gap",
                           "gap_by_perturbation": {perturbation: gap}}},
      "paired": [{"policy", "baseline", "setting", "difference", "ci95"}]}
+
+``resample`` (added in version 1, absent from older reports): when each spec's random parameters were drawn,
+"episode" (held per episode) or "step" (redrawn every step), per component joined by "+" for a combination.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from datetime import datetime, timezone
 import torch
 
 from rvla_peft.envs.perturbed import PerturbedEnv
-from rvla_peft.perturbations.specs import CLEAN, Setting
+from rvla_peft.perturbations.specs import CLEAN, Setting, spec_records
 from rvla_peft.rollout import run_episodes
 from rvla_peft.stats import paired_difference, wilson_interval
 
@@ -154,9 +157,7 @@ def build_report(
         "seed": seed,
         "deterministic": deterministic,
         "policies": policies,
-        "settings": [
-            {**asdict(s), "specs": [{"name": p.name, "severity": p.severity} for p in s.specs]} for s in settings
-        ],
+        "settings": [{**asdict(s), "specs": spec_records(s.specs)} for s in settings],
         "results": [r.as_dict() for r in results],
         "summary": summary,
         "paired": paired,

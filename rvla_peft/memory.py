@@ -18,8 +18,8 @@ How, piece by piece (every formula is a small pure function below, checked by ``
   ``load_base``) upcasts them: for OpenVLA-7B the embeddings and the output layer alone are 1 GiB.
 - **Trainable state**: the LoRA weights peft creates for the recipe's targets (``resolve_lora`` + ``lora_targets``,
   matched on the meta model by peft's rules, :func:`lora_target_modules`: ``r * (fan_in + fan_out)`` per adapted
-  layer) and the value head (and OpenVLA-OFT's heads), in fp32, with an fp32 gradient and AdamW's two fp32
-  moments: 16 bytes per trainable parameter.
+  layer) and the value head (and the heads a family trains in full, e.g. OpenVLA-OFT's), in fp32, with an fp32
+  gradient and AdamW's two fp32 moments: 16 bytes per trainable parameter.
 - **Activations** of the largest micro-batch, ``env.num_envs * ppo.num_steps / ppo.num_minibatches /
   ppo.gradient_accumulation_steps`` samples: what autograd keeps per transformer layer and token
   (:func:`layer_activation_bytes`), after Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
@@ -36,6 +36,10 @@ How, piece by piece (every formula is a small pure function below, checked by ``
   forward plus the graph ``autograd.grad(create_graph=True)`` keeps for the final backward (measured 2.5-2.8x).
 - **Rollout phase** (``collect``, no grad, every env at once): KV cache + hidden states of the prompt forward,
   instead of the update's activations when larger; plus the rollout buffer of images kept on the device.
+
+What depends on the policy family (its trained heads, the tokens after the prompt, decoding with a KV cache, the
+denoising passes, the size of a stored action) the family says through its ``memory_hooks``
+(:class:`rvla_peft.policies.base.MemoryHooks`); nothing here asks which family it holds.
 
 Not counted: ManiSkill's own GPU memory (simulation, rendering), the allocator's fragmentation and caching, and the
 projector's, embeddings' and logits' activations (< 2% at 7B); :data:`CUDA_CONTEXT_GIB` stands for the CUDA
@@ -56,8 +60,9 @@ from rvla_peft.config import TrainConfig
 from rvla_peft.envs.maniskill import resolve_instruction
 from rvla_peft.models.openvla.published import OPENVLA_7B_CONFIG
 from rvla_peft.models.tiny import resolve_builtin
-from rvla_peft.policies.openvla_oft import L1RegressionActionHead, StateDependentScale, StateIndependentScale
-from rvla_peft.policies.registry import lora_targets, resolve_lora
+from rvla_peft.policies.base import MemoryHooks
+from rvla_peft.policies.families import family_config
+from rvla_peft.policies.registry import lora_targets, policy_class, resolve_lora
 from rvla_peft.utils.constants import BUILTIN_PREFIX
 
 if TYPE_CHECKING:
@@ -305,7 +310,9 @@ def estimate_training_memory(cfg: TrainConfig, prompt_tokens: int | None = None)
     model = build_meta_model(config)
     base = _weights(model, cfg.model.quantization, cfg.model.torch_dtype)
     hidden = getattr(config, "vlm_config", config).get_text_config().hidden_size
-    heads = value_head_param_count(hidden, cfg.policy.value_head_hidden) + family_head_param_count(cfg, hidden)
+    hooks = memory_hooks(cfg)
+    heads = value_head_param_count(hidden, cfg.policy.value_head_hidden)
+    heads += hooks.head_param_count(family_config(cfg.policy), hidden)
     lora_cfg = resolve_lora(cfg.policy.family, cfg.lora)
     lora = count_lora_params(model, lora_cfg)
     trainable = lora + heads
@@ -489,20 +496,9 @@ def count_lora_params(model: nn.Module, lora_cfg) -> int:
     return total
 
 
-def family_head_param_count(cfg: TrainConfig, hidden: int) -> int:
-    """Heads a family trains in full besides the value head: OpenVLA-OFT's action head and scale head."""
-    if cfg.policy.family != "openvla_oft":
-        return 0
-    import torch
-
-    policy = cfg.policy
-    with torch.device("meta"):
-        heads = [L1RegressionActionHead(hidden, hidden, policy.action_dim)]
-        if policy.scale_head == "state_dependent":
-            heads.append(StateDependentScale(hidden, hidden, policy.action_dim, policy.init_log_scale))
-        else:
-            heads.append(StateIndependentScale(policy.chunk_size, policy.action_dim, policy.init_log_scale))
-    return sum(p.numel() for head in heads for p in head.parameters())
+def memory_hooks(cfg: TrainConfig) -> MemoryHooks:
+    """What the recipe's policy family says about its memory (``memory_hooks`` of its policy class)."""
+    return policy_class(cfg.policy.family).memory_hooks
 
 
 def count_prompt_tokens(cfg: TrainConfig, local: Path | None) -> int:
@@ -510,7 +506,8 @@ def count_prompt_tokens(cfg: TrainConfig, local: Path | None) -> int:
 
     instruction = (cfg.env.instruction or resolve_instruction(cfg.env)).lower().rstrip(".")
     text = cfg.policy.prompt_template.format(instruction=instruction)
-    if local is not None and cfg.policy.family != "pi0" and (local / "tokenizer_config.json").exists():
+    tokenizer_here = memory_hooks(cfg).tokenizer_in_checkpoint
+    if local is not None and tokenizer_here and (local / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
         return len(AutoTokenizer.from_pretrained(local)(text)["input_ids"])
@@ -560,7 +557,9 @@ def _hf_vision_tower(vision_config, feature_layer: int | list[int] = -1) -> Stac
 
 def stacks_of(config, cfg: TrainConfig, prompt_tokens: int) -> list[Stack]:
     """The transformer stacks one training sample goes through, vision first, with their token counts."""
-    action_tokens = cfg.policy.action_dim - 1  # teacher-forced: prompt + the first A-1 action tokens
+    hooks, policy = memory_hooks(cfg), family_config(cfg.policy)
+    extra_tokens = hooks.decoder_extra_tokens(policy)  # e.g. the A-1 teacher-forced action tokens
+    decoding = dict(hidden_states_kept=hooks.autoregressive, kv_cached=hooks.autoregressive)
     if config.model_type == "openvla":
         towers = []
         for tower in config.featurizer_configs:
@@ -581,17 +580,14 @@ def stacks_of(config, cfg: TrainConfig, prompt_tokens: int) -> list[Stack]:
                     mlp_saved=2 if tower["act_layer"] == "quick_gelu" else 1,
                 )
             )
-        if cfg.policy.family == "openvla_oft":  # one bidirectional pass: placeholders for the chunk + a stop token
-            tokens = config.num_image_tokens + prompt_tokens + cfg.policy.chunk_size * cfg.policy.action_dim + 1
-            return [*towers, _decoder("llm", config.text_config, tokens)]
-        tokens = config.num_image_tokens + prompt_tokens + action_tokens
-        return [*towers, _decoder("llm", config.text_config, tokens, hidden_states_kept=True, kv_cached=True)]
+        tokens = config.num_image_tokens + prompt_tokens + extra_tokens
+        return [*towers, _decoder("llm", config.text_config, tokens, **decoding)]
     if config.model_type == "pi0":
         vlm = config.vlm_config
         vision = _hf_vision_tower(vlm.vision_config)
         prefix = vision.tokens + prompt_tokens
         suffix = 1 + config.chunk_size  # the state token and the action chunk
-        steps = cfg.policy.num_denoise_steps or config.num_inference_steps
+        steps = hooks.denoise_steps(policy, config)
         expert = _decoder("action expert", config.dit_config, suffix, kv_tokens=prefix + suffix, passes=2 * steps)
         return [vision, _decoder("vlm", vlm.text_config, prefix, kv_cached=True), expert]
     vision_config = getattr(config, "vision_config", None)
@@ -599,20 +595,14 @@ def stacks_of(config, cfg: TrainConfig, prompt_tokens: int) -> list[Stack]:
         raise EstimateUnavailable(f"no activation model for model_type {config.model_type!r}")
     vision = _hf_vision_tower(vision_config, getattr(config, "vision_feature_layer", -1))
     image_tokens = (vision_config.image_size // vision_config.patch_size) ** 2
-    tokens = image_tokens + prompt_tokens + action_tokens
-    return [vision, _decoder("llm", config.get_text_config(), tokens, hidden_states_kept=True, kv_cached=True)]
+    tokens = image_tokens + prompt_tokens + extra_tokens
+    return [vision, _decoder("llm", config.get_text_config(), tokens, **decoding)]
 
 
 def _rollout_buffer_bytes(cfg: TrainConfig, config) -> int:
     """``Rollout`` on the device: uint8 images of T+1 steps, the policy's actions and the per-step floats."""
     steps, envs, size = cfg.ppo.num_steps, cfg.env.num_envs, cfg.env.image_size
-    if cfg.policy.family == "pi0":  # the whole denoising chain is the action
-        k = cfg.policy.num_denoise_steps or config.num_inference_steps
-        action = (k + 1) * config.chunk_size * config.max_action_dim * FP32
-    elif cfg.policy.family == "openvla_oft":  # the sampled chunk
-        action = cfg.policy.chunk_size * cfg.policy.action_dim * FP32
-    else:
-        action = cfg.policy.action_dim * 8  # int64 action-token slots
+    action = memory_hooks(cfg).rollout_action_bytes(family_config(cfg.policy), config)  # tokens, chunk or chain
     per_step = action + cfg.policy.action_dim * FP32 + 5 * FP32  # + mean, log-prob, value, reward, done, ...
     return (steps + 1) * envs * size * size * 3 + steps * envs * per_step
 

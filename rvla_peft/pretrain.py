@@ -7,7 +7,7 @@
 
 The model is the tiny Llava of ``rvla_peft.models.tiny`` (sized with ``--hidden-size`` / ``--num-layers`` / ...)
 or any checkpoint given with ``--init``, fully fine-tuned (no LoRA). The forward is the project's own
-:class:`~rvla_peft.policies.openvla_style.ActionTokenPolicy`, so image pre-processing, prompt and action-token
+:class:`~rvla_peft.policies.action_tokens.modeling.ActionTokenPolicy`, so image pre-processing, prompt and action-token
 mapping are exactly what RL and evaluation use: each expert action is normalised with the policy's statistics
 (``--action-low`` / ``--action-high``, identity by default) and digitised into the policy's ``--n-bins`` bins
 (``ActionTokenizer.encode``), and the loss is the cross-entropy of ``policy.action_logits(obs, slots)``
@@ -49,7 +49,8 @@ from rvla_peft.demos import INDEX, load_demos
 from rvla_peft.envs import make_envs
 from rvla_peft.envs.maniskill import INSTRUCTIONS
 from rvla_peft.models.tiny import CHARS, build_tiny_llava, fast_tokenizer, resolve_builtin
-from rvla_peft.policies.openvla_style import ActionTokenPolicy
+from rvla_peft.policies.action_tokens.configuration import ActionTokenPolicyConfig
+from rvla_peft.policies.action_tokens.modeling import ActionTokenPolicy
 from rvla_peft.rollout import run_episodes
 from rvla_peft.utils.constants import CARD_FILE, POLICY_SETTINGS_FILE, PRETRAIN_RECORD_FILE
 from rvla_peft.utils.io import atomic_save
@@ -612,7 +613,7 @@ def pretrain(args: argparse.Namespace, command: str = "") -> dict:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    policy_cfg = PolicyConfig(n_bins=args.n_bins, action_low=args.action_low, action_high=args.action_high)
+    policy_cfg = ActionTokenPolicyConfig(n_bins=args.n_bins, action_low=args.action_low, action_high=args.action_high)
 
     with tempfile.TemporaryDirectory(prefix="rvla_pretrain_init.") as init_dir:
         init_path = build_initial_model(args, Path(init_dir))

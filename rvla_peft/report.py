@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from rvla_peft.perturbations.specs import CLEAN
+from rvla_peft.perturbations.specs import CLEAN, resample_note
 from rvla_peft.utils.constants import REPORT_JSON, REPORT_MD, REPORT_PNG
 from rvla_peft.utils.io import atomic_write
 
@@ -17,18 +17,22 @@ def _pct(x: float | None) -> str:
 
 
 def render_markdown(report: dict) -> str:
-    """A table a person reads: success % [95% interval] per setting and policy, then the gaps."""
+    """A table a person reads: success % [95% interval] per setting and policy (and when each setting's random
+    parameters were drawn, where the report records it), then the gaps."""
     policies = [p["name"] for p in report["policies"]]
     cell = {(r["policy"], r["setting"]): r for r in report["results"]}
+    notes = {s["name"]: resample_note(s.get("specs", [])) for s in report["settings"]}
+    drawn = any(notes.values())  # reports written before the mode was recorded have no such column
     lines = [
         f"# Robustness report: {report['task']}",
         "",
         f"Suite `{report['suite']}`, {report['episodes']} episodes per cell, seed {report['seed']}, "
         f"{'deterministic' if report['deterministic'] else 'sampled'} actions. Success rate in % "
-        "with its 95% Wilson interval; every policy saw the same initial states and perturbation draws.",
+        "with its 95% Wilson interval; every policy saw the same initial states and perturbation draws."
+        + (" Random parameters: held per episode, or redrawn every step." if drawn else ""),
         "",
-        "| setting | " + " | ".join(policies) + " |",
-        "|---|" + "---|" * len(policies),
+        "| setting | " + " | ".join(policies) + " |" + (" random parameters |" if drawn else ""),
+        "|---|" + "---|" * (len(policies) + drawn),
     ]
     for s in report["settings"]:
         row = []
@@ -36,6 +40,8 @@ def render_markdown(report: dict) -> str:
             r = cell[p, s["name"]]
             lo, hi = r["ci95"]
             row.append(f"{_pct(r['success_rate'])} [{_pct(lo)}, {_pct(hi)}]")
+        if drawn:
+            row.append(notes[s["name"]] or "-")
         lines.append(f"| {s['name']} | " + " | ".join(row) + " |")
     lines += ["", "| policy | clean | mean perturbed | robustness gap |", "|---|---|---|---|"]
     for p in policies:

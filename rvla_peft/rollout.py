@@ -1,17 +1,23 @@
-"""Collect T steps x N envs with a policy, everything kept batched on the env/policy device.
+"""Collect experience with a policy, everything kept batched on the env/policy device.
 
-Truncated episodes (time limit) are bootstrapped: gamma * V(final observation) is folded into their last reward,
-so GAE can treat every episode end alike. Episode outcomes are gathered as tensors and reduced once per rollout,
-not per step, to avoid host round trips in the loop.
+- :func:`collect` (PPO): T steps x N envs, continuing across episodes. Truncated episodes (time limit) are
+  bootstrapped: gamma * V(final observation) is folded into their last reward, so GAE can treat every episode end
+  alike. Episode outcomes are gathered as tensors and reduced once per rollout, not per step, to avoid host round
+  trips in the loop.
+- :func:`collect_groups` (RLOO / GRPO): whole episodes in groups of G from the same initial state and the same
+  perturbation draw, with dynamic sampling (groups whose outcomes are all equal are dropped and refilled).
+- :func:`run_episodes` (evaluation): the first episode of each env from seeded resets.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from rvla_peft.algorithms.group import informative_groups
 from rvla_peft.algorithms.ppo import bootstrap_truncated
 from rvla_peft.envs.maniskill import Step
 from rvla_peft.policies.base import Policy
@@ -28,8 +34,11 @@ class Rollout:
     means: Tensor  # [T, N, A] behaviour policy's mean action (old-policy smoothness target)
     next_value: Tensor  # [N]
     instructions: list[str]  # one per env
-    episodes: dict[str, Tensor] = field(default_factory=dict)  # success / return / length of finished episodes
+    # success / return / length of finished episodes; "setting": the perturb.train entry each ran under
+    # (sample_per_episode), -1 when not drawn per episode
+    episodes: dict[str, Tensor] = field(default_factory=dict)
     env_steps: int = 0  # simulator steps taken: T * N, times the chunk length for action-chunking policies
+    ref_log_probs: Tensor | None = None  # [T, N] log-probs of the actions under the base policy (filled by trainers)
 
     @property
     def num_steps(self) -> int:
@@ -43,6 +52,12 @@ class Rollout:
         """Observation dict of flat (t * N + n) samples, at step t + offset (offset 1: the next observation)."""
         t, n = flat_index // self.num_envs, flat_index % self.num_envs
         return {"rgb": self.rgb[t + offset, n], "instruction": [self.instructions[i] for i in n.tolist()]}
+
+    def next_indices(self, flat_index: Tensor) -> tuple[Tensor, Tensor]:
+        """Flat index of each sample's next step in the same episode, and whether there is one (else itself)."""
+        t = flat_index // self.num_envs
+        valid = (t + 1 < self.num_steps) & ~self.dones.reshape(-1)[flat_index]
+        return torch.where(valid, flat_index + self.num_envs, flat_index), valid
 
 
 def step_chunk(env, env_action: Tensor) -> Step:
@@ -101,15 +116,26 @@ def _select(obs: dict, rows: Tensor) -> dict:
     return {k: (v[rows] if isinstance(v, Tensor) else [v[i] for i in rows.tolist()]) for k, v in obs.items()}
 
 
+def episode_setting(env, device) -> Tensor:
+    """[N] index of the ``perturb.train`` entry each env's current episode runs under, -1 where none is drawn per
+    episode (a plain env, or every perturbation applying to every episode)."""
+    choice = getattr(env, "episode_choice", None)
+    if choice is None:
+        return torch.full((env.num_envs,), -1, dtype=torch.long, device=device)
+    return choice.to(device, torch.long, copy=True)
+
+
 @torch.no_grad()
 def collect(policy: Policy, env, obs: dict, num_steps: int, gamma: float) -> tuple[Rollout, dict]:
     """Run ``num_steps`` steps from ``obs``; returns the rollout and the observation to continue from."""
     device = policy.device
     rgb, actions, log_probs, values, rewards, dones, means = [], [], [], [], [], [], []
-    success, returns, lengths = [], [], []
+    success, returns, lengths, settings = [], [], [], []
     chunk = 1
     for _ in range(num_steps):
         obs = with_instructions(obs, env)
+        # the setting of the episode running now: one that ends in this (macro) step ran under it
+        settings.append(episode_setting(env, device))
         sample = policy.act(obs)
         chunk = sample.env_action.shape[1] if sample.env_action.dim() == 3 else 1
         step = step_chunk(env, sample.env_action)
@@ -148,10 +174,189 @@ def collect(policy: Policy, env, obs: dict, num_steps: int, gamma: float) -> tup
             "success": torch.stack(success)[dones].float(),
             "return": torch.stack(returns)[dones],
             "length": torch.stack(lengths)[dones].float(),
+            "setting": torch.stack(settings)[dones],
         },
         env_steps=num_steps * env.num_envs * chunk,
     )
     return rollout, obs
+
+
+@dataclass
+class GroupRollout:
+    """Whole episodes in groups of G, the kept groups' steps flattened to S samples.
+
+    Episodes of a group started from the same reset seed (so the same initial state) and the same perturbation
+    draw; steps are ordered by group, then member, then time, so an episode's steps are contiguous. There is no
+    padding: steps after an episode's end are never stored.
+    """
+
+    rgb: Tensor  # [S, H, W, 3] uint8
+    actions: Tensor  # [S, ...] policy-space actions
+    log_probs: Tensor  # [S] behaviour log-probs
+    means: Tensor  # [S, A] behaviour policy's mean action
+    env_index: Tensor  # [S] the env that ran the step (its instruction)
+    episode: Tensor  # [S] index of the step's episode, g * G + j for member j of kept group g
+    outcomes: Tensor  # [num_kept, G] float: success (0/1) or return of each kept episode
+    group_seeds: Tensor  # [num_kept] the reset seed each kept group's episodes started from
+    instructions: list[str]  # one per env
+    episodes: dict[str, Tensor]  # success / return / length / setting of EVERY collected episode, dropped included
+    groups_collected: int = 0  # groups run, kept or not
+    env_steps: int = 0  # simulator steps taken (all passes, including envs idling after their episode)
+    ref_log_probs: Tensor | None = None  # [S] log-probs of the actions under the base policy (filled by trainers)
+
+    def __len__(self) -> int:
+        return self.log_probs.shape[0]
+
+    @property
+    def groups_kept(self) -> int:
+        return self.outcomes.shape[0]
+
+    def observations(self, flat_index: Tensor) -> dict:
+        env = self.env_index[flat_index]
+        return {"rgb": self.rgb[flat_index], "instruction": [self.instructions[i] for i in env.tolist()]}
+
+    def next_indices(self, flat_index: Tensor) -> tuple[Tensor, Tensor]:
+        """Index of each sample's next step in the same episode, and whether there is one (else itself)."""
+        nxt = (flat_index + 1).clamp(max=len(self) - 1)
+        valid = (flat_index + 1 < len(self)) & (self.episode[nxt] == self.episode[flat_index])
+        return torch.where(valid, nxt, flat_index), valid
+
+    def step_advantages(self, advantages: Tensor) -> Tensor:
+        """Per-episode advantages [num_kept, G] broadcast to every step of the episode: [S]."""
+        return advantages.reshape(-1)[self.episode]
+
+
+@dataclass
+class _Pass:
+    """One episode per env from a seeded reset: per-env step tensors (only the episode's own steps)."""
+
+    rgb: list[Tensor]
+    actions: list[Tensor]
+    log_probs: list[Tensor]
+    means: list[Tensor]
+    success: Tensor  # [N] bool
+    returns: Tensor  # [N]
+    lengths: Tensor  # [N] env steps
+    setting: Tensor  # [N]
+    env_steps: int
+
+
+def _first_episodes(policy: Policy, env, seed: int, max_steps: int) -> _Pass:
+    n, device = env.num_envs, policy.device
+    obs = env.reset(seed=seed)
+    setting = episode_setting(env, device)
+    alive = torch.ones(n, dtype=torch.bool, device=device)
+    steps = torch.zeros(n, dtype=torch.long, device=device)  # (macro) steps of each env's first episode
+    success = torch.zeros(n, dtype=torch.bool, device=device)
+    returns = torch.zeros(n, dtype=torch.float32, device=device)
+    lengths = torch.zeros(n, dtype=torch.long, device=device)
+    rgb, actions, log_probs, means = [], [], [], []
+    env_steps = 0
+    for _ in range(max_steps):
+        obs = with_instructions(obs, env)
+        sample = policy.act(obs)
+        step = step_chunk(env, sample.env_action)
+        env_steps += n * (sample.env_action.shape[1] if sample.env_action.dim() == 3 else 1)
+        rgb.append(obs["rgb"].to(device))
+        actions.append(sample.action)
+        log_probs.append(sample.log_prob)
+        means.append(sample.mean)
+        steps += alive
+        ended = (step.terminated | step.truncated).to(device) & alive
+        success = torch.where(ended, step.episode_success.to(device), success)
+        returns = torch.where(ended, step.episode_return.to(device).float(), returns)
+        lengths = torch.where(ended, step.episode_length.to(device), lengths)
+        alive &= ~ended
+        obs = step.obs
+        if not bool(alive.any()):  # one host sync per step: every env past its first episode ends the pass
+            break
+    if bool(alive.any()):
+        raise RuntimeError(f"an episode did not end within max_steps={max_steps}: is it the env's time limit?")
+    stacked = [torch.stack(x) for x in (rgb, actions, log_probs, means)]  # [T, N, ...]
+    per_env = [[x[:k, i].clone() for i, k in enumerate(steps.tolist())] for x in stacked]  # clone: free [T, N]
+    return _Pass(*per_env, success, returns, lengths, setting, env_steps)
+
+
+@torch.no_grad()
+def collect_groups(
+    policy: Policy,
+    env,
+    num_groups: int,
+    group_size: int,
+    seed: int,
+    max_steps: int,
+    *,
+    max_resample: int = 0,
+    outcome: str = "success",
+    dynamic_sampling: bool = True,
+) -> GroupRollout:
+    """Collect ``num_groups`` groups of ``group_size`` whole episodes (fewer if dynamic sampling runs out).
+
+    Layout: env i of the batch holds a group; the batch runs ``group_size`` passes, each from ``env.reset(seed=s)``
+    with the same ``s``, so member j of group i starts from reset seed ``s + i`` in every pass (the same initial
+    state) and a seeded :class:`~rvla_peft.envs.PerturbedEnv` replays the same per-episode perturbation draws (its
+    generator is reseeded from ``s`` at every reset); only the policy's sampling differs between members. Per-step
+    noise drawn after the first episode of the batch ends may differ between members. A pass runs until every env
+    has finished its first episode (at most ``max_steps`` steps); later auto-reset episodes are ignored.
+
+    Dynamic sampling: groups whose outcomes are all equal are dropped, and rounds of ``env.num_envs`` new groups
+    (the next round resets with ``s + N``) run until ``num_groups`` are kept, at most
+    ``ceil(num_groups / N) + max_resample`` rounds. Kept groups beyond ``num_groups`` are discarded.
+    """
+    if outcome not in ("success", "return"):
+        raise ValueError(f"outcome must be 'success' or 'return', got {outcome!r}")
+    n, device = env.num_envs, policy.device
+    rounds = math.ceil(num_groups / n) + (max_resample if dynamic_sampling else 0)
+    kept_steps: list[list[list[Tensor]]] = [[], [], [], []]  # rgb, actions, log_probs, means: one tensor per episode
+    kept_env, kept_outcomes, kept_seeds = [], [], []
+    episodes: dict[str, list[Tensor]] = {"success": [], "return": [], "length": [], "setting": []}
+    collected = env_steps = 0
+    for r in range(rounds):
+        if len(kept_outcomes) >= num_groups:
+            break
+        round_seed = seed + r * n
+        passes = [_first_episodes(policy, env, round_seed, max_steps) for _ in range(group_size)]
+        env_steps += sum(p.env_steps for p in passes)
+        collected += n
+        success = torch.stack([p.success for p in passes], dim=1)  # [N, G]
+        returns = torch.stack([p.returns for p in passes], dim=1)
+        episodes["success"].append(success.float().reshape(-1))
+        episodes["return"].append(returns.reshape(-1))
+        episodes["length"].append(torch.stack([p.lengths for p in passes], dim=1).float().reshape(-1))
+        episodes["setting"].append(torch.stack([p.setting for p in passes], dim=1).reshape(-1))
+        outcomes = success.float() if outcome == "success" else returns
+        keep = informative_groups(outcomes) if dynamic_sampling else torch.ones(n, dtype=torch.bool, device=device)
+        for i in keep.nonzero().squeeze(-1).tolist():
+            if len(kept_outcomes) == num_groups:
+                break
+            for p in passes:
+                for store, x in zip(kept_steps, (p.rgb, p.actions, p.log_probs, p.means), strict=True):
+                    store.append(x[i])
+                kept_env.append(torch.full((p.rgb[i].shape[0],), i, dtype=torch.long, device=device))
+            kept_outcomes.append(outcomes[i])
+            kept_seeds.append(round_seed + i)
+    if kept_outcomes:
+        rgb, actions, log_probs, means = (torch.cat(x) for x in kept_steps)
+        env_index = torch.cat(kept_env)
+    else:  # nothing kept: empty tensors of the right dtypes and shapes, so callers need no special case
+        last = passes[-1]
+        rgb, actions, log_probs, means = (x[0][:0] for x in (last.rgb, last.actions, last.log_probs, last.means))
+        env_index = torch.zeros(0, dtype=torch.long, device=device)
+    lengths = torch.tensor([len(e) for e in kept_env], dtype=torch.long, device=device)
+    return GroupRollout(
+        rgb=rgb,
+        actions=actions,
+        log_probs=log_probs,
+        means=means,
+        env_index=env_index,
+        episode=torch.repeat_interleave(torch.arange(len(kept_env), device=device), lengths),
+        outcomes=torch.stack(kept_outcomes) if kept_outcomes else torch.zeros(0, group_size, device=device),
+        group_seeds=torch.tensor(kept_seeds, dtype=torch.long),
+        instructions=list(env.instructions),
+        episodes={k: torch.cat(v) for k, v in episodes.items()},
+        groups_collected=collected,
+        env_steps=env_steps,
+    )
 
 
 @dataclass

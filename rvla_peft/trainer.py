@@ -1,9 +1,18 @@
-"""RobustPPOTrainer: online PPO with LoRA plus the RobustVLA penalties, on Accelerate.
+"""RobustPPOTrainer: online RL with LoRA plus the RobustVLA penalties, on Accelerate.
 
-    L = L_PPO + vf_coef * L_value - ent_coef * H + alpha * R_jac + beta * R_smooth
+    L = L_clip + vf_coef * L_value - ent_coef * H + kl_to_base * KL(pi || pi_base) + alpha * R_jac + beta * R_smooth
 
-One iteration = collect a rollout under the training perturbations, then ``update_epochs`` passes of minibatch
-PPO over it. Read :meth:`RobustPPOTrainer.update` top to bottom for the whole algorithm.
+One iteration = collect experience under the training perturbations, then ``update_epochs`` passes of minibatch
+clipped-surrogate optimisation over it. ``algorithm`` picks where the advantages come from:
+
+- ``ppo``: T steps x N envs (:func:`rvla_peft.rollout.collect`), GAE from the value head;
+- ``rloo`` / ``grpo``: groups of G whole episodes from one initial state and perturbation draw
+  (:func:`rvla_peft.rollout.collect_groups`), each episode's advantage relative to its group, no critic (no value
+  loss, the value head out of the optimizer).
+
+The base policy (the reference of ``kl_to_base`` and of the ``policy/argmax_changed`` probe) is the same model with
+the adapter switched off (``peft_model.disable_adapter()``), so it costs no second copy of the weights. Read
+:meth:`RobustPPOTrainer.update` top to bottom for the whole algorithm.
 
 Why the policy is not wrapped by ``accelerator.prepare``: DDP syncs gradients only for calls through its own
 ``forward`` and does not support double backward (``autograd.grad(create_graph=True)``), which the Jacobian
@@ -14,10 +23,12 @@ same step and the weights stay identical.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,16 +38,17 @@ from accelerate.utils import set_seed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from rvla_peft.algorithms.group import group_advantages, kl_k3
 from rvla_peft.algorithms.ppo import compute_gae, minibatch_indices, normalize_advantages, policy_loss, value_loss
 from rvla_peft.config import TrainConfig, dump_yaml
 from rvla_peft.envs import PerturbedEnv, make_envs
 from rvla_peft.evaluation import evaluate_grid
 from rvla_peft.hub.push import push_training_output
-from rvla_peft.perturbations import suite_grid
+from rvla_peft.perturbations import spec_label, suite_grid
 from rvla_peft.perturbations.curriculum import Curriculum
 from rvla_peft.policies.registry import base_model_id, build_policy, resolve_lora
 from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm, smoothness_penalty
-from rvla_peft.rollout import Rollout, collect
+from rvla_peft.rollout import GroupRollout, Rollout, collect, collect_groups
 from rvla_peft.stats import explained_variance
 from rvla_peft.utils.constants import (
     ADAPTER_DIR,
@@ -48,17 +60,27 @@ from rvla_peft.utils.constants import (
 )
 from rvla_peft.utils.io import atomic_save
 
+# A continuous action dimension counts as changed in policy/argmax_changed when its deterministic (normalised) value
+# moved by more than one bin of OpenVLA's 256 over [-1, 1]; token actions are compared exactly.
+CONTINUOUS_ACTION_CHANGE = 2.0 / 256
+
+
+def _detach_inputs(module, args):
+    """Forward pre-hook: the module sees its inputs detached (ppo.value_detach_features)."""
+    return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+
 
 @dataclass
 class _Batch:
-    """A rollout flattened to [T*N, ...] samples, with its advantages and returns."""
+    """A rollout flattened to samples ([T*N, ...] for PPO, [S, ...] for groups), with its advantages."""
 
     actions: torch.Tensor
     log_probs: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor | None  # None without a critic
     advantages: torch.Tensor
-    returns: torch.Tensor
+    returns: torch.Tensor | None
     means: torch.Tensor
+    ref_log_probs: torch.Tensor | None  # base policy's log-probs of the actions (kl_to_base > 0)
 
     def __len__(self) -> int:
         return self.actions.shape[0]
@@ -88,9 +110,23 @@ class RobustPPOTrainer:
         # built there while the other ranks wait, then load it.
         with acc.main_process_first():
             self.policy = build_policy(cfg, device=acc.device)
-        self.params = self.policy.trainable_parameters()
+        self.critic_free = cfg.algorithm != "ppo"
+        value_ids = {id(p) for p in self.policy.value_head.parameters()}
+        trainable = self.policy.trainable_parameters()
+        # Without a critic the value head is neither trained nor given optimizer state.
+        self.params = [p for p in trainable if not (self.critic_free and id(p) in value_ids)]
+        self.value_params = [p for p in self.params if id(p) in value_ids]
         self._broadcast_parameters()
         self.optimizer = acc.prepare(torch.optim.AdamW(self.params, lr=cfg.ppo.learning_rate, eps=1e-5))
+        if cfg.ppo.value_detach_features and not self.critic_free:
+            self.policy.value_head.register_forward_pre_hook(_detach_inputs)
+        # The base policy is the adapter switched off, plus the initial values of any other trained weights (the
+        # OpenVLA-OFT action and scale heads), swapped in while it is used.
+        self._base_weights = {
+            name: p.detach().clone()
+            for name, p in self.policy.named_parameters()
+            if p.requires_grad and "lora_" not in name and id(p) not in value_ids
+        }
 
         # Each rank collects its own experience from different initial states.
         self.env_seed = cfg.seed + 100_003 * acc.process_index
@@ -98,10 +134,14 @@ class RobustPPOTrainer:
         self.train_env = PerturbedEnv(
             self.base_env, cfg.perturb.train, seed=self.env_seed, sample_per_episode=cfg.perturb.sample_per_episode
         )
+        # rollout/success_rate/<label> for each perturb.train entry, where each episode draws one
+        self.setting_labels = [spec_label(s) for s in cfg.perturb.train] if self.train_env.sample_per_episode else []
         self.curriculum = Curriculum(cfg.perturb.curriculum)
         self.sample_generator = torch.Generator(device="cpu").manual_seed(self.env_seed)
         torch.manual_seed(self.env_seed)  # action sampling differs per rank
         self.update_index = 0
+        self.env_steps = 0  # over all ranks
+        self.probe: dict | None = None  # frames of the first rollout, for policy/argmax_changed
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / RECIPE_FILE).write_text(dump_yaml(cfg))
@@ -113,34 +153,40 @@ class RobustPPOTrainer:
 
     def train(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
-        obs = self.train_env.reset(seed=self.env_seed)
+        obs = None if self.critic_free else self.train_env.reset(seed=self.env_seed)
         metrics: dict[str, float] = {}
-        bar = tqdm(range(cfg.total_updates), desc="PPO updates", disable=not acc.is_local_main_process)
+        bar = tqdm(range(cfg.total_updates), desc=f"{cfg.algorithm} updates", disable=not acc.is_local_main_process)
         for self.update_index in bar:
             start = time.perf_counter()
             # RobustVLA-C: the training perturbations' severity follows the schedule (fed last update's success).
             scale = self.curriculum.scale(self.update_index, metrics.get("rollout/success_rate"))
             self.train_env.set_severity_scale(scale)
             self.policy.eval()
-            rollout, obs = collect(self.policy, self.train_env, obs, cfg.ppo.num_steps, cfg.ppo.gamma)
+            if self.critic_free:
+                rollout = self.collect_groups()
+            else:
+                rollout, obs = collect(self.policy, self.train_env, obs, cfg.ppo.num_steps, cfg.ppo.gamma)
             rollout_s = time.perf_counter() - start
+            metrics = {**self._rollout_metrics(rollout), **self.policy_metrics(rollout)}
             self.policy.train()
-            metrics = {**self._rollout_metrics(rollout), **self.update(rollout)}
+            metrics.update(self.update(rollout))
             update_s = time.perf_counter() - start - rollout_s
-            env_steps = rollout.env_steps * acc.num_processes
+            env_steps = acc.reduce(torch.tensor(float(rollout.env_steps), device=acc.device), "sum").item()
+            self.env_steps += int(env_steps)
             metrics.update(
                 {
                     "time/rollout_s": rollout_s,
                     "time/update_s": update_s,
                     "time/env_steps_per_s": env_steps / rollout_s,
-                    "time/env_steps": float(env_steps * (self.update_index + 1)),
+                    "time/env_steps": float(self.env_steps),
                     "perturb/severity_scale": scale,
                 }
             )
             step = self.update_index + 1
             if cfg.eval_episodes and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_updates:
                 metrics.update(self.evaluate())
-                obs = self.train_env.reset(seed=self.env_seed + step)
+                if not self.critic_free:
+                    obs = self.train_env.reset(seed=self.env_seed + step)
             checkpoint = None
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.total_updates:
                 checkpoint = self.output_dir / CHECKPOINTS_DIR / f"update-{step:06d}"
@@ -150,25 +196,43 @@ class RobustPPOTrainer:
                 self.push_to_hub(checkpoint, checkpoint=True)
         if cfg.eval_episodes:
             metrics.update(self.evaluate())
-            self._log({k: v for k, v in metrics.items() if k.startswith("eval/")}, cfg.total_updates, bar)
+            final = {k: v for k, v in metrics.items() if k.startswith(("eval/", "eval_sampled/"))}
+            self._log(final, cfg.total_updates, bar)
         self.save_adapter()
         acc.end_training()
         if cfg.hub.push_to_hub:
             self.push_to_hub(self.output_dir / ADAPTER_DIR)
         return metrics
 
-    def _rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
-        """Episode outcomes of this rollout, pooled over ranks."""
+    def collect_groups(self) -> GroupRollout:
+        """This update's groups (rloo / grpo); reset seeds never repeat across updates and rounds of a rank."""
+        group, n = self.cfg.group, self.train_env.num_envs
+        rounds = math.ceil(group.num_groups / n) + group.max_resample
+        return collect_groups(
+            self.policy,
+            self.train_env,
+            group.num_groups,
+            group.size,
+            seed=self.env_seed + self.update_index * rounds * n,
+            max_steps=self.cfg.env.max_episode_steps,
+            max_resample=group.max_resample,
+            outcome=group.outcome,
+            dynamic_sampling=group.dynamic_sampling,
+        )
+
+    def _rollout_metrics(self, rollout: Rollout | GroupRollout) -> dict[str, float]:
+        """Episode outcomes of this rollout (every collected episode, dropped groups included), pooled over ranks."""
+        acc = self.accelerator
         ep = rollout.episodes
+        count = torch.tensor(float(len(ep["success"])))
         sums = torch.stack(
-            [ep["success"].sum(), ep["return"].sum(), ep["length"].sum(), torch.tensor(float(len(ep["success"])))]
-        ).to(self.accelerator.device)
-        sums = self.accelerator.reduce(sums, "sum")
+            [x.to(acc.device) for x in (ep["success"].sum(), ep["return"].sum(), ep["length"].sum(), count)]
+        )
+        sums = acc.reduce(sums, "sum")
         count = sums[3].item()
-        metrics = {
-            "rollout/episodes": count,
-            "rollout/step_reward": self.accelerator.reduce(rollout.rewards.mean(), "mean").item(),
-        }
+        metrics = {"rollout/episodes": count}
+        if isinstance(rollout, Rollout):
+            metrics["rollout/step_reward"] = acc.reduce(rollout.rewards.mean(), "mean").item()
         if count:
             metrics.update(
                 {
@@ -177,13 +241,130 @@ class RobustPPOTrainer:
                     "rollout/episode_length": sums[2].item() / count,
                 }
             )
+        if self.setting_labels and "setting" in ep:  # success per training perturbation
+            setting, success = ep["setting"].to(acc.device), ep["success"].to(acc.device)
+            per = torch.stack(
+                [
+                    torch.stack([success[setting == i].sum(), (setting == i).sum().float()])
+                    for i in range(len(self.setting_labels))
+                ]
+            )
+            per = acc.reduce(per, "sum")
+            for label, (wins, n) in zip(self.setting_labels, per.tolist(), strict=True):
+                if n:
+                    metrics[f"rollout/success_rate/{label}"] = wins / n
+        if isinstance(rollout, GroupRollout):
+            counts = torch.tensor(
+                [float(rollout.groups_kept), float(rollout.groups_collected), float(len(rollout))], device=acc.device
+            )
+            kept, collected, samples = acc.reduce(counts, "sum").tolist()
+            metrics.update(
+                {"groups/kept_frac": kept / collected, "groups/kept": kept, "groups/collected": collected,
+                 "groups/samples": samples}
+            )  # fmt: skip
         return metrics
 
     # ---------------------------------------------------------------------------------------------------------
-    # PPO update
+    # drift from the base policy
 
-    def update(self, rollout: Rollout) -> dict[str, float]:
-        ppo, acc = self.cfg.ppo, self.accelerator
+    @contextlib.contextmanager
+    def base_policy(self) -> Iterator[None]:
+        """Inside the block, ``self.policy`` is the base policy: the adapter switched off (no second copy of the
+        model) and any other trained weights (OpenVLA-OFT's heads) at their initial values."""
+        params = dict(self.policy.named_parameters())
+        current = {name: params[name].data for name in self._base_weights}
+        with self.policy.peft_model.disable_adapter():
+            try:
+                for name, initial in self._base_weights.items():
+                    params[name].data = initial
+                yield
+            finally:
+                for name, data in current.items():
+                    params[name].data = data
+
+    @torch.no_grad()
+    def reference_log_probs(self, rollout: Rollout | GroupRollout) -> torch.Tensor:
+        """Log-probs of the rollout's actions under the base policy (computed once per rollout, kept on it)."""
+        if rollout.ref_log_probs is None:
+            actions = self._flat(rollout, rollout.actions)
+            n = actions.shape[0]
+            ppo = self.cfg.ppo
+            size = max(1, math.ceil(n / (ppo.num_minibatches * ppo.gradient_accumulation_steps)))
+            was_training = self.policy.training
+            self.policy.eval()
+            out = []
+            with self.base_policy():
+                for idx in torch.arange(n, device=actions.device).split(size) if n else ():
+                    out.append(self.policy.evaluate(rollout.observations(idx), actions[idx]).log_prob.float())
+            self.policy.train(was_training)
+            flat = torch.cat(out) if out else actions.new_zeros(0, dtype=torch.float32)
+            rollout.ref_log_probs = flat.reshape(rollout.log_probs.shape)
+        return rollout.ref_log_probs
+
+    def policy_metrics(self, rollout: Rollout | GroupRollout) -> dict[str, float]:
+        """``policy/kl_to_base`` (the k3 estimate of KL(pi || pi_base) on the rollout's own samples, i.e. of the
+        policy that collected it), ``policy/argmax_changed`` (on the probe frames) and ``policy/temperature``."""
+        acc = self.accelerator
+        metrics = {"policy/temperature": self.cfg.policy.temperature}
+        ref = self.reference_log_probs(rollout).reshape(-1)
+        kl = kl_k3(rollout.log_probs.reshape(-1).float(), ref)
+        local = torch.stack([kl.sum().to(acc.device), torch.tensor(float(kl.numel()), device=acc.device)])
+        total, count = acc.reduce(local, "sum")
+        if count.item():
+            metrics["policy/kl_to_base"] = (total / count).item()
+        if self.cfg.probe_frames:
+            if self.probe is None and len(rollout.log_probs.reshape(-1)):
+                self.probe = self.make_probe(rollout)
+            if self.probe is not None:
+                metrics.update(self.probe_drift())
+        return metrics
+
+    def make_probe(self, rollout: Rollout | GroupRollout) -> dict:
+        """``probe_frames`` observations spread evenly over the rollout, kept on the device."""
+        n = rollout.log_probs.numel()
+        idx = torch.linspace(0, n - 1, min(self.cfg.probe_frames, n)).round().long().unique()
+        return rollout.observations(idx.to(rollout.log_probs.device))
+
+    @torch.no_grad()
+    def probe_drift(self, probe: dict | None = None) -> dict[str, float]:
+        """The deterministic actions on the probe frames against the base policy's, averaged over ranks.
+
+        ``policy/argmax_changed``: the share of action dimensions that differ (the argmax token for token policies;
+        for continuous ones, a move of the normalised mean by more than one bin of 256 over [-1, 1]); 0 before the
+        first optimizer step, since LoRA starts as the identity. ``policy/argmax_shift``: the mean move in bins over
+        all dimensions (in 256-bin widths for continuous actions): how far, not only how often."""
+        probe = self.probe if probe is None else probe
+        was_training = self.policy.training
+        self.policy.eval()
+        ours = self.policy.act(probe, deterministic=True)
+        with self.base_policy():
+            base = self.policy.act(probe, deterministic=True)
+        self.policy.train(was_training)
+        if ours.action.is_floating_point():
+            shift = (ours.mean.float() - base.mean.float()).abs() / CONTINUOUS_ACTION_CHANGE
+            changed = shift > 1
+        else:
+            shift = (ours.action - base.action).abs().float()
+            changed = ours.action != base.action
+        local = torch.stack([changed.float().mean(), shift.mean()]).to(self.accelerator.device)
+        share, bins = self.accelerator.reduce(local, "mean").tolist()
+        return {"policy/argmax_changed": share, "policy/argmax_shift": bins}
+
+    # ---------------------------------------------------------------------------------------------------------
+    # the update
+
+    @staticmethod
+    def _flat(rollout: Rollout | GroupRollout, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, *x.shape[2:]) if isinstance(rollout, Rollout) else x  # [T, N, ...] -> [T*N, ...]
+
+    def _batch(self, rollout: Rollout | GroupRollout) -> _Batch:
+        ppo = self.cfg.ppo
+        ref = None
+        if self.cfg.kl_to_base > 0:
+            ref = self._flat(rollout, self.reference_log_probs(rollout))
+        if isinstance(rollout, GroupRollout):
+            advantages = rollout.step_advantages(group_advantages(rollout.outcomes, self.cfg.algorithm))
+            return _Batch(rollout.actions, rollout.log_probs, None, advantages, None, rollout.means, ref)
         advantages, returns = compute_gae(
             rollout.rewards,
             rollout.values,
@@ -192,73 +373,139 @@ class RobustPPOTrainer:
             gamma=ppo.gamma,
             gae_lambda=ppo.gae_lambda,
         )
-        flat = lambda x: x.reshape(-1, *x.shape[2:])  # [T, N, ...] -> [T*N, ...]
-        batch = _Batch(
+        flat = lambda x: self._flat(rollout, x)  # noqa: E731
+        return _Batch(
             flat(rollout.actions), flat(rollout.log_probs), flat(rollout.values), flat(advantages), flat(returns),
-            flat(rollout.means),
+            flat(rollout.means), ref,
         )  # fmt: skip
+
+    @property
+    def _value_clip(self) -> float | None:
+        clip = self.cfg.ppo.clip_vloss
+        if clip is True:
+            return self.cfg.ppo.clip_coef
+        return None if clip is False else float(clip)
+
+    def _micro_batches(self, mb: torch.Tensor) -> list[torch.Tensor]:
+        """Positions in ``mb`` of each micro-batch (never an empty one)."""
+        parts = min(self.cfg.ppo.gradient_accumulation_steps, len(mb))
+        return list(torch.tensor_split(torch.arange(len(mb), device=mb.device), parts))
+
+    def update(self, rollout: Rollout | GroupRollout) -> dict[str, float]:
+        ppo, acc = self.cfg.ppo, self.accelerator
+        batch = self._batch(rollout)
+        if not self.critic_free and self.update_index < ppo.critic_warmup_updates:
+            return self._critic_warmup(rollout, batch)
+        # Every rank must take the same number of optimizer steps (gradients are all-reduced at each): a group
+        # rollout may keep too few samples somewhere, and then no rank updates.
+        fewest = acc.gather(torch.tensor([len(batch)], device=acc.device)).min().item()
+        if fewest < ppo.num_minibatches:
+            return {"ppo/optimizer_steps": 0.0, "ppo/epochs": 0.0}
+        advantages = batch.advantages
+        if not self.critic_free and ppo.norm_adv == "batch":
+            advantages = normalize_advantages(advantages)
         history: dict[str, list[torch.Tensor]] = {}
-        epochs_run = 0
+        epochs_run = steps = 0
+        stopped = False
         for _epoch in range(ppo.update_epochs):
             epochs_run += 1
-            epoch_kl = []
+            kl_sum, kl_count = torch.zeros((), device=acc.device), 0
             for mb in minibatch_indices(len(batch), ppo.num_minibatches, self.sample_generator, batch.actions.device):
-                # advantages are normalised over the whole minibatch, before it is split into micro-batches
-                adv = (
-                    normalize_advantages(batch.advantages[mb])
-                    if ppo.norm_adv and len(mb) > 1
-                    else batch.advantages[mb]
-                )
-                for micro in torch.tensor_split(
-                    torch.arange(len(mb), device=mb.device), ppo.gradient_accumulation_steps
-                ):
+                adv = advantages[mb]
+                # normalised over the whole minibatch, before it is split into micro-batches
+                if not self.critic_free and ppo.norm_adv == "minibatch" and len(mb) > 1:
+                    adv = normalize_advantages(adv)
+                for micro in self._micro_batches(mb):
                     losses = self._losses(rollout, mb[micro], batch, adv[micro])
-                    acc.backward(losses.total / ppo.gradient_accumulation_steps)
+                    acc.backward(losses.total * (len(micro) / len(mb)))
                     for k, v in losses.stats.items():
                         history.setdefault(k, []).append(v.detach())
+                    kl_sum = kl_sum + losses.stats["ppo/approx_kl"].detach().float().to(acc.device) * len(micro)
+                    kl_count += len(micro)
                 self._sync_gradients()
                 grad_norm = acc.clip_grad_norm_(self.params, ppo.max_grad_norm)
                 history.setdefault("ppo/grad_norm", []).append(torch.as_tensor(grad_norm, dtype=torch.float32))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                epoch_kl.append(history["ppo/approx_kl"][-1])
-            if ppo.target_kl is not None:
-                kl = acc.reduce(torch.stack(epoch_kl).mean().to(acc.device), "mean")  # same decision on every rank
-                if kl.item() > ppo.target_kl:
-                    break
+                steps += 1
+                if ppo.target_kl is not None:
+                    # the running mean over the epoch's samples so far, the same decision on every rank
+                    kl = acc.reduce(kl_sum / kl_count, "mean")
+                    if kl.item() > ppo.target_kl:
+                        stopped = True
+                        break
+            if stopped:
+                break
         metrics = {
             k: acc.reduce(torch.stack(v).float().mean().to(acc.device), "mean").item() for k, v in history.items()
         }
         metrics["ppo/epochs"] = float(epochs_run)
-        metrics["ppo/explained_variance"] = explained_variance(batch.values, batch.returns)
+        metrics["ppo/optimizer_steps"] = float(steps)
+        metrics["ppo/early_stopped"] = float(stopped)
+        if not self.critic_free:
+            metrics["ppo/explained_variance"] = explained_variance(batch.values, batch.returns)
         metrics["ppo/learning_rate"] = ppo.learning_rate
         return metrics
 
-    def _losses(self, rollout: Rollout, idx: torch.Tensor, batch: _Batch, adv: torch.Tensor) -> _Losses:
+    def _critic_warmup(self, rollout: Rollout, batch: _Batch) -> dict[str, float]:
+        """Value-only epochs over the rollout with the policy frozen (ppo.critic_warmup_updates)."""
+        ppo, acc = self.cfg.ppo, self.accelerator
+        value_ids = {id(p) for p in self.value_params}
+        frozen = [p for p in self.params if id(p) not in value_ids]
+        for p in frozen:  # no graph through the backbone, no gradient, no AdamW step (weight decay included)
+            p.requires_grad_(False)
+        losses = []
+        try:
+            for _epoch in range(ppo.update_epochs):
+                for mb in minibatch_indices(
+                    len(batch), ppo.num_minibatches, self.sample_generator, batch.actions.device
+                ):
+                    for micro in self._micro_batches(mb):
+                        idx = mb[micro]
+                        with acc.autocast():
+                            out = self.policy.evaluate(rollout.observations(idx), batch.actions[idx])
+                            v_loss = value_loss(out.value, batch.values[idx], batch.returns[idx], self._value_clip)
+                        acc.backward(ppo.vf_coef * v_loss * (len(micro) / len(mb)))
+                        losses.append(v_loss.detach())
+                    self._sync_gradients(self.value_params)
+                    acc.clip_grad_norm_(self.value_params, ppo.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        return {
+            "loss/value": acc.reduce(torch.stack(losses).float().mean().to(acc.device), "mean").item(),
+            "ppo/critic_warmup": 1.0,
+            "ppo/explained_variance": explained_variance(batch.values, batch.returns),
+            "ppo/learning_rate": ppo.learning_rate,
+        }
+
+    def _losses(self, rollout: Rollout | GroupRollout, idx: torch.Tensor, batch: _Batch, adv: torch.Tensor) -> _Losses:
         cfg = self.cfg
-        actions, old_log_probs, old_values, returns = (
-            batch.actions[idx], batch.log_probs[idx], batch.values[idx], batch.returns[idx]
-        )  # fmt: skip
+        actions, old_log_probs = batch.actions[idx], batch.log_probs[idx]
         jac_cfg, smooth_cfg = cfg.regularizers.jacobian, cfg.regularizers.smoothness
         obs = rollout.observations(idx)
         with self.accelerator.autocast():
             out = self.policy.evaluate(obs, actions)
             pg_loss, pg_stats = policy_loss(out.log_prob, old_log_probs, adv, cfg.ppo.clip_coef)
-            v_loss = value_loss(out.value, old_values, returns, cfg.ppo.clip_coef if cfg.ppo.clip_vloss else None)
             entropy = out.entropy.mean()
-            total = pg_loss + cfg.ppo.vf_coef * v_loss - cfg.ppo.ent_coef * entropy
-            stats = {
-                "loss/ppo": pg_loss,
-                "loss/value": v_loss,
-                "loss/entropy": entropy,
-                **{f"ppo/{k}": v for k, v in pg_stats.items()},
-            }
+            total = pg_loss - cfg.ppo.ent_coef * entropy
+            stats = {"loss/ppo": pg_loss, "loss/entropy": entropy, **{f"ppo/{k}": v for k, v in pg_stats.items()}}
+            if not self.critic_free:
+                v_loss = value_loss(out.value, batch.values[idx], batch.returns[idx], self._value_clip)
+                total = total + cfg.ppo.vf_coef * v_loss
+                stats["loss/value"] = v_loss
+            if cfg.kl_to_base > 0:
+                kl = kl_k3(out.log_prob, batch.ref_log_probs[idx]).mean()
+                total = total + cfg.kl_to_base * kl
+                stats["loss/kl_to_base"] = kl
             if jac_cfg.weight > 0:
                 jac = self._jacobian_penalty(obs, actions, idx, jac_cfg)
                 total = total + jac_cfg.weight * jac
                 stats["loss/jacobian"] = jac
             if smooth_cfg.weight > 0:
-                smooth = self._smoothness_penalty(rollout, idx, out.mean, batch.means[idx], smooth_cfg)
+                smooth = self._smoothness_penalty(rollout, idx, out.mean, batch, smooth_cfg)
                 total = total + smooth_cfg.weight * smooth
                 stats["loss/smooth"] = smooth
         stats["loss/total"] = total
@@ -285,17 +532,13 @@ class RobustPPOTrainer:
                 penalty = grad_norm_penalty(out.log_prob, captured[0], jac_cfg.g_max, create_graph=True)
         return penalty.mean()
 
-    def _smoothness_penalty(self, rollout, idx, mean, old_means, smooth_cfg) -> torch.Tensor:
+    def _smoothness_penalty(self, rollout, idx, mean, batch: _Batch, smooth_cfg) -> torch.Tensor:
         if smooth_cfg.form == "old_policy":
-            return smoothness_penalty(mean, old_means.detach())
+            return smoothness_penalty(mean, batch.means[idx].detach())
         # temporal: the current policy's mean at s_t and at s_{t+1} of the same episode (teacher-forced on a_{t+1})
         k = self._subset(len(idx), smooth_cfg.fraction)
-        idx, n_envs = idx[:k], rollout.num_envs
-        t = idx // n_envs
-        valid = (t + 1 < rollout.num_steps) & ~rollout.dones.reshape(-1)[idx]
-        next_idx = torch.where(valid, idx + n_envs, idx)  # invalid rows are masked out below
-        next_actions = rollout.actions.reshape(-1, *rollout.actions.shape[2:])[next_idx]
-        next_mean = self.policy.evaluate(rollout.observations(next_idx), next_actions).mean
+        next_idx, valid = rollout.next_indices(idx[:k])  # invalid rows point at themselves and are masked out
+        next_mean = self.policy.evaluate(rollout.observations(next_idx), batch.actions[next_idx]).mean
         return smoothness_penalty(mean[:k], next_mean, mask=valid)
 
     def _broadcast_parameters(self) -> None:
@@ -305,14 +548,15 @@ class RobustPPOTrainer:
         for p in self.params:
             torch.distributed.broadcast(p.data, src=0)
 
-    def _sync_gradients(self) -> None:
+    def _sync_gradients(self, params: list[torch.nn.Parameter] | None = None) -> None:
         """Average the trainable parameters' gradients over ranks (see the module docstring)."""
         if self.accelerator.num_processes == 1:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        params = self.params if params is None else params
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
         offset = 0
-        for p, g in zip(self.params, grads, strict=True):
+        for p, g in zip(params, grads, strict=True):
             p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
             offset += g.numel()
 
@@ -321,25 +565,29 @@ class RobustPPOTrainer:
 
     def evaluate(self) -> dict[str, float]:
         """``eval/<setting>/success_rate`` and ``/return``: clean and each ``perturb.eval`` setting, same episodes
-        (``rvla_peft.evaluation.evaluate_grid``), averaged over ranks."""
+        (``rvla_peft.evaluation.evaluate_grid``), argmax actions, averaged over ranks; with ``eval_sampled`` also
+        ``eval_sampled/...``: the same episodes with sampled actions, the policy that RL optimises."""
         self.policy.eval()
         settings = suite_grid(self.cfg.perturb.eval_suite, specs=self.cfg.perturb.eval)
-        cells = evaluate_grid(
-            {"policy": self.policy},
-            self.base_env,
-            settings,
-            self.cfg.eval_episodes,
-            seed=self.env_seed + 7,
-            max_steps=self.cfg.env.max_episode_steps,
-        )
+        modes = [("eval", True)] + ([("eval_sampled", False)] if self.cfg.eval_sampled else [])
         metrics = {}
-        for cell in cells:
-            local = torch.tensor(
-                [cell.success_rate, sum(cell.returns) / cell.episodes], device=self.accelerator.device
+        for prefix, deterministic in modes:
+            cells = evaluate_grid(
+                {"policy": self.policy},
+                self.base_env,
+                settings,
+                self.cfg.eval_episodes,
+                seed=self.env_seed + 7,
+                max_steps=self.cfg.env.max_episode_steps,
+                deterministic=deterministic,
             )
-            success_rate, mean_return = self.accelerator.reduce(local, "mean").tolist()
-            metrics[f"eval/{cell.setting}/success_rate"] = success_rate
-            metrics[f"eval/{cell.setting}/return"] = mean_return
+            for cell in cells:
+                local = torch.tensor(
+                    [cell.success_rate, sum(cell.returns) / cell.episodes], device=self.accelerator.device
+                )
+                success_rate, mean_return = self.accelerator.reduce(local, "mean").tolist()
+                metrics[f"{prefix}/{cell.setting}/success_rate"] = success_rate
+                metrics[f"{prefix}/{cell.setting}/return"] = mean_return
         return metrics
 
     def _log(self, metrics: dict[str, float], step: int, bar) -> None:
@@ -360,10 +608,17 @@ class RobustPPOTrainer:
             "loss/smooth",
             "ppo/approx_kl",
             "ppo/clip_frac",
+            "policy/kl_to_base",
+            "policy/argmax_changed",
+            "groups/kept_frac",
             "time/env_steps_per_s",
         ]
         line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
-        line += "".join(f" {k}={v:.3g}" for k, v in metrics.items() if k.startswith("eval/") and k.endswith("rate"))
+        line += "".join(
+            f" {k}={v:.3g}"
+            for k, v in metrics.items()
+            if k.startswith(("eval/", "eval_sampled/")) and k.endswith("rate")
+        )
         bar.write(f"[update {step}/{self.cfg.total_updates}] {line}")
 
     def save_adapter(self) -> Path:

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from rvla_peft.policies.action_tokens import ActionTokenizer
+from rvla_peft.policies.action_tokens.tokenizer import ActionTokenizer
 
 
 def openvla_reference(vocab_size: int, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,16 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("leaf utilities", ["rvla_peft", "rvla_peft.utils", "rvla_peft.utils.*"]),
     ("maths", ["rvla_peft.stats", "rvla_peft.regularizers", "rvla_peft.algorithms", "rvla_peft.algorithms.*"]),
     ("perturbations", ["rvla_peft.perturbations", "rvla_peft.perturbations.*"]),
-    ("config", ["rvla_peft.config", "rvla_peft.config.*", "rvla_peft.policies.families"]),
+    # the policy families' catalogue and their config sections sit in the config layer (light: no torch)
+    (
+        "config",
+        [
+            "rvla_peft.config",
+            "rvla_peft.config.*",
+            "rvla_peft.policies.families",
+            "rvla_peft.policies.*.configuration",
+        ],
+    ),
     (
         "envs, models, adapter files",
         [

@@ -18,7 +18,8 @@ from rvla_peft.config import ConfigError, load_config
 from rvla_peft.models.openvla import OpenVLAConfig, OpenVLAForActionPrediction, PrismaticProcessor
 from rvla_peft.models.openvla.published import OPENVLA_7B_CONFIG as PUBLISHED_CONFIG
 from rvla_peft.models.tiny import resolve_builtin
-from rvla_peft.policies.openvla import OpenVLAPolicy, action_bounds_from_norm_stats
+from rvla_peft.policies.common import action_bounds_from_norm_stats
+from rvla_peft.policies.openvla.modeling import OpenVLAPolicy
 from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm
 
 DATA = Path(__file__).parent / "data"

@@ -17,16 +17,12 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from rvla_peft.algorithms.ppo import policy_loss, value_loss
 from rvla_peft.config import ConfigError, load_config
-from rvla_peft.policies.openvla_oft import (
-    ACTION_HEADS_FILE,
-    OpenVLAOFTPolicy,
-    StateDependentScale,
-    action_entropy,
-    action_log_prob,
-)
+from rvla_peft.policies.distributions import action_entropy, action_log_prob
+from rvla_peft.policies.openvla_oft.modeling import OpenVLAOFTPolicy, StateDependentScale
 from rvla_peft.policies.registry import build_policy, load_base, lora_config, resolve_lora
 from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm, smoothness_penalty
 from rvla_peft.trainer import RobustPPOTrainer
+from rvla_peft.utils.constants import ACTION_HEADS_FILE
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 CHUNK, EXECUTED, A = 4, 2, 7
@@ -223,7 +219,7 @@ def test_ppo_and_jacobian_and_smoothness_move_lora_and_both_heads(tmp_path):
     (loss + 0.1 * jacobian.mean() + 0.1 * penalty.mean()).backward()
 
     # every adapted layer gets a gradient, except the tiny towers' last blocks, which never run (the comment on
-    # registry.OPENVLA_UNUSED_MODULES); SigLIP's attention pool is not adapted at all
+    # openvla/configuration.OPENVLA_UNUSED_MODULES); SigLIP's attention pool is not adapted at all
     lora_b = {n: p for n, p in policy.named_parameters() if "lora_B" in n}
     no_grad = {n for n, p in lora_b.items() if p.grad is None or not p.grad.abs().sum() > 0}
     assert no_grad and all(".blocks.2." in n for n in no_grad), sorted(no_grad)

@@ -23,7 +23,9 @@ from rvla_peft.perturbations import (
     Spec,
     build_perturbations,
     expand_spec,
+    register,
     spec_label,
+    suite_grid,
     suite_settings,
     validate_specs,
 )
@@ -409,18 +411,20 @@ def test_gripper_flip_rate_and_sign() -> None:
 
 
 class FakeEnv(VecEnv):
-    """Env i's episodes last lengths[i] steps. rgb = 50 x episode + t, state = [episode, t]; executed actions kept."""
+    """Env i's episodes last lengths[i] steps. rgb = 50 x episode + t (or always ``frame`` [N, H, W, 3], a scene that
+    never changes), state = [episode, t]; executed actions kept."""
 
-    def __init__(self, lengths: list[int]) -> None:
+    def __init__(self, lengths: list[int], frame: torch.Tensor | None = None) -> None:
         super().__init__(len(lengths), torch.device("cpu"), 7, ["task"] * len(lengths))
         self.lengths = torch.tensor(lengths)
+        self.frame = frame
         self.executed: list[torch.Tensor] = []
         self.clean: list[dict[str, torch.Tensor]] = []
 
     def _obs(self) -> dict[str, torch.Tensor]:
         value = (50 * self.episode + self.t).to(torch.uint8)
         obs = {
-            "rgb": value.view(-1, 1, 1, 1).expand(-1, 4, 4, 3).clone(),
+            "rgb": value.view(-1, 1, 1, 1).expand(-1, 4, 4, 3).clone() if self.frame is None else self.frame.clone(),
             "state": torch.stack([self.episode, self.t], 1).float(),
         }
         self.clean.append(obs)
@@ -557,6 +561,308 @@ def test_severity_scale_multiplies_every_severity() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Resample: random parameters held per episode or redrawn every step
+
+EXPECTED_RESAMPLE = {
+    **dict.fromkeys(
+        ["shift", "rotation", "color_jitter", "occlusion", "random_erasing", "blur", "latency"], "episode"
+    ),
+    **dict.fromkeys(["action_bias", "action_gain", "action_delay"], "episode"),
+    **dict.fromkeys(["pixel_noise", "salt_pepper", "state_noise", "frame_drop"], "step"),
+    **dict.fromkeys(["action_noise", "action_dropout", "gripper_flip"], "step"),
+}
+DRAWN = sorted(set(NAMES) - HISTORY - NO_RANDOMNESS)  # a constant input's output shows the random parameters
+HELD = [n for n in DRAWN if PERTURBATIONS[n].resample == "episode"]
+REDRAWN = [n for n in DRAWN if PERTURBATIONS[n].resample == "step"]
+OTHER = {"episode": "step", "step": "episode"}
+
+
+def _constant_input(name: str, n: int = N) -> object:
+    """One input reused at every step: 64-px images, so two shift or occlusion draws rarely coincide."""
+    return _obs(n=n, size=64) if issubclass(PERTURBATIONS[name], ObservationPerturbation) else _action(n=n)
+
+
+def _two_episodes(
+    name: str, seed: int = 0, resample: str | None = None, done: torch.Tensor | None = None, n: int = N
+) -> tuple[list, list]:
+    """A fresh perturbation (severity 1) on one constant input: 3 steps, ``reset(done)`` (default: all), 3 more."""
+    p = PERTURBATIONS[name](1.0, resample=resample)
+    g = _gen(seed)
+    x = _constant_input(name, n)
+    p.reset(torch.ones(n, dtype=torch.bool))
+    first = [p.apply(x, g) for _ in range(3)]
+    p.reset(torch.ones(n, dtype=torch.bool) if done is None else done)
+    return first, [p.apply(x, g) for _ in range(3)]
+
+
+def _changed(a: object, b: object) -> torch.Tensor:
+    """[N] bool: env i's output differs between a and b."""
+    pairs = [(a[k], b[k]) for k in a] if isinstance(a, dict) else [(a, b)]
+    return torch.stack([(x != y).reshape(x.shape[0], -1).any(1) for x, y in pairs]).any(0)
+
+
+def test_every_perturbation_states_when_it_draws_and_why() -> None:
+    assert {n: PERTURBATIONS[n].resample for n in NAMES} == EXPECTED_RESAMPLE
+    for name in NAMES:
+        assert f'resample "{PERTURBATIONS[name].resample}": ' in PERTURBATIONS[name].__doc__, "a one-line reason"
+        assert PERTURBATIONS[name](0.5).mode == EXPECTED_RESAMPLE[name]
+    with pytest.raises(TypeError, match="set the class attribute resample"):
+        register(type("Unstated", (ActionPerturbation,), {"name": "unstated"}))
+    assert "unstated" not in PERTURBATIONS
+    with pytest.raises(ValueError, match="resample must be 'episode'"):
+        Rotation(0.5, resample="always")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if EXPECTED_RESAMPLE[n] == "episode"])
+def test_held_parameters_are_constant_within_an_episode(name: str) -> None:
+    first, second = _two_episodes(name)
+    assert all(_equal(y, first[0]) for y in first) and all(_equal(y, second[0]) for y in second)
+
+
+@pytest.mark.parametrize("name", HELD)
+def test_held_parameters_differ_across_episodes_and_come_from_the_seed(name: str) -> None:
+    first, second = _two_episodes(name)
+    assert _changed(first[0], _constant_input(name)).all(), "severity 1 perturbs every env"
+    assert _changed(first[-1], second[0]).all(), "every env drew new parameters for its new episode"
+    again = _two_episodes(name)
+    assert _equal(again[0] + again[1], first + second)
+    assert _changed(_two_episodes(name, seed=1)[0][0], first[0]).all()
+
+
+@pytest.mark.parametrize("name", HELD)
+def test_reset_redraws_only_the_envs_whose_episode_ended(name: str) -> None:
+    done = torch.arange(N) % 3 == 0
+    first, second = _two_episodes(name, done=done)
+    assert torch.equal(_changed(first[-1], second[0]), done)
+
+
+@pytest.mark.parametrize("name", REDRAWN)
+def test_redrawn_parameters_change_at_every_step(name: str) -> None:
+    p = PERTURBATIONS[name](1.0)
+    g = _gen()
+    x = _constant_input(name, n=64)
+    draws = [p.draws(x, g) for _ in range(3)]
+    for a, b in zip(draws, draws[1:], strict=False):
+        assert all(_changed(a[k], b[k]).all() for k in a), "every env draws anew"
+    outputs = _two_episodes(name, n=64)[0]
+    for a, b in zip(outputs, outputs[1:], strict=False):
+        assert _changed(a, b).any()
+
+
+@pytest.mark.parametrize("name", DRAWN)
+def test_resample_override_flips_the_behaviour(name: str) -> None:
+    flipped = OTHER[EXPECTED_RESAMPLE[name]]
+    first, second = _two_episodes(name, resample=flipped, n=64)
+    if flipped == "step":
+        assert _changed(first[0], first[1]).any() and _changed(second[0], second[1]).any()
+    else:
+        assert all(_equal(y, first[0]) for y in first) and all(_equal(y, second[0]) for y in second)
+        assert _changed(first[-1], second[0]).any()
+
+
+def test_frame_drop_held_per_episode_freezes_the_camera_of_some_envs() -> None:
+    p = PERTURBATIONS["frame_drop"](1.0, resample="episode")  # half of the envs drop, at every step
+    g = _gen()
+    frames = _frames(12, n=64)
+    shown = torch.stack([p.apply(f, g)["rgb"][:, 0, 0, 0] for f in frames[:6]])  # [T, N]
+    frozen = (shown == 0).all(0)
+    assert (frozen | (shown == torch.arange(6)[:, None]).all(0)).all(), "an env freezes on its first frame or never"
+    assert 0.3 < frozen.float().mean() < 0.7
+    p.reset(torch.ones(64, dtype=torch.bool))
+    shown = torch.stack([p.apply(f, g)["rgb"][:, 0, 0, 0] for f in frames[6:]])
+    refrozen = (shown == 6).all(0)
+    assert (refrozen | (shown == torch.arange(6, 12)[:, None]).all(0)).all() and not torch.equal(refrozen, frozen)
+
+
+def _wrapped(specs: list, lengths: tuple[int, ...] = (3, 5, 100), seed: int = 0, steps: int = 10) -> dict:
+    """A PerturbedEnv over a scene that never changes, driven by constant actions: per step the perturbed obs, each
+    env's episode index, final_obs, and the executed action."""
+    fake = FakeEnv(list(lengths), frame=_obs(n=len(lengths), size=32)["rgb"])
+    env = PerturbedEnv(fake, specs, seed=seed)
+    obs, episodes, finals = [env.reset(seed=0)], [fake.episode.clone()], []
+    clean = [fake.clean[-1]]
+    for _ in range(steps):
+        step = env.step(torch.full((len(lengths), 7), 0.5))
+        obs.append(step.obs)
+        clean.append(fake.clean[-1])
+        episodes.append(fake.episode.clone())
+        finals.append(step.final_obs)
+    return {
+        "env": env,
+        "obs": obs,
+        "clean": clean,
+        "episodes": torch.stack(episodes),
+        "finals": finals,
+        "executed": fake.executed,
+    }
+
+
+def _per_step(run: dict, name: str) -> list[torch.Tensor]:
+    """What an image or action perturbation changes at each step: the image (the scene never changes) or the
+    executed action."""
+    if issubclass(PERTURBATIONS[name], ImagePerturbation):
+        return [o["rgb"] for o in run["obs"][:-1]]
+    return list(run["executed"])
+
+
+@pytest.mark.parametrize("name", HELD)
+def test_perturbed_env_holds_each_envs_parameters_for_its_episode_and_recomputes_them(name: str) -> None:
+    run = _wrapped([_spec(name)])
+    seen, episodes = _per_step(run, name), run["episodes"]
+    for i in range(3):
+        for t in range(len(seen)):
+            for u in range(t):
+                same = bool(episodes[t, i] == episodes[u, i])
+                assert torch.equal(seen[t][i], seen[u][i]) == same, (i, t, u)
+    if issubclass(PERTURBATIONS[name], ObservationPerturbation):
+        for t, final in enumerate(run["finals"]):
+            ended = episodes[t + 1] != episodes[t]
+            if final is not None:  # the finished episode's last frame, with that episode's parameters
+                assert torch.equal(final["rgb"][ended], run["obs"][t]["rgb"][ended])
+    again = _wrapped([_spec(name)])
+    assert _equal(again["obs"], run["obs"]) and _equal(again["executed"], run["executed"])
+    assert all(a is b is None or _equal(a, b) for a, b in zip(again["finals"], run["finals"], strict=True))
+    assert sum(f is not None for f in run["finals"]) >= 3, "envs 0 and 1 finished episodes"
+    assert not _equal(_per_step(_wrapped([_spec(name)], seed=1), name), seen), "another seed, other draws"
+
+
+@pytest.mark.parametrize("name", DRAWN + ["rotation+pixel_noise", "shift+state_noise+action_bias+action_noise"])
+def test_draws_depend_on_the_step_not_on_when_other_envs_episodes_end(name: str) -> None:
+    """Common random numbers: env 2 (one long episode) sees the same draws whatever envs 0 and 1 do, also when a
+    held part redraws for them while a redrawn part goes on."""
+
+    def env_2(lengths: tuple[int, ...]) -> list[torch.Tensor]:
+        run = _wrapped([_spec(name)], lengths=lengths)
+        noise = [o["state"] - c["state"] for o, c in zip(run["obs"], run["clean"], strict=True)]  # state: [episode, t]
+        return [torch.cat([o["rgb"][2].flatten().float(), e[2]]) for o, e in zip(run["obs"], noise, strict=False)] + [
+            a[2] for a in run["executed"]
+        ]
+
+    assert _equal(env_2((3, 5, 100)), env_2((2, 7, 100)))
+
+
+def test_combination_holds_and_redraws_per_part_at_per_part_severities() -> None:
+    def rgb_held_noise_redrawn(spec: PerturbationSpec) -> tuple[list, bool, bool]:
+        run = _wrapped([spec], lengths=(100, 100, 100), steps=4)
+        modes = [(p.name, p.severity, p.mode) for p in run["env"].perturbations]
+        rgb = [o["rgb"] for o in run["obs"]]
+        executed = run["executed"]
+        noise_redrawn = all(_changed(x, y).all() for x, y in zip(executed, executed[1:], strict=False))
+        assert noise_redrawn and not torch.equal(rgb[0], run["env"].env.clean[0]["rgb"])
+        return modes, all(torch.equal(x, rgb[0]) for x in rgb), noise_redrawn
+
+    modes, held, _ = rgb_held_noise_redrawn(PerturbationSpec("rotation@0.5+action_noise", 1 / 3))
+    assert modes == [("rotation", 0.5, "episode"), ("action_noise", 1 / 3, "step")] and held
+    modes, held, _ = rgb_held_noise_redrawn(PerturbationSpec("rotation@0.5+action_noise", 1 / 3, resample="step"))
+    assert modes == [("rotation", 0.5, "step"), ("action_noise", 1 / 3, "step")] and not held
+    spec = PerturbationSpec("rotation@0.5:episode+action_noise", 1 / 3, resample="step")  # the part's mode wins
+    modes, held, _ = rgb_held_noise_redrawn(spec)
+    assert modes == [("rotation", 0.5, "episode"), ("action_noise", 1 / 3, "step")] and held
+
+
+def test_curriculum_scales_the_held_draw_instead_of_redrawing_it() -> None:
+    fake = FakeEnv([100, 100], frame=_obs(n=2, size=32)["rgb"])
+    env = PerturbedEnv(fake, [_spec("action_bias"), _spec("rotation")], seed=0)
+    full = env.reset(seed=0)
+    rotation = env.perturbations[1]
+    clean = fake.clean[-1]
+
+    def degrees() -> torch.Tensor:  # the held angle at the current severity (commit=False: no state changes)
+        return rotation.parameters(clean, rotation.draws(clean, _gen(99), commit=False))["degrees"]
+
+    full_degrees = degrees()
+    env.step(torch.zeros(2, 7))
+    env.set_severity_scale(0.5)
+    half = env.step(torch.zeros(2, 7)).obs
+    assert torch.equal(fake.executed[1][:, :6] * 2, fake.executed[0][:, :6]), "half the same offset"
+    assert torch.equal(degrees() * 2, full_degrees) and full_degrees.abs().min() > 0.1
+    assert not torch.equal(half["rgb"], full["rgb"])
+    env.set_severity_scale(1.0)
+    assert torch.equal(env.step(torch.zeros(2, 7)).obs["rgb"], full["rgb"]), "back to the same draw"
+    assert torch.equal(fake.executed[2], fake.executed[0])
+
+
+def test_resample_in_specs_labels_and_the_cli_grid() -> None:
+    assert expand_spec(_spec("rotation@0.5:step+action_noise", 0.2)) == [
+        Spec("rotation", 0.5, "step"),
+        Spec("action_noise", 0.2),
+    ]
+    assert expand_spec(PerturbationSpec("rotation+action_noise:step", 0.2, resample="episode")) == [
+        Spec("rotation", 0.2, "episode"),
+        Spec("action_noise", 0.2, "step"),
+    ]
+    # Labels stay as they were for default modes; an override away from the default shows.
+    assert spec_label(_spec("rotation:episode+action_noise:step", 0.5)) == "rotation@0.5+action_noise@0.5"
+    assert spec_label(_spec("rotation:step+action_noise", 0.5)) == "rotation@0.5:step+action_noise@0.5"
+    built = build_perturbations([_spec("shift@0.2:step+pixel_noise:episode", 0.4)])
+    assert [(p.name, p.severity, p.mode) for p in built] == [("shift", 0.2, "step"), ("pixel_noise", 0.4, "episode")]
+    grid = suite_grid(None, ["rotation@0.5", "rotation@0.5:step", "rotation@0.5+action_noise@0.1:episode"])
+    assert [(s.name, s.perturbation) for s in grid[1:]] == [
+        ("rotation@0.5", "rotation"),
+        ("rotation@0.5:step", "rotation:step"),
+        ("rotation@0.5+action_noise@0.1:episode", "rotation+action_noise:episode"),
+    ]
+    assert grid[2].specs == [Spec("rotation", 0.5, "step")]
+    for bad in ["rotation@0.5:stp", "rotation@0.5:", "rotation@0.5:step:episode"]:
+        with pytest.raises(ValueError, match="resample must be 'episode'"):
+            suite_grid(None, [bad])
+    with pytest.raises(ValueError, match="resample must be 'episode'"):
+        validate_specs([PerturbationSpec("rotation", 0.5, resample="sometimes")])  # type: ignore[arg-type]
+
+
+def test_config_resample_override() -> None:
+    cfg = load_config(None, ["perturb.train=[{name: rotation, severity: 0.5, resample: step}, {name: 'shift:step'}]"])
+    assert [s.resample for s in cfg.perturb.train] == ["step", None]
+    assert [p.mode for p in build_perturbations(cfg.perturb.train)] == ["step", "step"]
+    with pytest.raises(
+        ConfigError,
+        match="perturb.train\\[0\\].resample: 'stp' is not one of \\['episode', 'step'\\]; did you mean 'step'",
+    ):
+        load_config(None, ["perturb.train=[{name: rotation, resample: stp}]"])
+    with pytest.raises(ConfigError, match="perturb.eval: perturbation 'rotation:stp': resample must be"):
+        load_config(None, ["perturb.eval=[{name: 'rotation:stp'}]"])
+
+
+def test_report_and_card_say_when_parameters_are_drawn() -> None:
+    from rvla_peft.evaluation import CellResult, build_report
+    from rvla_peft.hub.card import robustness_table
+    from rvla_peft.report import render_markdown
+
+    grid = suite_grid(None, ["rotation@0.5", "rotation@0.5:step", "rotation@0.5+action_noise@0.1"])
+    policies = [{"name": "base", "base": "b", "adapter": None}, {"name": "robust", "base": "b", "adapter": "a"}]
+    results = [CellResult(p["name"], s.name, [True, False], [1.0, 0.0]) for s in grid for p in policies]
+    report = build_report(
+        results, grid, policies, task="PickCube-v1", suite=None, episodes=2, seed=0, deterministic=True, command="c"
+    )
+    assert report["schema_version"] == 1
+    assert [s["specs"] for s in report["settings"]] == [
+        [],
+        [{"name": "rotation", "severity": 0.5, "resample": "episode"}],
+        [{"name": "rotation", "severity": 0.5, "resample": "step"}],
+        [
+            {"name": "rotation", "severity": 0.5, "resample": "episode"},
+            {"name": "action_noise", "severity": 0.1, "resample": "step"},
+        ],
+    ]
+    md = render_markdown(report)
+    assert "| setting | base | robust | random parameters |" in md
+    assert "| clean | 50.0 [9.5, 90.5] | 50.0 [9.5, 90.5] | - |" in md
+    assert "| rotation@0.5 | 50.0 [9.5, 90.5] | 50.0 [9.5, 90.5] | held per episode |" in md
+    assert "| rotation@0.5:step | 50.0 [9.5, 90.5] | 50.0 [9.5, 90.5] | redrawn every step |" in md
+    assert "| rotation held per episode, action_noise redrawn every step |" in md
+    table = robustness_table(report, "robust")
+    assert table.splitlines()[0].endswith("| difference [95% CI] | random parameters |")
+    assert "| `rotation@0.5:step` | 50% [9, 91] |" in table and table.splitlines()[3].endswith("| held per episode |")
+    # A report written before the mode was recorded: no such column, nothing breaks.
+    old = {**report, "settings": [{k: v for k, v in s.items() if k != "specs"} for s in report["settings"]]}
+    assert "random parameters" not in render_markdown(old) and "random parameters" not in robustness_table(
+        old, "robust"
+    )
+    old["settings"] = [{**s, "specs": [{"name": "rotation", "severity": 0.5}]} for s in old["settings"]]
+    assert "random parameters" not in render_markdown(old)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Specs, validation, suites
 
 
@@ -679,9 +985,10 @@ def test_config_accepts_the_new_perturb_settings() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_host_sync_on_cuda() -> None:
-    """Every perturbation, state restarts included, runs without a device-to-host synchronisation."""
+    """Every perturbation in both resample modes, state restarts, peeks and PerturbedEnv's generator save/restore
+    included, runs without a device-to-host synchronisation."""
     device = torch.device("cuda")
-    perturbations = [cls(0.7) for cls in PERTURBATIONS.values()]
+    perturbations = [cls(0.7, resample=mode) for cls in PERTURBATIONS.values() for mode in ("episode", "step")]
     g = torch.Generator(device=device).manual_seed(0)
     obs = {k: v.to(device) for k, v in _obs(cameras=2).items()}
     action = _action().to(device)
@@ -690,6 +997,10 @@ def test_no_host_sync_on_cuda() -> None:
     def steps() -> None:
         for _ in range(3):
             for p in perturbations:
+                if isinstance(p, ObservationPerturbation):
+                    state = g.get_state()
+                    p.peek(obs, g)
+                    g.set_state(state)
                 p.apply(obs if isinstance(p, ObservationPerturbation) else action, g)
                 p.reset(done)
 

@@ -15,7 +15,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from rvla_peft.algorithms.ppo import policy_loss, value_loss
 from rvla_peft.config import load_config
 from rvla_peft.envs.maniskill import Step
-from rvla_peft.policies.pi0 import flow_sde_sigma, flow_sde_step, flow_timesteps, gaussian_entropy, gaussian_log_prob
+from rvla_peft.policies.distributions import gaussian_entropy, gaussian_log_prob
+from rvla_peft.policies.pi0.modeling import flow_sde_sigma, flow_sde_step, flow_timesteps
 from rvla_peft.policies.registry import LORA_DEFAULTS, build_policy
 from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm, smoothness_penalty
 from rvla_peft.rollout import collect
@@ -82,8 +83,8 @@ def test_sde_step_is_euler_without_noise_and_rlinf_form_with_noise():
 def test_gaussian_log_prob_and_entropy_match_torch_distributions():
     g = torch.Generator().manual_seed(0)
     x, mean, std = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g), torch.rand(5, 3, generator=g) + 0.1
-    torch.testing.assert_close(gaussian_log_prob(x, mean, std), Normal(mean, std).log_prob(x))
-    torch.testing.assert_close(gaussian_entropy(std), Normal(mean, std).entropy())
+    torch.testing.assert_close(gaussian_log_prob(x, mean, std.log()), Normal(mean, std).log_prob(x))
+    torch.testing.assert_close(gaussian_entropy(std.log()), Normal(mean, std).entropy())
 
 
 # --------------------------------------------------------------------------------------------------------------

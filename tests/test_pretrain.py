@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from rvla_peft import pretrain
-from rvla_peft.config import PolicyConfig, load_config
+from rvla_peft.config import load_config
 from rvla_peft.demos import FORMAT, INDEX, Episode, _write_shard
 from rvla_peft.models.tiny import resolve_builtin
-from rvla_peft.policies.action_tokens import ActionTokenizer
+from rvla_peft.policies.action_tokens.configuration import ActionTokenPolicyConfig
+from rvla_peft.policies.action_tokens.tokenizer import ActionTokenizer
 from rvla_peft.utils.constants import CARD_FILE, POLICY_SETTINGS_FILE, PRETRAIN_RECORD_FILE
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -91,7 +92,7 @@ def test_augment_keeps_shape_and_content():
 def test_bc_overfits_recorded_episodes(tmp_path, one_thread):
     """BC on 2 tasks x 2 episodes x 3 steps: the CE falls, and the policy's argmax tokens equal the demo's, teacher
     forced and when ``act`` decodes greedily on its own (the path RL and evaluation take)."""
-    policy_cfg = PolicyConfig(n_bins=32)
+    policy_cfg = ActionTokenPolicyConfig(n_bins=32)
     policy = pretrain.make_policy(resolve_builtin("builtin:tiny-llava"), policy_cfg)
     data = pretrain.build_dataset([write_demos(tmp_path / "demos")], policy.action_tokenizer)
     assert len(data) == 12 and data.num_episodes == 4 and data.tasks == list(INSTRUCTIONS)
@@ -212,9 +213,9 @@ def test_other_policy_settings_than_trained_warn(caplog):
     from rvla_peft.policies.registry import check_trained_policy_settings
 
     with caplog.at_level("WARNING", logger="rvla_peft.policies.registry"):
-        check_trained_policy_settings("builtin:tiny-vla-maniskill", PolicyConfig(n_bins=64))
+        check_trained_policy_settings("builtin:tiny-vla-maniskill", ActionTokenPolicyConfig(n_bins=64))
         assert not caplog.records
-        check_trained_policy_settings("builtin:tiny-vla-maniskill", PolicyConfig())  # 256 bins
+        check_trained_policy_settings("builtin:tiny-vla-maniskill", ActionTokenPolicyConfig())  # 256 bins
     assert "policy.n_bins=256 but builtin:tiny-vla-maniskill was trained with 64" in caplog.text
     assert "set policy.n_bins=64" in caplog.text
 
@@ -230,7 +231,7 @@ def test_shipped_base_pushes_the_cube_and_breaks_under_rotation(one_thread):
     cfg = load_config(RECIPES / "tiny_cpu.yaml")
     policy = build_policy(cfg).eval()
     with make_envs(cfg.env) as env:
-        grid = suite_grid(None, ["rotation@0.5"])
+        grid = suite_grid(None, ["rotation@0.5:step"])  # the angle redrawn every step, as in that evaluation
         clean, rotated = evaluate_grid({"base": policy}, env, grid, episodes=8, seed=0, max_steps=50)
     assert sum(clean.successes) >= 7, clean
     assert sum(rotated.successes) <= 1, rotated

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import Recording
 
-from rvla_peft.envs import make_envs
+from rvla_peft.envs import PerturbedEnv, make_envs
 from rvla_peft.rollout import collect, step_chunk, with_instructions
 
 
@@ -54,3 +54,17 @@ def test_an_action_chunk_is_one_macro_step_cut_at_the_episode_end(tiny_cfg, env)
     torch.testing.assert_close(second.episode_return, singles[2].episode_return)
     assert torch.equal(second.final_obs["rgb"], singles[2].final_obs["rgb"])
     assert torch.equal(second.obs["rgb"], singles[3].obs["rgb"])
+
+
+def test_collect_records_the_training_perturbation_of_each_finished_episode(tiny_cfg, tiny_policy, env):
+    """With perturb.sample_per_episode, each finished episode carries the entry it ran under (for
+    rollout/success_rate/<label>); an env that draws none per episode gives -1."""
+    perturbed = PerturbedEnv(env, tiny_cfg.perturb.train, seed=0, sample_per_episode=True)
+    obs = perturbed.reset(seed=0)
+    first = perturbed.episode_choice.clone()
+    assert first.shape == (2,) and (first >= 0).all() and (first < len(tiny_cfg.perturb.train)).all()
+    torch.manual_seed(0)
+    rollout, _ = collect(tiny_policy.eval(), perturbed, obs, num_steps=4, gamma=0.9)  # episodes end at step 2
+    assert torch.equal(rollout.episodes["setting"], first)
+    plain, _ = collect(tiny_policy, env, env.reset(seed=0), num_steps=3, gamma=0.9)
+    assert plain.episodes["setting"].tolist() == [-1, -1]

@@ -16,9 +16,11 @@ from typing import Literal
 
 import yaml
 
-from rvla_peft.config.parsing import ConfigError, apply_override, check, from_dict, to_dict
+from rvla_peft.config.parsing import ConfigError, apply_override, check, from_dict, read_yaml, to_dict
+from rvla_peft.config.policy import PolicyConfig
 from rvla_peft.perturbations.specs import suite_settings, validate_specs
-from rvla_peft.policies.families import POLICY_FAMILIES
+from rvla_peft.policies.action_tokens.configuration import ActionTokenPolicyConfig
+from rvla_peft.policies.families import POLICY_VARIANTS, drop_keys_of_the_replaced_family, family_config
 from rvla_peft.utils.constants import HUB_REPO_ID_PATTERN
 
 
@@ -66,108 +68,8 @@ class ModelConfig:
 
 
 @dataclass
-class PolicyConfig:
-    family: str = field(
-        default="action_tokens",
-        metadata={
-            "help": "Policy family (see rvla_peft.policies.registry): 'action_tokens' = OpenVLA-style over any "
-            "image-text-to-text model; 'openvla' = OpenVLA checkpoints (their action ids, norm_stats and prompt); "
-            "'pi0' = transformers' PI0, PPO over its flow-SDE denoising chain; 'openvla_oft' = OpenVLA-OFT "
-            "(parallel decoding of an action chunk, continuous action head, learned Gaussian/Laplace scale)."
-        },
-    )
-    prompt_template: str = field(
-        default="In: What action should the robot take to {instruction}?\nOut:",
-        metadata={"help": "Prompt; {instruction} is replaced by the task's instruction."},
-    )
-    action_dim: int = field(default=7, metadata={"help": "Dimensions of the action the env executes."})
-    n_bins: int = field(default=256, metadata={"help": "Action bins, on the last n_bins vocabulary ids."})
-    action_low: list[float] | None = field(
-        default=None,
-        metadata={"help": "Per-dimension q01 used to un-normalise [-1, 1] to env actions (None: identity)."},
-    )
-    action_high: list[float] | None = field(
-        default=None, metadata={"help": "Per-dimension q99 used to un-normalise (None: identity)."}
-    )
-    unnorm_key: str | None = field(
-        default=None,
-        metadata={
-            "help": "Families 'openvla', 'openvla_oft': the dataset in the checkpoint's norm_stats whose action "
-            "q01/q99 (and mask) "
-            "un-normalise actions, e.g. 'bridge_orig' (None: action_low/action_high)."
-        },
-    )
-    value_head_hidden: int = field(default=256, metadata={"help": "Width of the value head's hidden layer."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of action tokens."})
-    num_denoise_steps: int | None = field(
-        default=None,
-        metadata={
-            "help": "Family 'pi0': denoising steps K per action chunk (None: the checkpoint's num_inference_steps)."
-        },
-    )
-    noise_level: float = field(
-        default=0.5,
-        metadata={
-            "help": "Family 'pi0': flow-SDE noise level a; each denoising step adds Gaussian noise of std "
-            "sqrt(dt) * a * sqrt(t / (1 - t)) to the executed actions (RLinf's flow-SDE; 0.5 is its default)."
-        },
-    )
-    execute_steps: int | None = field(
-        default=None,
-        metadata={
-            "help": "Families 'pi0', 'openvla_oft': actions of each predicted chunk executed open-loop as one PPO "
-            "step (None: the whole chunk)."
-        },
-    )
-    chunk_size: int = field(
-        default=8,
-        metadata={
-            "help": "Family 'openvla_oft': actions predicted per forward pass (OFT's NUM_ACTIONS_CHUNK, not in its "
-            "config.json: 8 for the LIBERO checkpoints, 25 ALOHA, 5 Bridge)."
-        },
-    )
-    action_distribution: Literal["gaussian", "laplace"] = field(
-        default="laplace",
-        metadata={
-            "help": "Family 'openvla_oft': distribution around the action head's output for PPO's log-probs. "
-            "'laplace' (RIPT-VLA's; the likelihood whose maximum is OFT's L1 regression) or 'gaussian'."
-        },
-    )
-    scale_head: Literal["state_independent", "state_dependent"] = field(
-        default="state_independent",
-        metadata={
-            "help": "Family 'openvla_oft': the distribution's scale. 'state_independent': a learned log-scale per "
-            "chunk step and action dim; 'state_dependent': RIPT-VLA's scale head (an MLP over the action features)."
-        },
-    )
-    init_log_scale: float = field(
-        default=-2.0,
-        metadata={"help": "Family 'openvla_oft': initial log-scale (std or Laplace b) of normalised actions."},
-    )
-    log_scale_bounds: list[float] = field(
-        default_factory=lambda: [-5.0, 0.5],
-        metadata={"help": "Family 'openvla_oft': [min, max] the log-scale is clamped to (RIPT-VLA: [-2, 0.5])."},
-    )
-    action_head_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Family 'openvla_oft': OFT's released action head to start from, e.g. "
-            "'action_head--150000_checkpoint.pt': a file path, or a file name in the base model's folder or Hub "
-            "repo (None: a freshly initialised head)."
-        },
-    )
-    use_state: bool = field(
-        default=False,
-        metadata={
-            "help": "Family 'pi0': feed obs['state'] (zero-padded to max_state_dim) as pi0's robot state; false: a "
-            "zero state. The rollout buffer keeps no state, so PPO training needs false."
-        },
-    )
-
-
-@dataclass
 class LoraSettings:
-    """LoRA settings; a field left None takes the policy family's default (``registry.LORA_DEFAULTS``)."""
+    """LoRA settings; a field left None takes the policy family's default (its ``LORA_DEFAULTS``)."""
 
     r: int | None = field(default=None, metadata={"help": "LoRA rank (None: the family's default)."})
     alpha: int | None = field(
@@ -205,6 +107,17 @@ class EnvConfig:
     render_backend: Literal["auto", "cpu", "gpu"] = field(
         default="auto", metadata={"help": "'auto': gpu with CUDA, else cpu (lavapipe)."}
     )
+    render_detail: Literal["full", "fast"] = field(
+        default="fast",
+        metadata={
+            "help": "CPU envs (physx_cpu): 'fast' draws the robot with 90%-decimated render meshes and the ground as "
+            "2 triangles (physics untouched; needs fast-simplification, in the 'sim' extra). On lavapipe a 64x64 "
+            "step costs what its triangles cost: PushCube goes from ~157k to ~15k triangles, 3-5x more env steps/s; "
+            "frames differ by <1/255 mean abs (a few outline pixels); the shipped base's clean PushCube success is "
+            "99% with either. 'full': ManiSkill's own meshes. GPU envs always draw full detail (the CUDA renderer "
+            "is not triangle-bound). README, 'Rendering on the CPU'."
+        },
+    )
     vectorization: Literal["sync", "async"] = field(
         default="sync",
         metadata={"help": "CPU only: gymnasium SyncVectorEnv (one process) or AsyncVectorEnv (a worker per env)."},
@@ -223,6 +136,15 @@ class EnvConfig:
             "object poses such as extra.obj_pose (scripted experts, demos); the policy sees only rgb + instruction."
         },
     )
+    restart_dead_workers: bool = field(
+        default=True,
+        metadata={
+            "help": "vectorization=async: when an env worker process dies (OOM killer, a crash in the simulator), "
+            "rebuild the workers and go on; the episodes in flight are dropped (ended as truncated, marked in "
+            "Step.dropped, counted in dropped_episodes) and a warning names the worker. On by default: a long run "
+            "should not lose hours to one dead worker. false: stop with an EnvWorkerError naming it."
+        },
+    )
 
 
 @dataclass
@@ -234,6 +156,14 @@ class PerturbationSpec:
         }
     )
     severity: float = field(default=0.5, metadata={"help": "Strength in [0, 1], mapped to a physical range."})
+    resample: Literal["episode", "step"] | None = field(
+        default=None,
+        metadata={
+            "help": "When the random parameters are drawn: 'episode' (held for the episode), 'step' (redrawn every "
+            "step); None: each perturbation's own (README); applies to every part of a combination without its own "
+            "':episode'/':step'."
+        },
+    )
 
 
 @dataclass
@@ -300,14 +230,77 @@ class PPOConfig:
     gamma: float = field(default=0.99, metadata={"help": "Discount factor."})
     gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda."})
     clip_coef: float = field(default=0.2, metadata={"help": "PPO ratio clip."})
-    clip_vloss: bool = field(default=True, metadata={"help": "Clip the value loss around the old values."})
+    clip_vloss: bool | float = field(
+        default=False,
+        metadata={
+            "help": "Clip the value loss around the rollout's values (CleanRL's pessimistic form): a number is the "
+            "range in return units; true: +-clip_coef; false: no clipping. Off by default: +-0.2 suits returns "
+            "normalised to unit scale, but a zero-initialised critic on sparse [0, 1] returns then needs several "
+            "updates to reach them, and value clipping did not help PPO in Andrychowicz et al. 2021."
+        },
+    )
     vf_coef: float = field(default=0.5, metadata={"help": "Value loss weight."})
     ent_coef: float = field(default=0.0, metadata={"help": "Entropy bonus weight."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Global gradient-norm clip."})
     target_kl: float | None = field(
-        default=None, metadata={"help": "Stop the epochs early when approx KL exceeds this (None: never)."}
+        default=None,
+        metadata={
+            "help": "Stop the update early once the running mean of approx_kl over the epoch's minibatches so far "
+            "exceeds this (None: never); checked after every optimizer step, the same decision on every rank."
+        },
     )
-    norm_adv: bool = field(default=True, metadata={"help": "Normalise advantages per minibatch."})
+    norm_adv: Literal["minibatch", "batch", "none"] | bool = field(
+        default="minibatch",
+        metadata={
+            "help": "Advantage normalisation (PPO): 'minibatch' (CleanRL; true means this), 'batch' (once over the "
+            "whole rollout: a minibatch without a single success is not rescaled to unit variance), or 'none' "
+            "(false). Group algorithms never renormalise their advantages."
+        },
+    )
+    critic_warmup_updates: int = field(
+        default=0,
+        metadata={
+            "help": "The first N updates train the value head only (the policy frozen, no regularisers): a critic "
+            "that starts at zero otherwise feeds PPO advantages that are mostly its own error."
+        },
+    )
+    value_detach_features: bool = field(
+        default=False,
+        metadata={
+            "help": "The value head reads detached hidden states: the value loss trains the head only, never the "
+            "LoRA weights that also produce the action logits."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        # Old recipes wrote norm_adv: true / false.
+        if self.norm_adv is True:
+            self.norm_adv = "minibatch"
+        elif self.norm_adv is False:
+            self.norm_adv = "none"
+
+
+@dataclass
+class GroupConfig:
+    size: int = field(
+        default=8, metadata={"help": "G: episodes per group, all from the same initial state and perturbation draw."}
+    )
+    num_groups: int = field(
+        default=4, metadata={"help": "Groups with differing outcomes that one update trains on (per process)."}
+    )
+    max_resample: int = field(
+        default=3,
+        metadata={
+            "help": "Dynamic sampling: rounds of env.num_envs new groups collected beyond those needed when every "
+            "group is kept, to replace groups whose outcomes are all equal; the update trains on what was kept."
+        },
+    )
+    outcome: Literal["success", "return"] = field(
+        default="success", metadata={"help": "An episode's outcome: success (0/1) or its return."}
+    )
+    dynamic_sampling: bool = field(
+        default=True, metadata={"help": "Drop groups whose outcomes are all equal (and collect more)."}
+    )
 
 
 @dataclass
@@ -381,6 +374,37 @@ class TrainConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed of envs, sampling and initialisation."})
     total_updates: int = field(default=10, metadata={"help": "PPO updates (rollout + optimisation) to run."})
+    algorithm: Literal["ppo", "rloo", "grpo"] = field(
+        default="ppo",
+        metadata={
+            "help": "'ppo': GAE advantages from a value head over T steps x N envs (the ppo section). 'rloo' / "
+            "'grpo': critic-free, groups of group.size episodes from one initial state and perturbation draw, each "
+            "episode's advantage its outcome minus the mean of the others (rloo) or group-normalised (grpo), groups "
+            "of equal outcomes dropped and refilled; PPO's clipped surrogate (ppo.clip_coef, update_epochs, "
+            "num_minibatches, target_kl) on those advantages, no value loss."
+        },
+    )
+    kl_to_base: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a KL penalty to the base policy (the same model with the adapter switched off: no "
+            "second copy), k3 estimator per sample. policy/kl_to_base is logged whatever the weight."
+        },
+    )
+    eval_sampled: bool = field(
+        default=False,
+        metadata={
+            "help": "Also evaluate the sampled policy (at policy.temperature), which is what RL optimises, as "
+            "eval_sampled/<setting>/success_rate; eval/ is the argmax policy."
+        },
+    )
+    probe_frames: int = field(
+        default=32,
+        metadata={
+            "help": "Frames of the first rollout kept to log policy/argmax_changed: the share of deterministic "
+            "action dimensions that differ from the base's (0: off)."
+        },
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = field(
         default="no", metadata={"help": "Autocast precision for forward passes."}
     )
@@ -392,11 +416,15 @@ class TrainConfig:
         default_factory=lambda: ["tensorboard"], metadata={"help": "Trackers: 'tensorboard' or none ([])."}
     )
     model: ModelConfig = field(default_factory=ModelConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    policy: PolicyConfig = field(
+        default_factory=ActionTokenPolicyConfig,
+        metadata={"variants": POLICY_VARIANTS},  # policy.family picks the family's class (rvla_peft/policies/*/)
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
     env: EnvConfig = field(default_factory=EnvConfig)
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    group: GroupConfig = field(default_factory=GroupConfig)
     regularizers: RegularizerConfig = field(default_factory=RegularizerConfig)
     hub: HubConfig = field(default_factory=HubConfig)
 
@@ -408,47 +436,7 @@ class TrainConfig:
         check(self.env.num_envs >= 1, "env.num_envs", "must be >= 1")
         check(self.env.image_size >= 16, "env.image_size", "must be >= 16 pixels")
         check(self.env.max_episode_steps >= 1, "env.max_episode_steps", "must be >= 1")
-        check(self.policy.action_dim >= 1, "policy.action_dim", "must be >= 1")
-        check(self.policy.n_bins >= 2, "policy.n_bins", "must be >= 2")
-        check(self.policy.temperature > 0, "policy.temperature", "must be > 0")
-        check(self.policy.noise_level > 0, "policy.noise_level", "must be > 0")
-        for key in ("num_denoise_steps", "execute_steps"):
-            value = getattr(self.policy, key)
-            check(value is None or value >= 1, f"policy.{key}", "must be >= 1 (or null)")
-        check(self.policy.chunk_size >= 1, "policy.chunk_size", "must be >= 1")
-        if self.policy.family == "openvla_oft":
-            steps = self.policy.execute_steps
-            check(
-                steps is None or steps <= self.policy.chunk_size,
-                "policy.execute_steps",
-                f"must be <= policy.chunk_size={self.policy.chunk_size}",
-            )
-            check(
-                not self.lora.adapt_output_layer,
-                "lora.adapt_output_layer",
-                "must be false for policy.family=openvla_oft: its forward never computes logits",
-            )
-        bounds = self.policy.log_scale_bounds
-        check(len(bounds) == 2 and bounds[0] < bounds[1], "policy.log_scale_bounds", f"needs [min, max], got {bounds}")
-        check("{instruction}" in self.policy.prompt_template, "policy.prompt_template", "must contain {instruction}")
-        for key in ("action_low", "action_high"):
-            value = getattr(self.policy, key)
-            check(
-                value is None or len(value) == self.policy.action_dim,
-                f"policy.{key}",
-                f"needs {self.policy.action_dim} values (policy.action_dim), got {value and len(value)}",
-            )
-        if self.policy.unnorm_key is not None:
-            check(
-                self.policy.family in ("openvla", "openvla_oft"),
-                "policy.unnorm_key",
-                "is read by policy.family=openvla or openvla_oft only",
-            )
-            check(
-                self.policy.action_low is None and self.policy.action_high is None,
-                "policy.unnorm_key",
-                "set either policy.unnorm_key or policy.action_low/action_high, not both",
-            )
+        family_config(self.policy).validate(self)  # the shared keys and the family's own
         ppo = self.ppo
         check(ppo.learning_rate > 0, "ppo.learning_rate", "must be > 0")
         check(ppo.num_steps >= 1, "ppo.num_steps", "must be >= 1")
@@ -457,12 +445,30 @@ class TrainConfig:
         check(0 <= ppo.gae_lambda <= 1, "ppo.gae_lambda", "must be in [0, 1]")
         check(ppo.clip_coef > 0, "ppo.clip_coef", "must be > 0")
         check(ppo.max_grad_norm > 0, "ppo.max_grad_norm", "must be > 0")
-        batch = ppo.num_steps * self.env.num_envs
         check(
-            1 <= ppo.num_minibatches <= batch,
-            "ppo.num_minibatches",
-            f"must be in [1, num_steps * env.num_envs = {batch}]",
+            ppo.clip_vloss is False or ppo.clip_vloss is True or ppo.clip_vloss > 0,
+            "ppo.clip_vloss",
+            "must be true, false or a range > 0",
         )
+        check(ppo.critic_warmup_updates >= 0, "ppo.critic_warmup_updates", "must be >= 0")
+        check(self.kl_to_base >= 0, "kl_to_base", "must be >= 0")
+        check(self.probe_frames >= 0, "probe_frames", "must be >= 0")
+        group = self.group
+        check(group.size >= 2, "group.size", "must be >= 2: an advantage compares an episode with its group")
+        check(group.num_groups >= 1, "group.num_groups", "must be >= 1")
+        check(group.max_resample >= 0, "group.max_resample", "must be >= 0")
+        if self.algorithm == "ppo":
+            batch = ppo.num_steps * self.env.num_envs
+            where = f"num_steps * env.num_envs = {batch}"
+        else:
+            batch = group.num_groups * group.size  # at least one step per episode
+            where = f"group.num_groups * group.size = {batch}"
+            check(
+                ppo.critic_warmup_updates == 0,
+                "ppo.critic_warmup_updates",
+                f"has no critic to warm up with algorithm={self.algorithm}",
+            )
+        check(1 <= ppo.num_minibatches <= batch, "ppo.num_minibatches", f"must be in [1, {where}]")
         minibatch = batch // ppo.num_minibatches
         check(
             1 <= ppo.gradient_accumulation_steps <= minibatch,
@@ -502,11 +508,6 @@ class TrainConfig:
         check(not hub.push_checkpoints or self.save_every > 0, "hub.push_checkpoints", "needs save_every > 0")
         for tracker in self.report_to:
             check(tracker in ("tensorboard",), "report_to", f"unknown tracker {tracker!r}; use ['tensorboard'] or []")
-        check(
-            self.policy.family in POLICY_FAMILIES,
-            "policy.family",
-            f"unknown family {self.policy.family!r}; choose one of {sorted(POLICY_FAMILIES)}",
-        )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -516,11 +517,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"recipe {str(path)!r} not found; see the recipes/ folder for examples")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path) or {}  # a syntax error: one line with the file, line and column
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping of sections")
+    recipe_policy = dict(data["policy"]) if isinstance(data.get("policy"), dict) else {}  # overrides edit in place
     for override in overrides or []:
         apply_override(data, override)
+    if isinstance(data.get("policy"), dict):
+        data["policy"] = drop_keys_of_the_replaced_family(data["policy"], recipe_policy)
     cfg = from_dict(TrainConfig, data)
     cfg.validate()
     return cfg

@@ -10,7 +10,8 @@ observation and ``step.final_obs`` holds the last observation of the finished on
 GPU (``physx_cuda``): one ManiSkill env of N sub-scenes behind ``ManiSkillVectorEnv``; every tensor stays on the
 GPU. CPU (``physx_cpu`` allows one env per process): a gymnasium ``SyncVectorEnv`` or ``AsyncVectorEnv`` of N
 single envs. ``AsyncVectorEnv`` starts its workers with "forkserver", so a script using it needs an
-``if __name__ == "__main__":`` guard.
+``if __name__ == "__main__":`` guard. A dead worker is reported as an :class:`EnvWorkerError` naming it, or, with
+``env.restart_dead_workers``, the workers are rebuilt and the episodes in flight dropped (see ``CpuVecEnv``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import difflib
 import functools
 import multiprocessing
 import os
-from dataclasses import dataclass
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
@@ -62,6 +66,13 @@ class Step:
     episode_success: torch.Tensor  # [N] bool: info["success"] at the finished episode's last step
     episode_return: torch.Tensor  # [N] float32: sum of the finished episode's rewards
     episode_length: torch.Tensor  # [N] int64
+    # [N] bool: the episode ended because its env worker died and was restarted, not in the task (a rollout should
+    # not count it as an outcome); such rows are also marked truncated. None: no row was dropped.
+    dropped: torch.Tensor | None = field(default=None)
+
+
+class EnvWorkerError(RuntimeError):
+    """An env worker process died; the message names the env, its pid and its exit code or signal."""
 
 
 class VecEnv:
@@ -79,6 +90,8 @@ class VecEnv:
         self.instructions = instructions
         self._returns = torch.zeros(num_envs, dtype=torch.float32, device=device)
         self._lengths = torch.zeros(num_envs, dtype=torch.int64, device=device)
+        self.dropped_episodes = 0  # episodes cut short by a dead env worker (restart_dead_workers), for the logs
+        self._dropped: torch.Tensor | None = None  # set by a backend's _step when it dropped episodes
 
     def reset(self, seed: int | None = None) -> Obs:
         """Reset every env; env i gets ``seed + i``, so the same seed gives the same initial states."""
@@ -90,6 +103,7 @@ class VecEnv:
         if action.shape != (self.num_envs, self.action_dim):
             raise ValueError(f"action must have shape {(self.num_envs, self.action_dim)}, got {tuple(action.shape)}")
         obs, reward, terminated, truncated, final_obs, final_success = self._step(action)
+        dropped, self._dropped = self._dropped, None
         truncated = truncated & ~terminated
         done = terminated | truncated
         episode_return = self._returns + reward
@@ -106,6 +120,7 @@ class VecEnv:
             episode_success=final_success & done,
             episode_return=episode_return,
             episode_length=episode_length,
+            dropped=dropped,
         )
 
     def close(self) -> None:
@@ -360,46 +375,151 @@ def make_single_env(cfg: EnvConfig, render_backend: str, worker: bool = False) -
         torch.set_num_threads(1)
         os.environ.setdefault("LP_NUM_THREADS", "1")
     _import_mani_skill()
+    from rvla_peft.envs.render import with_render_detail
+
     env = gym.make(cfg.task, **_make_kwargs(cfg, 1, "physx_cpu", render_backend))
     try:
-        return SingleEnvAdapter(env, cfg.camera, cfg.state_keys)
-    except ValueError:
+        # "fast": lighter render meshes now and after every reset that rebuilds the scene (GPU envs keep full detail)
+        return SingleEnvAdapter(with_render_detail(env, cfg.render_detail), cfg.camera, cfg.state_keys)
+    except (ValueError, ImportError):
         env.close()
         raise
 
 
+# A dead worker surfaces in the main process as one of these, from the pipe to it (gymnasium says nothing more).
+WORKER_DEATH = (BrokenPipeError, EOFError, ConnectionResetError)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            return f"killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
 class CpuVecEnv(VecEnv):
-    """N single-env ManiSkill CPU simulations in a gymnasium Sync/AsyncVectorEnv with same-step auto-reset."""
+    """N single-env ManiSkill CPU simulations in a gymnasium Sync/AsyncVectorEnv with same-step auto-reset.
+
+    Async workers that die (killed, out of memory, a simulator crash) raise :class:`EnvWorkerError` naming them,
+    or, with ``cfg.restart_dead_workers``, the whole AsyncVectorEnv is rebuilt and reset (gymnasium has no way to
+    replace one worker): every episode in flight is dropped (that step returns the new episodes' first observations,
+    reward 0, ``truncated`` and ``Step.dropped`` set, ``final_obs`` the last observation seen) and counted in
+    ``dropped_episodes``; ``worker_restarts`` counts the rebuilds.
+    """
 
     def __init__(self, cfg: EnvConfig, instruction: str, render_backend: str, device: torch.device) -> None:
-        same_step = gym.vector.AutoresetMode.SAME_STEP
+        self._cfg, self._render_backend = cfg, render_backend
+        self.restart_dead_workers = cfg.restart_dead_workers
+        self._vec = self._build()
+        self.worker_restarts = 0
+        self._broken = False  # a worker died and its pending call will never be answered
+        self._seed = 0
+        self._last_obs: Obs | None = None
+        action_dim = int(self._vec.single_action_space.shape[0])
+        super().__init__(cfg.num_envs, device, action_dim, [instruction] * cfg.num_envs)
+
+    def _build(self) -> gym.vector.VectorEnv:
+        cfg, same_step = self._cfg, gym.vector.AutoresetMode.SAME_STEP
         if cfg.vectorization == "async":
-            fn = functools.partial(make_single_env, cfg, render_backend, worker=True)
-            vec: gym.vector.VectorEnv = gym.vector.AsyncVectorEnv(
+            fn = functools.partial(make_single_env, cfg, self._render_backend, worker=True)
+            return gym.vector.AsyncVectorEnv(
                 [fn] * cfg.num_envs, context="forkserver", copy=False, autoreset_mode=same_step
             )
-        else:
-            fn = functools.partial(make_single_env, cfg, render_backend)
-            vec = gym.vector.SyncVectorEnv([fn] * cfg.num_envs, copy=False, autoreset_mode=same_step)
-        self._vec = vec
-        action_dim = int(vec.single_action_space.shape[0])
-        super().__init__(cfg.num_envs, device, action_dim, [instruction] * cfg.num_envs)
+        fn = functools.partial(make_single_env, cfg, self._render_backend)
+        return gym.vector.SyncVectorEnv([fn] * cfg.num_envs, copy=False, autoreset_mode=same_step)
+
+    def worker_pids(self) -> list[int]:
+        """The pid of each env's worker process (async only; empty for sync)."""
+        return [p.pid for p in getattr(self._vec, "processes", [])]
+
+    def _worker_error(self, error: BaseException) -> EnvWorkerError | None:
+        """An EnvWorkerError naming the dead workers, or None when every worker is alive (another failure)."""
+        processes = getattr(self._vec, "processes", [])
+        deadline = time.monotonic() + 2.0  # the pipe closes a moment before the exit can be reaped
+        while not (dead := [(i, p) for i, p in enumerate(processes) if not p.is_alive()]):
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.02)
+        dead = [f"env worker {i} (pid {p.pid}) {describe_exit(p.exitcode)}" for i, p in dead]
+        return EnvWorkerError(f"{'; '.join(dead)} [{type(error).__name__} from its pipe]")
+
+    def _discard(self) -> None:
+        """Close a vector env with dead workers: terminate the live ones and free pipes and shared memory."""
+        vec = self._vec
+        if isinstance(vec, gym.vector.AsyncVectorEnv):
+            from gymnasium.vector.async_vector_env import AsyncState
+
+            vec._state = AsyncState.DEFAULT  # the pending step's answer will never come: do not wait for it
+        try:
+            vec.close(terminate=True)
+        except (*WORKER_DEATH, OSError):
+            pass
+
+    def _restart(self, error: EnvWorkerError, in_flight: int) -> Obs:
+        """Rebuild every worker and reset every env; the ``in_flight`` episodes are dropped."""
+        self._discard()
+        self.worker_restarts += 1
+        self.dropped_episodes += in_flight
+        warnings.warn(
+            f"{error}: restarting the env workers (restart {self.worker_restarts}, {in_flight} episodes in flight "
+            f"dropped, {self.dropped_episodes} in all)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self._vec = self._build()
+        # A new seed per restart, derived from the last reset's: reproducible, and not the same episodes again.
+        seed = int(np.random.default_rng([self._seed, self.worker_restarts]).integers(2**31 - self.num_envs))
+        try:
+            obs, _ = self._vec.reset(seed=seed)
+        except WORKER_DEATH as e:  # dies again at once: a crash loop, not a one-off
+            raise (self._worker_error(e) or e) from None
+        self._broken = False
+        return self._obs(obs)
+
+    def _on_worker_death(self, error: BaseException, in_flight: int) -> Obs:
+        self._broken = True  # a pending call that will never be answered: close() must not wait for it
+        described = self._worker_error(error)
+        if described is None:
+            raise error
+        if not self.restart_dead_workers:
+            raise EnvWorkerError(
+                f"{described}; set env.restart_dead_workers=true to rebuild the workers and go on"
+            ) from None
+        return self._restart(described, in_flight)
 
     def _obs(self, obs: dict[str, np.ndarray]) -> Obs:
         # copy=False above hands out the vector env's own buffers: copy once here, they are overwritten next step.
-        return {k: torch.tensor(v, device=self.device) for k, v in obs.items()}
+        self._last_obs = {k: torch.tensor(v, device=self.device) for k, v in obs.items()}
+        return self._last_obs
 
     def _reset(self, seed: int | None) -> Obs:
         if seed is None:
             # Each single env starts from ManiSkill's fixed creation seed: unseeded, all N would start identical.
             seed = int(np.random.default_rng().integers(2**31 - self.num_envs))
-        obs, _ = self._vec.reset(seed=seed)  # gymnasium seeds env i with seed + i
+        self._seed = seed
+        try:
+            obs, _ = self._vec.reset(seed=seed)  # gymnasium seeds env i with seed + i
+        except WORKER_DEATH as e:
+            return self._on_worker_death(e, in_flight=0)  # a reset ends the episodes anyway
         return self._obs(obs)
 
     def _step(
         self, action: torch.Tensor
     ) -> tuple[Obs, torch.Tensor, torch.Tensor, torch.Tensor, Obs | None, torch.Tensor]:
-        obs, reward, terminated, truncated, info = self._vec.step(action.detach().to("cpu", torch.float32).numpy())
+        last = self._last_obs
+        try:
+            obs, reward, terminated, truncated, info = self._vec.step(action.detach().to("cpu", torch.float32).numpy())
+        except WORKER_DEATH as e:
+            new_obs = self._on_worker_death(e, in_flight=self.num_envs)
+            everyone = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+            self._dropped = everyone
+            nothing = torch.zeros_like(everyone)
+            reward = torch.zeros(self.num_envs, dtype=torch.float32, device=self.device)
+            return new_obs, reward, nothing, everyone, last if last is not None else new_obs, nothing
         final_obs, success = None, np.zeros(self.num_envs, dtype=bool)
         if "final_obs" in info:  # gymnasium gives one dict per finished env: rows of a full-batch copy
             final = {key: value.copy() for key, value in obs.items()}
@@ -418,4 +538,12 @@ class CpuVecEnv(VecEnv):
         )
 
     def close(self) -> None:
-        self._vec.close()
+        if self._vec.closed:
+            return
+        if self._broken:  # its pending step will never be answered
+            self._discard()
+            return
+        try:
+            self._vec.close()
+        except WORKER_DEATH:  # a worker died since the last step: nothing left to close gracefully
+            self._discard()

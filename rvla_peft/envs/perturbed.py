@@ -58,6 +58,11 @@ class PerturbedEnv:
     Episodes: ``reset`` restarts every perturbation's per-env state; after a step in which some envs finished
     (the inner env auto-resets them, so ``step.obs`` already starts their next episode), ``final_obs`` is perturbed
     first with the finished episodes' state (``peek``), then ``reset(done)`` restarts those envs, then ``obs``.
+    A perturbation with ``resample="episode"`` (shift, rotation, colour jitter, ...) draws env i's parameters at the
+    start of its episode and holds them until it ends; one with ``resample="step"`` redraws them at every step
+    (``rvla_peft.perturbations.base``). ``final_obs`` is perturbed without advancing the generator, so the draws of
+    every step depend only on the seed and the step number, not on when episodes end: two policies evaluated with
+    the same seed see the same draws (common random numbers) even once their episodes end at different times.
 
     ``sample_per_episode``: instead of every spec applying to every env, each env draws one spec (a combination
     counts as one) at each episode start, uniformly; every spec runs on the whole batch and ``torch.where``
@@ -92,6 +97,12 @@ class PerturbedEnv:
     def instructions(self) -> list[str]:
         return self.env.instructions
 
+    @property
+    def episode_choice(self) -> torch.Tensor | None:
+        """[N] index in ``specs`` of the entry each env's current episode runs under (``sample_per_episode``), else
+        None. Read before a step: an episode that ends in the step ran under it (rollouts log success per entry)."""
+        return self._choice if self.sample_per_episode else None
+
     def set_severity_scale(self, scale: float) -> None:
         """Effective severity = each spec's severity x ``scale`` in [0, 1], from the next step on."""
         check_severity("severity scale", scale)
@@ -113,7 +124,10 @@ class PerturbedEnv:
             return step
         final_obs = None
         if step.final_obs is not None:  # some episode ended (known without a device sync)
+            # The generator's state is a host-side (seed, offset) on CUDA too: saving it costs no sync.
+            state = self.generator.get_state()
             final_obs = self._perturb_obs(step.final_obs, peek=True)
+            self.generator.set_state(state)
             self._start_episodes(step.terminated | step.truncated)
         return dataclasses.replace(step, obs=self._perturb_obs(step.obs), final_obs=final_obs)
 

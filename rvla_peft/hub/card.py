@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from rvla_peft.adapters import HubError, is_hub_id, is_local_path
 from rvla_peft.config import ModelConfig, TrainConfig
 from rvla_peft.hub.run_files import RunFiles
-from rvla_peft.perturbations import PERTURBATIONS
+from rvla_peft.perturbations import PERTURBATIONS, resample_note, spec_records
 from rvla_peft.policies.registry import resolve_lora
 from rvla_peft.utils.constants import (
     ACTION_HEADS_FILE,
@@ -137,15 +137,21 @@ def _ci(ci: list[float] | None, scale: float = 100) -> str:
 
 
 def robustness_table(report: dict, policy: str) -> str:
-    """Markdown: per setting, the adapter's success (95% CI), the base's, and the paired difference (95% CI)."""
+    """Markdown: per setting, the adapter's success (95% CI), the base's, the paired difference (95% CI), and
+    whether the perturbation's random parameters were held per episode or redrawn every step (where recorded)."""
     baseline = _baseline(report, policy)
     ours, theirs = _results(report, policy), _results(report, baseline)
     paired = {p["setting"]: p for p in report.get("paired", []) if p["policy"] == policy}
+    notes = {s["name"]: resample_note(s.get("specs", [])) for s in report.get("settings", [])}
+    drawn = any(notes.values())  # older reports do not record it
     head = f"| setting | {policy}: success [95% CI] | mean return |"
     rule = "|---|---|---|"
     if baseline:
         head += f" {baseline}: success | difference [95% CI] |"
         rule += "---|---|"
+    if drawn:
+        head += " random parameters |"
+        rule += "---|"
     rows = [head, rule]
     for setting in report.get("settings", []):
         r = ours.get(setting["name"])
@@ -156,6 +162,8 @@ def robustness_table(report: dict, policy: str) -> str:
             b, d = theirs.get(setting["name"]), paired.get(setting["name"])
             diff = "-" if d is None else f"{100 * d['difference']:+.0f} pts{_ci(d.get('ci95'))}"
             row += f" {_pct(b and b['success_rate'])} | {diff} |"
+        if drawn:
+            row += f" {notes[setting['name']] or '-'} |"
         rows.append(row)
     return "\n".join(rows)
 
@@ -273,7 +281,10 @@ def render_card(
         base_builtin=base_id.startswith("builtin:"),
         task=cfg.env.task,
         cfg=cfg,
-        train_perturbations=", ".join(f"`{s.name}@{s.severity:g}`" for s in cfg.perturb.train) or "none",
+        train_perturbations=", ".join(
+            f"`{s.name}@{s.severity:g}` ({resample_note(spec_records([s]))})" for s in cfg.perturb.train
+        )
+        or "none",
         lora_targets=cfg.lora.target_modules
         if isinstance(cfg.lora.target_modules, str)
         else ", ".join(cfg.lora.target_modules),

@@ -8,9 +8,9 @@ from rvla_peft.perturbations.base import (
     GRIPPER,
     ActionPerturbation,
     Params,
+    Resample,
     _History,
     _rand,
-    _rows,
     _with_arm,
     register,
 )
@@ -25,12 +25,15 @@ class ActionNoise(ActionPerturbation):
 
     Standard deviation = 0.3 x severity, so severities 1/3, 2/3 and 1 give the RobustVLA paper's sigma 0.1, 0.2
     and 0.3 (in the env's normalised action space).
+
+    resample "step": actuator noise is new at every command.
     """
 
     name = "action_noise"
+    resample = "step"
     max_std = 0.3
 
-    def sample(self, action: torch.Tensor, generator: torch.Generator) -> Params:
+    def draw(self, action: torch.Tensor, generator: torch.Generator) -> Params:
         noise = torch.randn(action.shape, generator=generator, device=action.device, dtype=action.dtype)
         return {"noise": noise}
 
@@ -38,42 +41,21 @@ class ActionNoise(ActionPerturbation):
         return (action + params["noise"] * (self.max_std * self.severity)).clamp_(-1.0, 1.0)
 
 
-class _PerEpisodeAction(ActionPerturbation):
-    """Parameters drawn per env at its episode's first action and held until its episode ends.
-
-    ``sample`` draws unit-scale values that ``transform`` scales by the current severity, so a curriculum changing
-    the severity acts at once and the draws do not depend on it.
-    """
-
-    def __init__(self, severity: float) -> None:
-        super().__init__(severity)
-        self._params: Params | None = None
-        self._redraw: torch.Tensor | None = None  # [N] bool: envs whose episode started since the last action
-
-    def reset(self, done: torch.Tensor) -> None:
-        self._redraw = done if self._redraw is None else self._redraw | done
-
-    def apply(self, action: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self._params is None or self._redraw is not None:
-            fresh = self.sample(action, generator)
-            if self._params is not None:
-                fresh = {k: torch.where(_rows(self._redraw, v), v, self._params[k]) for k, v in fresh.items()}
-            self._params, self._redraw = fresh, None
-        return action if self.severity == 0 else self.transform(action, self._params)
-
-
 @register
-class ActionBias(_PerEpisodeAction):
+class ActionBias(ActionPerturbation):
     """A constant offset on the arm's action dims for the whole episode (a miscalibrated controller).
 
     Per env and episode, each arm dim's offset is uniform in [-0.2, 0.2] x severity (normalised action units); the
     gripper command is left alone. Clamped to [-1, 1].
+
+    resample "episode": a calibration error persists.
     """
 
     name = "action_bias"
+    resample = "episode"
     max_offset = 0.2
 
-    def sample(self, action: torch.Tensor, generator: torch.Generator) -> Params:
+    def draw(self, action: torch.Tensor, generator: torch.Generator) -> Params:
         return {"offset": 2 * _rand((action.shape[0], action.shape[1] - 1), generator, action) - 1}
 
     def transform(self, action: torch.Tensor, params: Params) -> torch.Tensor:
@@ -81,17 +63,20 @@ class ActionBias(_PerEpisodeAction):
 
 
 @register
-class ActionGain(_PerEpisodeAction):
+class ActionGain(ActionPerturbation):
     """A multiplicative gain error on the arm's action dims for the whole episode (wrong controller gains).
 
     Per env and episode, each arm dim's gain is uniform in [1 - 0.5 x severity, 1 + 0.5 x severity]; the gripper
     command is left alone. Clamped to [-1, 1].
+
+    resample "episode": wrong controller gains persist.
     """
 
     name = "action_gain"
+    resample = "episode"
     max_error = 0.5
 
-    def sample(self, action: torch.Tensor, generator: torch.Generator) -> Params:
+    def draw(self, action: torch.Tensor, generator: torch.Generator) -> Params:
         return {"error": 2 * _rand((action.shape[0], action.shape[1] - 1), generator, action) - 1}
 
     def transform(self, action: torch.Tensor, params: Params) -> torch.Tensor:
@@ -103,20 +88,28 @@ class ActionDelay(ActionPerturbation):
     """Actuation delay: the env executes the action from k = round(severity x 5) steps ago (250 ms at 20 Hz).
 
     Early in an episode, the episode's first action (there is no older command to execute).
+
+    resample "episode": the delay is a property of the actuation pipeline (no random draws, so the mode changes
+    nothing).
     """
 
     name = "action_delay"
+    resample = "episode"
     max_steps = 5
 
-    def __init__(self, severity: float) -> None:
-        super().__init__(severity)
+    def __init__(self, severity: float, resample: Resample | None = None) -> None:
+        super().__init__(severity, resample)
         self._actions = _History(self.max_steps)
 
     def steps(self) -> int:
         return round(self.severity * self.max_steps)
 
     def reset(self, done: torch.Tensor) -> None:
+        super().reset(done)
         self._actions.reset(done)
+
+    def draw(self, action: torch.Tensor, generator: torch.Generator) -> Params:
+        return {}
 
     def apply(self, action: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         out = self._actions.delayed(action, self.steps())
@@ -130,12 +123,15 @@ class ActionDropout(ActionPerturbation):
 
     A zero delta pose holds the arm still. The gripper keeps the policy's command: zero there would mean "half
     closed" rather than "no change", and a lost packet should not open or close the hand.
+
+    resample "step": packets are lost one by one.
     """
 
     name = "action_dropout"
+    resample = "step"
     max_rate = 0.5
 
-    def sample(self, action: torch.Tensor, generator: torch.Generator) -> Params:
+    def draw(self, action: torch.Tensor, generator: torch.Generator) -> Params:
         return {"u": _rand((action.shape[0],), generator, action)}
 
     def transform(self, action: torch.Tensor, params: Params) -> torch.Tensor:
@@ -148,12 +144,15 @@ class GripperFlip(ActionPerturbation):
     """A wrong gripper command: with probability 25% x severity per env and step, its sign is flipped.
 
     Open becomes close and vice versa; the arm dims are left alone.
+
+    resample "step": a corrupted command is a one-off.
     """
 
     name = "gripper_flip"
+    resample = "step"
     max_rate = 0.25
 
-    def sample(self, action: torch.Tensor, generator: torch.Generator) -> Params:
+    def draw(self, action: torch.Tensor, generator: torch.Generator) -> Params:
         return {"u": _rand((action.shape[0],), generator, action)}
 
     def transform(self, action: torch.Tensor, params: Params) -> torch.Tensor:

@@ -8,16 +8,31 @@ Python loop, no host round trip), and randomness comes only from the ``torch.Gen
     env = PerturbedEnv(make_envs(cfg.env), [PerturbationSpec("rotation+action_noise", 1 / 3)], seed=0)
 
 Spec names: ``"rotation"``; a combination ``"rotation+action_noise"`` (every part at the spec's severity); a part
-may carry its own severity, ``"rotation@0.5+action_noise"`` (rotation at 0.5, action noise at the spec's). A list
-of specs composes, in order.
+may carry its own severity, ``"rotation@0.5+action_noise"`` (rotation at 0.5, action noise at the spec's), and its
+own resample mode, ``"rotation@0.5:step+action_noise"`` (a part is ``NAME[@SEVERITY][:episode|step]``; the spec's
+``resample``, if set, applies to the parts without one). A list of specs composes, in order.
 
-Stateless perturbations implement ``sample`` (all random parameters of a batch, leading dim N, in one go) and
-``transform`` (deterministic and row-wise given those), which is what makes "batched == env by env" testable.
-Stateful ones (``frame_drop``, ``latency``, ``action_delay``, and the per-episode ``action_bias``/``action_gain``)
-keep per-env state that :class:`PerturbedEnv` restarts through ``reset(done)`` when an env's episode ends.
+Random parameters: ``draw`` gives the unit-scale random draws of a batch (uniforms, normals; leading dim N, in one
+go, independent of the severity), ``parameters`` maps them through the current severity to physical ones (pixels,
+degrees), and ``transform`` applies those, deterministic and row-wise, which is what makes "batched == env by env"
+testable; ``sample`` = ``parameters(draw)``. Each class states when its draws are made, ``resample``:
+
+* ``"episode"``: drawn for env i when its episode starts and held for the whole episode, where the physical cause
+  persists (a moved camera, changed lighting, an occluder, a miscalibrated actuator);
+* ``"step"``: drawn afresh at every step (sensor noise, dropped frames or commands).
+
+A spec may override it (``rotation@0.5:step``, or ``resample`` on the spec). Held draws are unit-scale, so a
+curriculum changing the severity scales a fixed draw. A per-episode perturbation still draws at every step and keeps
+the new draw only for envs whose episode has just started (``reset(done)``): the generator then advances the same
+way whatever the episode lengths, so every draw depends only on the seed and the step number, and two policies
+whose episodes end at different times still see the same draws (common random numbers).
+
+Stateful ones (``frame_drop``, ``latency``, ``action_delay``) also keep histories that :class:`PerturbedEnv`
+restarts through ``reset(done)`` when an env's episode ends.
 
 Adding a perturbation: subclass :class:`ImagePerturbation`, :class:`ObservationPerturbation` or
-:class:`ActionPerturbation`, set ``name``, implement ``sample``/``transform`` (or ``apply``) and decorate the class
+:class:`ActionPerturbation`, set ``name`` and ``resample`` (with a one-line reason in the docstring), implement
+``draw``/``transform`` (and ``parameters`` where the severity shapes the draws; or ``apply``) and decorate the class
 with :func:`register`.
 
 This package imports only torch and the standard library (no simulator): ``rvla_peft.config`` validates recipes
@@ -29,18 +44,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol, get_args
 
 import torch
 
 Obs = dict[str, torch.Tensor]
 Params = dict[str, torch.Tensor]
+Resample = Literal["episode", "step"]
+RESAMPLE_MODES: tuple[str, ...] = get_args(Resample)
 
 GRIPPER = -1  # index of the gripper command in the action (Panda pd_ee_delta_pose: -1 closed, +1 open)
 
 
 class SpecLike(Protocol):
-    """What a perturbation is built from: ``rvla_peft.config.PerturbationSpec`` or anything shaped like it."""
+    """What a perturbation is built from: ``rvla_peft.config.PerturbationSpec`` or anything shaped like it.
+
+    It may also have ``resample`` ("episode", "step" or None for each perturbation's own), read with getattr.
+    """
 
     name: str
     severity: float
@@ -48,10 +68,14 @@ class SpecLike(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """One perturbation at one severity, shaped like ``rvla_peft.config.PerturbationSpec`` (no config import)."""
+    """One perturbation at one severity, shaped like ``rvla_peft.config.PerturbationSpec`` (no config import).
+
+    ``resample`` None: the perturbation's own ``resample``; "episode" or "step" overrides it.
+    """
 
     name: str
     severity: float
+    resample: Resample | None = None
 
 
 def check_severity(name: str, severity: Any) -> None:
@@ -59,6 +83,14 @@ def check_severity(name: str, severity: Any) -> None:
         raise ValueError(f"perturbation {name!r}: severity must be a number in [0, 1], got {severity!r}")
     if not 0.0 <= severity <= 1.0:
         raise ValueError(f"perturbation {name!r}: severity must be in [0, 1], got {severity!r}")
+
+
+def check_resample(name: str, resample: Any) -> None:
+    if resample is not None and resample not in RESAMPLE_MODES:
+        raise ValueError(
+            f"perturbation {name!r}: resample must be 'episode' (held per episode) or 'step' (redrawn every step), "
+            f"got {resample!r}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -69,27 +101,68 @@ class Perturbation:
     """Base class: a named perturbation whose strength is ``severity`` in [0, 1].
 
     ``severity`` is read at every call, so :meth:`PerturbedEnv.set_severity_scale` can change it between steps.
+    ``resample`` (class): when the random draws are made, "episode" or "step" (module docstring); the instance's
+    ``mode`` is that unless the constructor's ``resample`` overrides it.
     """
 
     name: ClassVar[str]
+    resample: ClassVar[Resample]
 
-    def __init__(self, severity: float) -> None:
+    def __init__(self, severity: float, resample: Resample | None = None) -> None:
         check_severity(self.name, severity)
+        check_resample(self.name, resample)
         self.severity = float(severity)
+        self.mode: Resample = resample or type(self).resample
+        self._held: Params | None = None  # "episode": each env's draws for its current episode
+        self._redraw: torch.Tensor | None = None  # [N] bool: envs whose episode started since the last draw
 
     def reset(self, done: torch.Tensor) -> None:
-        """Start a new episode for the envs where ``done`` ([N] bool) is set; stateless perturbations ignore it."""
+        """Start a new episode for the envs where ``done`` ([N] bool) is set: their held draws are replaced at the
+        next call (and any history restarts)."""
+        if self._held is not None:
+            self._redraw = done if self._redraw is None else self._redraw | done
+
+    def draw(self, x: Any, generator: torch.Generator) -> Params:
+        """Unit-scale random draws for the batch ``x``, each with leading dim N, independent of the severity."""
+        raise NotImplementedError
+
+    def parameters(self, x: Any, draws: Params) -> Params:
+        """The physical parameters at the current severity from unit draws (default: the draws themselves)."""
+        return draws
 
     def sample(self, x: Any, generator: torch.Generator) -> Params:
-        """Every random parameter for the batch ``x``, each with leading dim N (all but the delay-like ones)."""
-        raise NotImplementedError
+        """Fresh random parameters for the batch ``x`` at the current severity: ``parameters(draw)``."""
+        return self.parameters(x, self.draw(x, generator))
 
     def transform(self, x: Any, params: Params) -> Any:
         """Apply with the given parameters: deterministic and row by row, so any slice of rows gives the same rows."""
         raise NotImplementedError
 
+    def draws(self, x: Any, generator: torch.Generator, commit: bool = True) -> Params:
+        """This step's unit draws: fresh ("step"), or each env's for its episode ("episode"); ``commit=False``
+        leaves the held ones alone.
+
+        Always draws a full batch, also for "episode" (only the envs starting an episode keep the new rows), so the
+        generator advances the same way at every step, whatever the episode lengths and the severity.
+        """
+        fresh = self.draw(x, generator)
+        if self.mode == "step":
+            return fresh
+        held = self._held
+        if held is None or any(k not in held or held[k].shape != v.shape for k, v in fresh.items()):
+            held = fresh  # first call, or the batch changed shape: every env starts afresh
+        elif self._redraw is not None:
+            held = {k: torch.where(_rows(self._redraw, v), v, held[k]) for k, v in fresh.items()}
+        if commit:
+            self._held, self._redraw = held, None
+        return held
+
+    def _perturb(self, x: Any, generator: torch.Generator, commit: bool) -> Any:
+        draws = self.draws(x, generator, commit)  # drawn at severity 0 too: the curriculum never shifts the draws
+        return x if self.severity == 0 else self.transform(x, self.parameters(x, draws))
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(severity={self.severity:g})"
+        return f"{type(self).__name__}(severity={self.severity:g}, resample={self.mode!r})"
 
 
 class ObservationPerturbation(Perturbation):
@@ -97,11 +170,12 @@ class ObservationPerturbation(Perturbation):
 
     def apply(self, obs: Obs, generator: torch.Generator) -> Obs:
         """The perturbed observation; advances per-env state where there is some. The input is never modified."""
-        return obs if self.severity == 0 else self.transform(obs, self.sample(obs, generator))
+        return self._perturb(obs, generator, commit=True)
 
     def peek(self, obs: Obs, generator: torch.Generator) -> Obs:
-        """Like ``apply`` but leaves per-env state alone: for ``final_obs``, seen next to the step's ``obs``."""
-        return self.apply(obs, generator)
+        """What ``apply`` would return, leaving per-env state alone: for ``final_obs``, seen next to the step's
+        ``obs`` (before ``reset(done)``, so with the finished episodes' held draws)."""
+        return self._perturb(obs, generator, commit=False)
 
 
 class ImagePerturbation(ObservationPerturbation):
@@ -125,7 +199,7 @@ class ActionPerturbation(Perturbation):
     """Acts on the action [N, action_dim] in [-1, 1] the env executes; the policy's tensor is never modified."""
 
     def apply(self, action: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return action if self.severity == 0 else self.transform(action, self.sample(action, generator))
+        return self._perturb(action, generator, commit=True)
 
 
 PERTURBATIONS: dict[str, type[Perturbation]] = {}
@@ -135,6 +209,8 @@ def register(cls: type[Perturbation]) -> type[Perturbation]:
     """Class decorator adding a perturbation to :data:`PERTURBATIONS` under its ``name``."""
     if cls.name in PERTURBATIONS:
         raise ValueError(f"perturbation {cls.name!r} is registered twice")
+    if getattr(cls, "resample", None) not in RESAMPLE_MODES:
+        raise TypeError(f"perturbation {cls.name!r}: set the class attribute resample to 'episode' or 'step'")
     PERTURBATIONS[cls.name] = cls
     return cls
 

@@ -15,6 +15,7 @@ from rvla_peft.perturbations.base import (
     Obs,
     ObservationPerturbation,
     Params,
+    Resample,
     _box_mask,
     _History,
     _rand,
@@ -35,13 +36,18 @@ class Shift(ImagePerturbation):
     Each image moves by (dy, dx), each uniform among the integers in [-d, d] with d = round(severity x 20% of the
     image side): up to 13 px on a 64-px image at severity 1, 6 px at 0.5. Content leaving the frame is lost; the
     uncovered border is filled with zeros (black, the default) or, with ``fill="edge"``, the nearest edge pixel.
+
+    resample "episode": a camera that moved stays where it moved to.
     """
 
     name = "shift"
+    resample = "episode"
     max_fraction = 0.2
 
-    def __init__(self, severity: float, fill: Literal["zeros", "edge"] = "zeros") -> None:
-        super().__init__(severity)
+    def __init__(
+        self, severity: float, fill: Literal["zeros", "edge"] = "zeros", resample: Resample | None = None
+    ) -> None:
+        super().__init__(severity, resample)
         if fill not in ("zeros", "edge"):
             raise ValueError(f"shift: fill must be 'zeros' or 'edge', got {fill!r}")
         self.fill = fill
@@ -49,10 +55,13 @@ class Shift(ImagePerturbation):
     def max_shift(self, side: int) -> int:
         return round(self.severity * self.max_fraction * side)
 
-    def sample(self, obs: Obs, generator: torch.Generator) -> Params:
+    def draw(self, obs: Obs, generator: torch.Generator) -> Params:
         rgb = obs["rgb"]
-        h, w = rgb.shape[-3:-1]
-        u = _rand((*rgb.shape[:-3], 2), generator, rgb)
+        return {"u": _rand((*rgb.shape[:-3], 2), generator, rgb)}
+
+    def parameters(self, obs: Obs, draws: Params) -> Params:
+        h, w = obs["rgb"].shape[-3:-1]
+        u = draws["u"]
         dy, dx = self.max_shift(h), self.max_shift(w)
         return {"dy": _randint(2 * dy, u[..., 0]) - dy, "dx": _randint(2 * dx, u[..., 1]) - dx}
 
@@ -73,15 +82,20 @@ class Rotation(ImagePerturbation):
     """Image rotation about its centre (a camera rolled), bilinear, zeros outside the original frame.
 
     Angle uniform in [-30, 30] degrees x severity, positive = counter-clockwise as displayed (rows top to bottom).
+
+    resample "episode": a rolled camera stays rolled.
     """
 
     name = "rotation"
+    resample = "episode"
     max_degrees = 30.0
 
-    def sample(self, obs: Obs, generator: torch.Generator) -> Params:
+    def draw(self, obs: Obs, generator: torch.Generator) -> Params:
         rgb = obs["rgb"]
-        u = _rand(rgb.shape[:-3], generator, rgb)
-        return {"degrees": (2 * u - 1) * (self.max_degrees * self.severity)}
+        return {"u": _rand(rgb.shape[:-3], generator, rgb)}
+
+    def parameters(self, obs: Obs, draws: Params) -> Params:
+        return {"degrees": (2 * draws["u"] - 1) * (self.max_degrees * self.severity)}
 
     def transform_images(self, rgb: torch.Tensor, params: Params) -> torch.Tensor:
         _, h, w, _ = rgb.shape
@@ -126,15 +140,21 @@ class ColorJitter(ImagePerturbation):
     Brightness, contrast and saturation factors are each uniform in [1 - 0.5 x severity, 1 + 0.5 x severity]
     (torchvision's ``ColorJitter(0.5, 0.5, 0.5, 0.1)`` at severity 1); the hue turns by a uniform fraction of the
     colour wheel in [-0.1, 0.1] x severity (+-36 degrees at severity 1), a rotation of the YIQ chroma plane.
+
+    resample "episode": the room's lighting and the camera's white balance hold over an episode.
     """
 
     name = "color_jitter"
+    resample = "episode"
     max_factor_change = 0.5
     max_hue = 0.1
 
-    def sample(self, obs: Obs, generator: torch.Generator) -> Params:
+    def draw(self, obs: Obs, generator: torch.Generator) -> Params:
         rgb = obs["rgb"]
-        signed = 2 * _rand((*rgb.shape[:-3], 4), generator, rgb) - 1
+        return {"u": _rand((*rgb.shape[:-3], 4), generator, rgb)}
+
+    def parameters(self, obs: Obs, draws: Params) -> Params:
+        signed = 2 * draws["u"] - 1
         factors = 1 + signed[..., :3] * (self.max_factor_change * self.severity)
         return {
             "brightness": factors[..., 0],
@@ -166,16 +186,22 @@ class Occlusion(ImagePerturbation):
 
     Side = round(severity x 50% of the shorter image side): 32 px on a 64-px image at severity 1 (a quarter of
     the area). Position uniform with the square fully inside; its grey level uniform in 0 (black) to 128 (mid grey).
+
+    resample "episode": an object in front of the camera stays in its place.
     """
 
     name = "occlusion"
+    resample = "episode"
     max_fraction = 0.5
 
-    def sample(self, obs: Obs, generator: torch.Generator) -> Params:
+    def draw(self, obs: Obs, generator: torch.Generator) -> Params:
         rgb = obs["rgb"]
-        h, w = rgb.shape[-3:-1]
+        return {"u": _rand((*rgb.shape[:-3], 3), generator, rgb)}
+
+    def parameters(self, obs: Obs, draws: Params) -> Params:
+        h, w = obs["rgb"].shape[-3:-1]
         side = round(self.severity * self.max_fraction * min(h, w))
-        u = _rand((*rgb.shape[:-3], 3), generator, rgb)
+        u = draws["u"]
         return {
             "top": _randint(h - side, u[..., 0]),
             "left": _randint(w - side, u[..., 1]),
@@ -196,27 +222,34 @@ class RandomErasing(ImagePerturbation):
     Area uniform in [2%, 33%] of the image x severity (torchvision's default ``scale`` at severity 1), aspect ratio
     log-uniform in [0.3, 3.3], position uniform inside the image; every pixel and channel of the rectangle gets an
     independent uniform value in 0..255. Unlike torchvision, every image is erased (no probability p).
+
+    resample "episode": a persistent patch (dirt or a sticker on the lens, a dead region of the sensor).
     """
 
     name = "random_erasing"
+    resample = "episode"
     area = (0.02, 0.33)
     log_ratio = (math.log(0.3), math.log(3.3))
 
-    def sample(self, obs: Obs, generator: torch.Generator) -> Params:
+    def draw(self, obs: Obs, generator: torch.Generator) -> Params:
         rgb = obs["rgb"]
-        h, w = rgb.shape[-3:-1]
         u = _rand((*rgb.shape[:-3], 4), generator, rgb)
+        values = torch.randint(0, 256, rgb.shape, generator=generator, device=rgb.device, dtype=torch.uint8)
+        return {"u": u, "values": values}
+
+    def parameters(self, obs: Obs, draws: Params) -> Params:
+        h, w = obs["rgb"].shape[-3:-1]
+        u = draws["u"]
         area = (self.area[0] + (self.area[1] - self.area[0]) * u[..., 0]) * (self.severity * h * w)
         ratio = torch.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * u[..., 1])
         height = (area * ratio).sqrt().round().long().clamp(0, h)
         width = (area / ratio).sqrt().round().long().clamp(0, w)
-        values = torch.randint(0, 256, rgb.shape, generator=generator, device=rgb.device, dtype=torch.uint8)
         return {
             "top": _randint(h - height, u[..., 2]),
             "left": _randint(w - width, u[..., 3]),
             "height": height,
             "width": width,
-            "values": values,
+            "values": draws["values"],
         }
 
     def transform_images(self, rgb: torch.Tensor, params: Params) -> torch.Tensor:
@@ -235,12 +268,15 @@ class PixelNoise(ImagePerturbation):
 
     Standard deviation = 64 intensity levels (of 255) x severity: severity 0.5 gives std 32. The result is rounded
     and clamped to [0, 255] and stays uint8, so at high severity clamping makes the measured std a little smaller.
+
+    resample "step": sensor noise is new in every frame.
     """
 
     name = "pixel_noise"
+    resample = "step"
     max_std = 64.0
 
-    def sample(self, obs: Obs, generator: torch.Generator) -> Params:
+    def draw(self, obs: Obs, generator: torch.Generator) -> Params:
         rgb = obs["rgb"]
         return {"noise": torch.randn(rgb.shape, generator=generator, device=rgb.device)}
 
@@ -254,15 +290,18 @@ class Blur(ImagePerturbation):
 
     sigma = severity x 3% of the shorter image side (1.9 px on a 64-px image at severity 1), kernel radius
     ceil(3 sigma), edges replicated.
+
+    resample "episode": a defocused lens stays defocused (no random draws, so the mode changes nothing).
     """
 
     name = "blur"
+    resample = "episode"
     max_fraction = 0.03
 
     def sigma(self, side: int) -> float:
         return self.severity * self.max_fraction * side
 
-    def sample(self, obs: Obs, generator: torch.Generator) -> Params:
+    def draw(self, obs: Obs, generator: torch.Generator) -> Params:
         return {}
 
     def transform_images(self, rgb: torch.Tensor, params: Params) -> torch.Tensor:
@@ -283,12 +322,15 @@ class SaltPepper(ImagePerturbation):
     """Impulse noise: dead (black) and stuck (white) pixels, all channels of a pixel together.
 
     A fraction 10% x severity of the pixels is hit, half set to 0 and half to 255.
+
+    resample "step": impulse noise (transmission errors) hits different pixels in every frame.
     """
 
     name = "salt_pepper"
+    resample = "step"
     max_fraction = 0.1
 
-    def sample(self, obs: Obs, generator: torch.Generator) -> Params:
+    def draw(self, obs: Obs, generator: torch.Generator) -> Params:
         rgb = obs["rgb"]
         return {"u": _rand(rgb.shape[:-1], generator, rgb)}
 
@@ -303,12 +345,15 @@ class StateNoise(ObservationPerturbation):
     """Additive Gaussian noise on ``obs["state"]`` (proprioception: joint angles in rad, TCP pose in m).
 
     Standard deviation = 0.05 x severity in the state's own units, on every entry.
+
+    resample "step": encoder noise is new in every reading.
     """
 
     name = "state_noise"
+    resample = "step"
     max_std = 0.05
 
-    def sample(self, obs: Obs, generator: torch.Generator) -> Params:
+    def draw(self, obs: Obs, generator: torch.Generator) -> Params:
         state = obs["state"]
         return {"noise": torch.randn(state.shape, generator=generator, device=state.device, dtype=state.dtype)}
 
@@ -322,31 +367,44 @@ class FrameDrop(ObservationPerturbation):
 
     A run of drops freezes the image. The first frame of an episode is never dropped. Only ``rgb`` (every camera
     of the env together); the state stays current.
+
+    resample "step": frames are lost one by one (held per episode, ``frame_drop:episode``, an env that drops
+    freezes on its episode's first frame: a stuck camera).
     """
 
     name = "frame_drop"
+    resample = "step"
     max_rate = 0.5
 
-    def __init__(self, severity: float) -> None:
-        super().__init__(severity)
+    def __init__(self, severity: float, resample: Resample | None = None) -> None:
+        super().__init__(severity, resample)
         self._last: torch.Tensor | None = None  # [N, ...] the frame each env showed last
         self._started: torch.Tensor | None = None  # [N] bool: the env has shown a frame of its current episode
 
     def reset(self, done: torch.Tensor) -> None:
+        super().reset(done)
         if self._started is not None:
             self._started = self._started & ~done
 
+    def draw(self, obs: Obs, generator: torch.Generator) -> Params:
+        rgb = obs["rgb"]
+        return {"u": _rand((rgb.shape[0],), generator, rgb)}
+
     def apply(self, obs: Obs, generator: torch.Generator) -> Obs:
-        out = self.peek(obs, generator)
+        out = self._show(obs, generator, commit=True)
         self._last = out["rgb"]
         self._started = torch.ones(out["rgb"].shape[0], dtype=torch.bool, device=out["rgb"].device)
         return out
 
     def peek(self, obs: Obs, generator: torch.Generator) -> Obs:
-        rgb = obs["rgb"]
+        return self._show(obs, generator, commit=False)
+
+    def _show(self, obs: Obs, generator: torch.Generator, commit: bool) -> Obs:
+        u = self.draws(obs, generator, commit)["u"]
         if self.severity == 0 or self._last is None:
             return obs
-        drop = (_rand((rgb.shape[0],), generator, rgb) < self.max_rate * self.severity) & self._started
+        rgb = obs["rgb"]
+        drop = (u < self.max_rate * self.severity) & self._started
         return {**obs, "rgb": torch.where(_rows(drop, rgb), self._last, rgb)}
 
 
@@ -355,20 +413,28 @@ class Latency(ObservationPerturbation):
     """Camera latency: the env shows the frame from k = round(severity x 5) steps ago (250 ms at ManiSkill's 20 Hz).
 
     Early in an episode, the episode's first frame. Only ``rgb``; the state stays current (encoders are fast).
+
+    resample "episode": the delay is a property of the camera pipeline (no random draws, so the mode changes
+    nothing).
     """
 
     name = "latency"
+    resample = "episode"
     max_steps = 5
 
-    def __init__(self, severity: float) -> None:
-        super().__init__(severity)
+    def __init__(self, severity: float, resample: Resample | None = None) -> None:
+        super().__init__(severity, resample)
         self._frames = _History(self.max_steps)
 
     def steps(self) -> int:
         return round(self.severity * self.max_steps)
 
     def reset(self, done: torch.Tensor) -> None:
+        super().reset(done)
         self._frames.reset(done)
+
+    def draw(self, obs: Obs, generator: torch.Generator) -> Params:
+        return {}
 
     def apply(self, obs: Obs, generator: torch.Generator) -> Obs:
         out = self.peek(obs, generator)

@@ -1,5 +1,7 @@
 """The policy contract shared by every family, so rollout, PPO, regularisers and evaluation never ask which
-family they hold."""
+family they hold, and what every family does the same way: image preprocessing, prompt padding, the visual
+embeddings hook, saving the adapter with the value head. A family (``rvla_peft/policies/<family>/modeling.py``)
+writes only what differs."""
 
 from __future__ import annotations
 
@@ -7,9 +9,14 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from rvla_peft.policies.common import normalize_images, pad_prompts
+from rvla_peft.utils.constants import VALUE_HEAD_FILE
 
 Observation = dict  # {"rgb": uint8 [B,H,W,3], "state": float [B,D], "instruction": list[str]}
 
@@ -47,11 +54,67 @@ class ValueHead(nn.Module):
         return self.net(hidden.to(self.net[0].weight.dtype)).squeeze(-1)
 
 
+class MemoryHooks:
+    """What the training-memory estimate (:mod:`rvla_peft.memory`) asks a family, from its config (and the model's
+    config) alone: nothing is loaded. The defaults are the action-token families'; a family overrides what
+    differs and sets its instance as its policy class's ``memory_hooks``."""
+
+    # ``act`` decodes token by token (a KV cache over every env's prompt) and forwards keep every layer's hidden
+    # states (``output_hidden_states=True``, for the value head)
+    autoregressive: bool = True
+    # the prompt can be counted with the tokenizer saved beside the model's weights
+    tokenizer_in_checkpoint: bool = True
+
+    def head_param_count(self, policy_cfg, hidden: int) -> int:
+        """Parameters of the heads trained in full besides LoRA and the value head."""
+        return 0
+
+    def decoder_extra_tokens(self, policy_cfg) -> int:
+        """Tokens after image + prompt in one training forward of the language model: the A - 1 teacher-forced
+        action tokens."""
+        return policy_cfg.action_dim - 1
+
+    def denoise_steps(self, policy_cfg, model_config) -> int:
+        """Denoising steps per action (flow-matching families); each is one action-expert pass."""
+        return 0
+
+    def rollout_action_bytes(self, policy_cfg, model_config) -> int:
+        """Bytes of the policy's action per env step in the rollout buffer: int64 action-token slots."""
+        return policy_cfg.action_dim * 8
+
+
 class Policy(nn.Module):
-    """Base class. Subclasses hold ``peft_model`` (the PeftModel saved and pushed) and ``value_head``."""
+    """Base class. Holds ``peft_model`` (the PeftModel saved and pushed), ``processor``, ``cfg`` (the family's
+    policy section) and ``value_head``; a family's ``__init__`` calls :meth:`set_image_normalization`."""
 
     peft_model: nn.Module
     value_head: ValueHead
+    memory_hooks: ClassVar[MemoryHooks] = MemoryHooks()
+    padding_side: ClassVar[str] = "left"  # of batched prompts (see common.pad_prompts)
+
+    def __init__(self, peft_model, processor, policy_cfg, hidden_size: int):
+        super().__init__()
+        self.peft_model = peft_model
+        self.processor = processor
+        self.cfg = policy_cfg
+        self.value_head = ValueHead(hidden_size, policy_cfg.value_head_hidden)
+        self._prompt_ids: dict[str, Tensor] = {}
+
+    def set_image_normalization(self, image_hw: tuple[int, int], mean: Tensor, std: Tensor, rescale: float) -> None:
+        self.image_hw, self.rescale = tuple(image_hw), rescale
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.value_head.net[0].weight.device
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return self.peft_model.get_input_embeddings().weight.dtype
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the contract
 
     @torch.no_grad()
     def act(self, obs: Observation, deterministic: bool = False) -> ActionSample:
@@ -65,23 +128,70 @@ class Policy(nn.Module):
         Jacobian penalty, so that the mean is differentiable in the image the model sees."""
         raise NotImplementedError
 
-    def observation_inputs(self, obs: Observation) -> Tensor:
-        """The model's image input (the Jacobian is taken against it)."""
-        raise NotImplementedError
-
     def value(self, obs: Observation) -> Tensor:
         """V(obs) alone, e.g. to bootstrap truncated episodes."""
+        raise NotImplementedError
+
+    def observation_inputs(self, obs: Observation) -> Tensor:
+        """The model's image input, normalised on the device (the Jacobian is taken against it)."""
+        return normalize_images(
+            obs["rgb"].to(self.device), self.image_hw, self.pixel_mean, self.pixel_std, self.rescale, self.model_dtype
+        )
+
+    def visual_embedding_module(self) -> nn.Module:
+        """The module whose output is the visual embeddings fed to the language model."""
         raise NotImplementedError
 
     @contextlib.contextmanager
     def capture_visual_embeddings(self) -> Iterator[list[Tensor]]:
         """Collect the visual embeddings fed to the language model during forwards inside the block (the input
         the paper's gradient penalty differentiates against)."""
-        raise NotImplementedError
-        yield []
+        captured: list[Tensor] = []
+        handle = self.visual_embedding_module().register_forward_hook(lambda m, i, o: captured.append(o))
+        try:
+            yield captured
+        finally:
+            handle.remove()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    # ------------------------------------------------------------------------------------------------------------
+    # prompts
+
+    def build_prompt(self, instruction: str) -> Tensor:
+        """Token ids of the prompt for one instruction."""
         raise NotImplementedError
+
+    def _prompt(self, instruction: str) -> Tensor:
+        if instruction not in self._prompt_ids:
+            self._prompt_ids[instruction] = self.build_prompt(instruction)
+        return self._prompt_ids[instruction]
+
+    def encode_prompts(self, instructions: list[str]) -> tuple[Tensor, Tensor]:
+        """Padded prompt ids and attention mask [B, L] on the device (``padding_side``)."""
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        ids, mask = pad_prompts(
+            [self._prompt(i) for i in instructions], tokenizer.pad_token_id or 0, self.padding_side
+        )
+        return ids.to(self.device), mask.to(self.device)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # saving and loading
+
+    def save_pretrained(self, directory: str | Path, base_model_id: str | None = None) -> None:
+        """The LoRA adapter (adapter_config.json + adapter_model.safetensors, recording ``base_model_id`` as its
+        base) and, beside it, the value head."""
+        directory = Path(directory)
+        if base_model_id is not None:
+            for config in self.peft_model.peft_config.values():
+                config.base_model_name_or_path = base_model_id
+        # embeddings are not adapted: skip peft's vocabulary check, which would look the base id up online
+        self.peft_model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+        save_file(
+            state, str(directory / VALUE_HEAD_FILE), metadata={"hidden_size": str(state["net.0.weight"].shape[1])}
+        )
+
+    def load_adapter_extras(self, directory: str | Path) -> None:
+        """Load what a family saves beside the adapter besides the value head (``build_policy`` calls it)."""

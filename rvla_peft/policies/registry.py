@@ -1,4 +1,6 @@
-"""Policy families: name -> class, default LoRA settings, and ``load_policy`` (base + LoRA + value head)."""
+"""Building policies: the base model (``load_base``), LoRA (the family's defaults, ``lora_config``), the family's
+policy class (from the catalogue, :mod:`rvla_peft.policies.families`), and ``load_policy`` (base + LoRA + value head
++ the family's extras, set up by an adapter's recipe). Pushed model cards import ``load_policy`` from here."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from rvla_peft.adapters import HubError, adapter_recipe, check_base_match, resol
 from rvla_peft.config import ConfigError, ModelConfig, load_config
 from rvla_peft.models.tiny import resolve_builtin
 from rvla_peft.policies.base import Policy
-from rvla_peft.policies.families import LORA_DEFAULTS, POLICY_FAMILIES
+from rvla_peft.policies.families import LORA_DEFAULTS, POLICY_FAMILIES, family_config
 from rvla_peft.utils.constants import POLICY_SETTINGS_FILE, VALUE_HEAD_FILE
 
 logger = logging.getLogger(__name__)
@@ -21,10 +23,11 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _family_class(name: str) -> type[Policy]:
+def policy_class(family: str) -> type[Policy]:
+    """The policy class of a family (its ``modeling`` module is imported here, not by the light catalogue)."""
     import importlib
 
-    module, cls = POLICY_FAMILIES[name].split(":")
+    module, cls = POLICY_FAMILIES[family].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
@@ -95,7 +98,7 @@ def lora_targets(model, lora_cfg) -> list[str] | str:
 
 
 def resolve_lora(family: str, lora_cfg):
-    """``lora_cfg`` with its unset (None) fields taken from the family's :data:`LORA_DEFAULTS`."""
+    """``lora_cfg`` with its unset (None) fields taken from the family's ``LORA_DEFAULTS`` (its configuration)."""
     defaults = LORA_DEFAULTS.get(family, LORA_DEFAULTS["action_tokens"])
     unset = {k: v for k, v in defaults.items() if getattr(lora_cfg, k) is None}
     return dataclasses.replace(lora_cfg, **unset)
@@ -166,17 +169,18 @@ def build_policy(cfg, adapter: str | Path | None = None, device: torch.device | 
     from peft import get_peft_model
     from safetensors.torch import load_file
 
+    policy_cfg = family_config(cfg.policy)  # the family's class, also for a config whose family was changed
     model, processor = load_base(cfg.model)
-    check_trained_policy_settings(cfg.model.name_or_path, cfg.policy)
+    check_trained_policy_settings(cfg.model.name_or_path, policy_cfg)
     if adapter is None:
-        peft_model = get_peft_model(model, lora_config(model, resolve_lora(cfg.policy.family, cfg.lora)))
+        peft_model = get_peft_model(model, lora_config(model, resolve_lora(policy_cfg.family, cfg.lora)))
     else:
         peft_model = load_adapter_strict(model, adapter)
     hidden = getattr(model.config, "vlm_config", model.config).get_text_config().hidden_size  # pi0: vlm_config
-    policy = _family_class(cfg.policy.family)(peft_model, processor, cfg.policy, hidden)
+    policy = policy_class(policy_cfg.family)(peft_model, processor, policy_cfg, hidden)
     if adapter is not None and (Path(adapter) / VALUE_HEAD_FILE).exists():
         policy.value_head.load_state_dict(load_file(str(Path(adapter) / VALUE_HEAD_FILE)))
-    if adapter is not None and hasattr(policy, "load_adapter_extras"):
+    if adapter is not None:
         policy.load_adapter_extras(Path(adapter))  # fully trained modules beside the adapter (OpenVLA-OFT's heads)
     return policy.to(device)
 

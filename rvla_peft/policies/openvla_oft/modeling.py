@@ -24,7 +24,7 @@ For PPO the deterministic head becomes a factorised distribution over the chunk 
 either a learned ``[chunk_size, action_dim]`` parameter (``policy.scale_head=state_independent``) or RIPT-VLA's
 ``LaplaceScaleHead`` (an MLP-ResNet trunk over the same features + a linear layer; its names ``trunk.*`` and
 ``log_b_head.*``), clamped to ``policy.log_scale_bounds``. Sampling, log-probs and the closed-form entropy are the pure
-functions at the top of this module.
+functions of :mod:`rvla_peft.policies.distributions`.
 
 Action chunking: ``act`` returns the whole sampled chunk as the policy's ``action`` [N, chunk_size, A]; the first
 ``execute_steps`` = k of its steps, clipped to [-1, 1] and un-normalised (q01 / q99 from the checkpoint's norm_stats
@@ -45,7 +45,6 @@ both; this policy feeds one image and no state), FiLM, and the diffusion action 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -53,53 +52,23 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers.masking_utils import create_bidirectional_mask
 
-from rvla_peft.policies.base import ActionSample, Observation, PolicyOutput
-from rvla_peft.policies.openvla import OpenVLAPolicy
-from rvla_peft.policies.openvla_style import _positions
+from rvla_peft.policies.base import ActionSample, MemoryHooks, Observation, Policy, PolicyOutput
+from rvla_peft.policies.common import (
+    OPENVLA_EMPTY_WORD,
+    bounds_tensor,
+    image_geometry,
+    openvla_action_bounds,
+    positions,
+    prompt_ids,
+    unnormalize_actions,
+    with_empty_word,
+)
+from rvla_peft.policies.distributions import action_entropy, action_log_prob, sample_action
 from rvla_peft.utils.constants import ACTION_HEADS_FILE
 
 logger = logging.getLogger(__name__)
 
 _BIDIRECTIONAL_ATTENTION = ("eager", "sdpa")  # implementations that take the 4D bidirectional mask
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# distribution maths: pure, elementwise functions of the normalised action, the mean and the log-scale
-
-
-def gaussian_log_prob(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
-    """log N(x; mean, sigma^2) with sigma = exp(log_scale)."""
-    return -0.5 * ((x - mean) * torch.exp(-log_scale)) ** 2 - log_scale - 0.5 * math.log(2 * math.pi)
-
-
-def laplace_log_prob(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
-    """log Laplace(x; mean, b) = -|x - mean| / b - log(2 b) with b = exp(log_scale)."""
-    return -(x - mean).abs() * torch.exp(-log_scale) - log_scale - math.log(2.0)
-
-
-def gaussian_entropy(log_scale: Tensor) -> Tensor:
-    """0.5 log(2 pi e sigma^2)."""
-    return 0.5 + 0.5 * math.log(2 * math.pi) + log_scale
-
-
-def laplace_entropy(log_scale: Tensor) -> Tensor:
-    """1 + log(2 b)."""
-    return 1.0 + math.log(2.0) + log_scale
-
-
-def action_log_prob(distribution: str, x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
-    return (laplace_log_prob if distribution == "laplace" else gaussian_log_prob)(x, mean, log_scale)
-
-
-def action_entropy(distribution: str, log_scale: Tensor) -> Tensor:
-    return (laplace_entropy if distribution == "laplace" else gaussian_entropy)(log_scale)
-
-
-def sample_action(distribution: str, mean: Tensor, log_scale: Tensor) -> Tensor:
-    """One draw per element (torch's global generator, so ``torch.manual_seed`` makes rollouts repeatable)."""
-    scale = torch.exp(log_scale)
-    dist = torch.distributions.Laplace if distribution == "laplace" else torch.distributions.Normal
-    return dist(mean, scale).sample()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,6 +153,13 @@ class StateDependentScale(nn.Module):
         return self.log_b_head(self.trunk(_per_step(features.to(self.log_b_head.weight.dtype), self.action_dim)))
 
 
+def make_scale_head(policy_cfg, hidden_size: int) -> nn.Module:
+    """The scale head ``policy.scale_head`` names, started at ``policy.init_log_scale``."""
+    if policy_cfg.scale_head == "state_dependent":
+        return StateDependentScale(hidden_size, hidden_size, policy_cfg.action_dim, policy_cfg.init_log_scale)
+    return StateIndependentScale(policy_cfg.chunk_size, policy_cfg.action_dim, policy_cfg.init_log_scale)
+
+
 def load_oft_state_dict(path: str | Path) -> dict[str, Tensor]:
     """A state dict saved by OFT's ``torch.save(module.state_dict())`` (or a safetensors file), without the
     ``module.`` prefix that DistributedDataParallel adds (OFT's ``load_component_state_dict`` drops it too)."""
@@ -214,17 +190,44 @@ def resolve_head_file(name: str, base_name_or_path: str, revision: str | None = 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class OpenVLAOFTPolicy(OpenVLAPolicy):
+class OFTMemoryHooks(MemoryHooks):
+    """One bidirectional pass over image, prompt, placeholders and the stop token; heads trained in full."""
+
+    autoregressive = False
+
+    def head_param_count(self, policy_cfg, hidden: int) -> int:
+        with torch.device("meta"):
+            heads = [
+                L1RegressionActionHead(hidden, hidden, policy_cfg.action_dim),
+                make_scale_head(policy_cfg, hidden),
+            ]
+        return sum(p.numel() for head in heads for p in head.parameters())
+
+    def decoder_extra_tokens(self, policy_cfg) -> int:
+        return policy_cfg.chunk_size * policy_cfg.action_dim + 1
+
+    def rollout_action_bytes(self, policy_cfg, model_config) -> int:
+        return policy_cfg.chunk_size * policy_cfg.action_dim * 4  # the sampled chunk, float32
+
+
+class OpenVLAOFTPolicy(Policy):
     """OpenVLA-OFT with LoRA as a PPO policy (module docstring for the forward pass and the conventions).
 
-    The input side (prompt with OpenVLA's conventions, left padding, device-side image normalisation, norm_stats,
-    the projector as the visual embeddings) is the ``openvla`` family's; the output side is OFT's parallel decoding
-    with a continuous head instead of action tokens.
+    The input side (OpenVLA's prompt, left padding, device-side image normalisation, norm_stats, the projector as the
+    visual embeddings) follows the ``openvla`` family through :mod:`rvla_peft.policies.common`; the output side is
+    OFT's parallel decoding with a continuous head instead of action tokens.
     """
+
+    memory_hooks = OFTMemoryHooks()
 
     def __init__(self, peft_model, processor, policy_cfg, hidden_size: int):
         super().__init__(peft_model, processor, policy_cfg, hidden_size)
+        self.set_image_normalization(*image_geometry(processor.image_processor))
         model = self.model
+        low, high = openvla_action_bounds(policy_cfg, model.config)
+        self.register_buffer("action_low", bounds_tensor(low), persistent=False)
+        self.register_buffer("action_high", bounds_tensor(high), persistent=False)
+        self.empty_word_id = processor.tokenizer.get_vocab().get(OPENVLA_EMPTY_WORD)
         implementation = model.language_model.config._attn_implementation
         if implementation not in _BIDIRECTIONAL_ATTENTION:
             raise ValueError(
@@ -240,23 +243,29 @@ class OpenVLAOFTPolicy(OpenVLAPolicy):
         self.stop_token_id = processor.tokenizer.eos_token_id  # OFT's STOP_INDEX: '</s>' (2) for Llama-2
 
         self.action_head = L1RegressionActionHead(hidden_size, hidden_size, self.action_dim)
+        self.scale_head_kind = policy_cfg.scale_head
+        self.scale_head = make_scale_head(policy_cfg, hidden_size)
         if policy_cfg.action_head_file:
             config = model.config
             path = resolve_head_file(
                 policy_cfg.action_head_file, config._name_or_path, getattr(config, "_commit_hash", None)
             )
-            self.action_head.load_state_dict(load_oft_state_dict(path))
+            self.load_heads(load_oft_state_dict(path))
             logger.info("action head loaded from %s", path)
-        self.scale_head_kind = policy_cfg.scale_head
-        if policy_cfg.scale_head == "state_dependent":
-            self.scale_head = StateDependentScale(hidden_size, hidden_size, self.action_dim, policy_cfg.init_log_scale)
-        else:
-            self.scale_head = StateIndependentScale(self.chunk_size, self.action_dim, policy_cfg.init_log_scale)
 
     @property
     def model(self):
         """The OpenVLAForActionPrediction under the adapter (its LoRA layers are injected in place)."""
         return self.peft_model.get_base_model()
+
+    def build_prompt(self, instruction: str) -> Tensor:
+        """OpenVLA's prompt (``openvla`` family), without the action placeholders."""
+        ids = prompt_ids(self.processor, self.cfg.prompt_template, instruction, self.image_hw)
+        return with_empty_word(ids, self.empty_word_id)
+
+    def visual_embedding_module(self) -> nn.Module:
+        """The projector: its output is the patch embeddings the language model reads."""
+        return self.model.projector
 
     # ------------------------------------------------------------------------------------------------------------
     # forward passes
@@ -279,7 +288,7 @@ class OpenVLAOFTPolicy(OpenVLAPolicy):
             pixel_values = self.observation_inputs(obs)
         patches = model.get_image_features(pixel_values.to(embeds.dtype))
         # text coordinates -> multimodal ones (patches after each row's BOS), as OpenVLAForActionPrediction.forward
-        embeds, mask, positions, _ = model._merge_image(embeds, patches, mask, _positions(mask), None)
+        embeds, mask, position_ids, _ = model._merge_image(embeds, patches, mask, positions(mask), None)
         attention = create_bidirectional_mask(
             config=model.language_model.config,
             inputs_embeds=embeds,
@@ -287,7 +296,7 @@ class OpenVLAOFTPolicy(OpenVLAPolicy):
             allow_is_bidirectional_skip=False,  # always a 4D mask: None would make Llama build a causal one
         )
         hidden = model.get_decoder()(
-            inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=False
+            inputs_embeds=embeds, attention_mask=attention, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         before_first_action = hidden.shape[1] - (n_actions + 1) - 1
         return hidden[:, before_first_action : before_first_action + n_actions], hidden[:, before_first_action]
@@ -300,7 +309,7 @@ class OpenVLAOFTPolicy(OpenVLAPolicy):
 
     def _env_action(self, block: Tensor) -> Tensor:
         """Executed steps [B, k, A], clipped to [-1, 1] and un-normalised (q01 / q99 where set)."""
-        return self.action_tokenizer.unnormalize(block.clamp(-1, 1))
+        return unnormalize_actions(block.clamp(-1, 1), self.action_low, self.action_high)
 
     @torch.no_grad()
     def act(self, obs: Observation, deterministic: bool = False) -> ActionSample:
@@ -345,9 +354,6 @@ class OpenVLAOFTPolicy(OpenVLAPolicy):
         # Under bidirectional attention the prompt's states depend on the placeholders: the same pass as ``act``.
         return self.value_head(self._features(obs)[1])
 
-    def action_logits(self, obs, action, pixel_values=None):
-        raise NotImplementedError("policy.family=openvla_oft predicts continuous actions, not action tokens")
-
     # ------------------------------------------------------------------------------------------------------------
     # saving and loading
 
@@ -360,7 +366,7 @@ class OpenVLAOFTPolicy(OpenVLAPolicy):
         }
 
     def save_pretrained(self, directory: str | Path, base_model_id: str | None = None) -> None:
-        """The LoRA adapter and the value head (as the ``openvla`` family), plus the action and scale heads in
+        """The LoRA adapter and the value head (as every family), plus the action and scale heads in
         ``action_heads.safetensors``: keys ``action_head.*`` (OFT's names after the prefix) and ``scale_head.*``."""
         super().save_pretrained(directory, base_model_id=base_model_id)
         state = {
@@ -389,6 +395,13 @@ class OpenVLAOFTPolicy(OpenVLAPolicy):
                     f"{path} was saved with {key}={saved[key]}, this policy has {key}={value}: set policy.{key} as "
                     "in the adapter's recipe"
                 )
-        state = load_file(str(path))
+        self.load_heads(load_file(str(path)))
+
+    def load_heads(self, state: dict[str, Tensor]) -> None:
+        """OFT's released action head (its own key names), or this family's ``action_heads.safetensors`` (keys
+        ``action_head.*`` and ``scale_head.*``: the trained action and scale heads, as a merged export ships them)."""
+        if not any(k.startswith("action_head.") for k in state):
+            self.action_head.load_state_dict(state)
+            return
         for prefix, module in (("action_head", self.action_head), ("scale_head", self.scale_head)):
             module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")})

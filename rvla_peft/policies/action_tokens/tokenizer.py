@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rvla_peft.policies.common import unnormalize_actions
+
 
 class ActionTokenizer:
     def __init__(
@@ -51,6 +53,5 @@ class ActionTokenizer:
         return probs @ self.slot_values.to(probs.device, probs.dtype)
 
     def unnormalize(self, normalized: Tensor) -> Tensor:
-        """[-1, 1] -> env range with q01 / q99 (identity by default)."""
-        low, high = self.low.to(normalized.device), self.high.to(normalized.device)
-        return 0.5 * (normalized + 1) * (high - low) + low
+        """[-1, 1] -> env range with q01 / q99 (-1 / 1 by default)."""
+        return unnormalize_actions(normalized, self.low, self.high)

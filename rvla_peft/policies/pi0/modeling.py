@@ -31,26 +31,21 @@ Prompt: ``policy.prompt_template`` (pi0 reads the bare task text: set it to ``"{
 instructions only, so training with the state needs a rollout that stores it: the default feeds zeros in ``act``
 and ``evaluate`` alike.
 
-``builtin:tiny-pi0`` (:func:`build_tiny_pi0`) is a random PI0 of the same architecture, small enough for tests.
+``builtin:tiny-pi0`` (``rvla_peft.models.tiny``) is a random PI0 of the same architecture, small enough for tests.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from safetensors.torch import save_file
 from torch import Tensor
 
-from rvla_peft.policies.base import ActionSample, Observation, Policy, PolicyOutput, ValueHead
-from rvla_peft.utils.constants import VALUE_HEAD_FILE
+from rvla_peft.policies.base import ActionSample, MemoryHooks, Observation, Policy, PolicyOutput
+from rvla_peft.policies.common import blank_image, bounds_tensor, unnormalize_actions
+from rvla_peft.policies.distributions import gaussian_entropy, gaussian_log_prob
 
 # ----------------------------------------------------------------------------------------------------------------
 # flow-SDE maths: pure functions on tensors, checked exactly by the tests
@@ -79,16 +74,6 @@ def flow_sde_step(x: Tensor, velocity: Tensor, t: float, dt: float, sigma: Tenso
     return mean, math.sqrt(dt) * sigma.expand_as(mean)
 
 
-def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """Elementwise log N(x; mean, std^2)."""
-    return -((x - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
-
-
-def gaussian_entropy(std: Tensor) -> Tensor:
-    """Elementwise entropy of N(., std^2): 0.5 log(2 pi e std^2)."""
-    return 0.5 + 0.5 * math.log(2 * math.pi) + std.log()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -110,6 +95,23 @@ class _Chains:
     entropy: Tensor | None  # [B]
 
 
+class Pi0MemoryHooks(MemoryHooks):
+    """A prefix pass (image + prompt, cached) and K action-expert passes; the whole chain is the stored action."""
+
+    autoregressive = False
+    tokenizer_in_checkpoint = False  # pi0 checkpoints ship without a processor (model.processor_name_or_path)
+
+    def decoder_extra_tokens(self, policy_cfg) -> int:
+        return 0  # the action chunk goes through the action expert, not the VLM
+
+    def denoise_steps(self, policy_cfg, model_config) -> int:
+        return policy_cfg.num_denoise_steps or model_config.num_inference_steps
+
+    def rollout_action_bytes(self, policy_cfg, model_config) -> int:
+        chain = self.denoise_steps(policy_cfg, model_config) + 1
+        return chain * model_config.chunk_size * model_config.max_action_dim * 4  # float32
+
+
 class Pi0Policy(Policy):
     """pi0 with LoRA as a PPO policy over its denoising chain (module docstring for the maths and conventions).
 
@@ -117,11 +119,11 @@ class Pi0Policy(Policy):
     block [N, k, action_dim] clipped to [-1, 1] and un-normalised with ``policy.action_low/high``, and ``mean`` =
     the fixed-noise ODE's block [N, k, action_dim]."""
 
+    memory_hooks = Pi0MemoryHooks()
+    padding_side = "right"  # as pi0's processor pads: the prefix attends bidirectionally, real positions unchanged
+
     def __init__(self, peft_model, processor, policy_cfg, hidden_size: int):
-        super().__init__()
-        self.peft_model = peft_model
-        self.processor = processor
-        self.cfg = policy_cfg
+        super().__init__(peft_model, processor, policy_cfg, hidden_size)  # hidden: PaliGemma's text width
         config = self.model.config
         self.chunk_size, self.max_action_dim = config.chunk_size, config.max_action_dim
         self.max_state_dim = config.max_state_dim
@@ -132,72 +134,34 @@ class Pi0Policy(Policy):
             raise ValueError(f"policy.execute_steps={self.execute_steps} must be in [1, chunk_size={self.chunk_size}]")
         if self.action_dim > self.max_action_dim:
             raise ValueError(f"policy.action_dim={self.action_dim} exceeds the model's max_action_dim")
-        self.value_head = ValueHead(hidden_size, policy_cfg.value_head_hidden)  # PaliGemma's text width
         vision = config.vlm_config.vision_config
-        self.image_hw = (vision.image_size, vision.image_size)
         image_processor = getattr(processor, "image_processor", None)
         mean = getattr(image_processor, "image_mean", None) or [0.5] * 3
         std = getattr(image_processor, "image_std", None) or [0.5] * 3
-        self.rescale = float(getattr(image_processor, "rescale_factor", 1 / 255))
-        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.unnormalize = policy_cfg.action_low is not None or policy_cfg.action_high is not None
-        low = policy_cfg.action_low if policy_cfg.action_low is not None else [-1.0] * self.action_dim
-        high = policy_cfg.action_high if policy_cfg.action_high is not None else [1.0] * self.action_dim
-        self.register_buffer("action_low", torch.tensor(low, dtype=torch.float32), persistent=False)
-        self.register_buffer("action_high", torch.tensor(high, dtype=torch.float32), persistent=False)
-        self._prompt_ids: dict[str, Tensor] = {}
+        self.set_image_normalization(
+            (vision.image_size, vision.image_size),
+            torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
+            torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
+            float(getattr(image_processor, "rescale_factor", 1 / 255)),
+        )
+        self.register_buffer("action_low", bounds_tensor(policy_cfg.action_low), persistent=False)
+        self.register_buffer("action_high", bounds_tensor(policy_cfg.action_high), persistent=False)
 
     @property
     def model(self):
         """The PI0ForConditionalGeneration inside the PeftModel (its Linear layers carry the LoRA weights)."""
         return self.peft_model.get_base_model()
 
-    @property
-    def device(self) -> torch.device:
-        return self.value_head.net[0].weight.device
-
-    @property
-    def model_dtype(self) -> torch.dtype:
-        return self.model.get_input_embeddings().weight.dtype
-
     # ------------------------------------------------------------------------------------------------------------
     # inputs
 
-    def observation_inputs(self, obs: Observation) -> Tensor:
-        """uint8 [B,H,W,3] -> normalised pixel_values [B,3,h,w] on the device (the image the Jacobian is taken in)."""
-        x = obs["rgb"].to(self.device).permute(0, 3, 1, 2).float()
-        if tuple(x.shape[-2:]) != self.image_hw:
-            x = F.interpolate(x, size=self.image_hw, mode="bicubic", antialias=True, align_corners=False)
-        x = (x * self.rescale - self.pixel_mean) / self.pixel_std
-        return x.to(self.model_dtype)
-
-    def _prompt(self, instruction: str) -> Tensor:
+    def build_prompt(self, instruction: str) -> Tensor:
         """Prompt ids for one instruction, image placeholders expanded by the processor (pi0 and PaliGemma
-        processors write ``<image> * n + <bos> + text + "\\n"``); cached."""
-        if instruction not in self._prompt_ids:
-            text = self.cfg.prompt_template.format(instruction=instruction.strip().replace("\n", " "))
-            blank = Image.fromarray(np.zeros((*self.image_hw, 3), dtype=np.uint8))
-            enc = self.processor(images=blank, text=text, padding=False, return_tensors="pt")
-            ids = enc["input_ids"][0]
-            if "attention_mask" in enc:
-                ids = ids[enc["attention_mask"][0].bool()]
-            self._prompt_ids[instruction] = ids
-        return self._prompt_ids[instruction]
-
-    def encode_prompts(self, instructions: list[str]) -> tuple[Tensor, Tensor]:
-        """Right-padded prompt ids and attention mask [B, L], as pi0's processor pads (the prefix attends
-        bidirectionally, so padding at the end leaves every real token's position unchanged)."""
-        seqs = [self._prompt(i) for i in instructions]
-        length = max(len(s) for s in seqs)
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        pad_id = tokenizer.pad_token_id or 0
-        ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), length), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)] = s
-            mask[row, : len(s)] = 1
-        return ids.to(self.device), mask.to(self.device)
+        processors write ``<image> * n + <bos> + text + "\\n"``)."""
+        text = self.cfg.prompt_template.format(instruction=instruction.strip().replace("\n", " "))
+        enc = self.processor(images=blank_image(self.image_hw), text=text, padding=False, return_tensors="pt")
+        ids = enc["input_ids"][0]
+        return ids[enc["attention_mask"][0].bool()] if "attention_mask" in enc else ids
 
     def _state(self, obs: Observation, batch: int) -> Tensor:
         if not self.cfg.use_state:
@@ -213,10 +177,7 @@ class Pi0Policy(Policy):
     def _env_action(self, block: Tensor) -> Tensor:
         """Executed block [B, k, A] clipped to [-1, 1] -> env action, un-normalised as the action-token family does
         (q01 / q99 to [-1, 1]) when ``policy.action_low/high`` are set, else as is."""
-        block = block.clamp(-1, 1)
-        if not self.unnormalize:
-            return block
-        return 0.5 * (block + 1) * (self.action_high - self.action_low) + self.action_low
+        return unnormalize_actions(block.clamp(-1, 1), self.action_low, self.action_high)
 
     # ------------------------------------------------------------------------------------------------------------
     # forward passes
@@ -297,8 +258,9 @@ class Pi0Policy(Policy):
                 x_next = chain[:, i + 1].float()
             else:
                 x_next = mean + std * torch.randn(shape, device=self.device)
-            log_prob = log_prob + gaussian_log_prob(x_next[block], mean[block], std[block]).sum((1, 2))
-            entropy = entropy + gaussian_entropy(std[block]).sum((1, 2))
+            log_std = std[block].log()  # sigma > 0 on the executed block
+            log_prob = log_prob + gaussian_log_prob(x_next[block], mean[block], log_std).sum((1, 2))
+            entropy = entropy + gaussian_entropy(log_std).sum((1, 2))
             x = x_next
             steps.append(x)
         return _Chains(mean=x_ode[block], chain=torch.stack(steps, 1), log_prob=log_prob, entropy=entropy)
@@ -331,24 +293,3 @@ class Pi0Policy(Policy):
     def visual_embedding_module(self) -> torch.nn.Module:
         """PaliGemma's projector: its output is the image embeddings placed in the prefix."""
         return self.model.model.vlm.multi_modal_projector
-
-    @contextlib.contextmanager
-    def capture_visual_embeddings(self) -> Iterator[list[Tensor]]:
-        captured: list[Tensor] = []
-        handle = self.visual_embedding_module().register_forward_hook(lambda m, i, o: captured.append(o))
-        try:
-            yield captured
-        finally:
-            handle.remove()
-
-    def save_pretrained(self, directory: str | Path, base_model_id: str | None = None) -> None:
-        """The LoRA adapter (adapter_config.json + adapter_model.safetensors) and, beside it, the value head."""
-        directory = Path(directory)
-        if base_model_id is not None:
-            for config in self.peft_model.peft_config.values():
-                config.base_model_name_or_path = base_model_id
-        self.peft_model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
-        save_file(
-            state, str(directory / VALUE_HEAD_FILE), metadata={"hidden_size": str(state["net.0.weight"].shape[1])}
-        )

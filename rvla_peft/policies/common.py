@@ -1,0 +1,143 @@
+"""Pieces the families share: images and prompts in, actions out, and OpenVLA checkpoints' conventions (read by the
+``openvla`` and ``openvla_oft`` families). Pure functions; the policy classes keep the state (caches, buffers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+# ----------------------------------------------------------------------------------------------------------------
+# images
+
+
+def image_geometry(image_processor) -> tuple[tuple[int, int], Tensor, Tensor, float]:
+    """Target (H, W), mean, std [1, C, 1, 1] and rescale factor of a Hugging Face image processor."""
+    size = getattr(image_processor, "crop_size", None) if getattr(image_processor, "do_center_crop", False) else None
+    size = size or image_processor.size
+    if "height" in size:
+        hw = (size["height"], size["width"])
+    else:
+        hw = (size["shortest_edge"], size["shortest_edge"])
+    # 3 channels, or 3 per vision tower for processors that stack one normalisation per tower (OpenVLA's)
+    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, -1, 1, 1)
+    return hw, mean, std, float(getattr(image_processor, "rescale_factor", 1 / 255))
+
+
+def normalize_images(
+    rgb: Tensor, image_hw: tuple[int, int], mean: Tensor, std: Tensor, rescale: float, dtype: torch.dtype
+) -> Tensor:
+    """uint8 [B,H,W,3] -> pixel_values [B,C,h,w] on rgb's device (no PIL, no host round trip): bicubic resize with
+    antialiasing, rescale, normalise. With C = 3k channels (one normalisation per stacked tower) each tower sees the
+    same image."""
+    x = rgb.permute(0, 3, 1, 2).float()
+    if tuple(x.shape[-2:]) != tuple(image_hw):
+        x = F.interpolate(x, size=image_hw, mode="bicubic", antialias=True, align_corners=False)
+    x = x.repeat(1, mean.shape[1] // 3, 1, 1)
+    return ((x * rescale - mean) / std).to(dtype)
+
+
+def blank_image(image_hw: tuple[int, int]) -> Image.Image:
+    """A black image of the model's size: the processor expands its image placeholders without a real frame."""
+    return Image.fromarray(np.zeros((*image_hw, 3), dtype=np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts
+
+
+def prompt_ids(processor, template: str, instruction: str, image_hw: tuple[int, int]) -> Tensor:
+    """Token ids of an OpenVLA-style prompt: ``template`` with the instruction lower-cased and without its final
+    period, image placeholders expanded by the processor (its image token put first when the text has none)."""
+    text = template.format(instruction=instruction.lower().rstrip("."))
+    image_token = getattr(processor, "image_token", None)
+    if image_token and image_token not in text:
+        text = image_token + text
+    return processor(text=text, images=blank_image(image_hw), return_tensors="pt")["input_ids"][0]
+
+
+def pad_prompts(seqs: list[Tensor], pad_id: int, side: str = "left") -> tuple[Tensor, Tensor]:
+    """Prompt ids and attention mask [B, L]. Left padding ends every prompt at the same position (what decoding
+    the next tokens needs); right padding keeps every real token's position (pi0's bidirectional prefix)."""
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        span = slice(length - len(s), length) if side == "left" else slice(0, len(s))
+        ids[row, span] = s
+        mask[row, span] = 1
+    return ids, mask
+
+
+def positions(mask: Tensor) -> Tensor:
+    """Position ids that skip left padding, so a padded prompt sees the same positions as an unpadded one."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# actions
+
+
+def unnormalize_actions(normalized: Tensor, low: Tensor | None, high: Tensor | None) -> Tensor:
+    """Normalised actions [..., A] in [-1, 1] -> env actions: ``0.5 * (a + 1) * (high - low) + low`` per dimension
+    (OpenVLA's q01 / q99 map). ``low`` / ``high`` None stand for -1 / 1; both None is the identity, exactly."""
+    if low is None and high is None:
+        return normalized
+    low = torch.full_like(normalized[..., :1], -1.0) if low is None else low.to(normalized)
+    high = torch.full_like(normalized[..., :1], 1.0) if high is None else high.to(normalized)
+    return 0.5 * (normalized + 1) * (high - low) + low
+
+
+def bounds_tensor(values: list[float] | None) -> Tensor | None:
+    return None if values is None else torch.tensor(values, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OpenVLA checkpoints (families openvla and openvla_oft)
+
+OPENVLA_EMPTY_WORD = "\u2581"  # SentencePiece's word boundary alone: id 29871 in the Llama-2 vocabulary
+
+
+def with_empty_word(ids: Tensor, empty_word_id: int | None) -> Tensor:
+    """OpenVLA's prompt ends with the empty-word token, which its training prompts had before the first action token
+    and its ``predict_action`` appends (only with a tokenizer that has it)."""
+    if empty_word_id is None or ids[-1] == empty_word_id:
+        return ids
+    return F.pad(ids, (0, 1), value=empty_word_id)
+
+
+def action_bounds_from_norm_stats(norm_stats: dict | None, unnorm_key: str) -> tuple[list[float], list[float]]:
+    """``(low, high)`` from OpenVLA's dataset statistics.
+
+    OpenVLA maps a normalised action ``a`` in [-1, 1] to ``0.5 * (a + 1) * (q99 - q01) + q01`` where ``mask`` is
+    true and leaves it as is elsewhere (the gripper); the identity is the same map with ``low=-1, high=1``."""
+    if not norm_stats or unnorm_key not in norm_stats:
+        raise ValueError(
+            f"policy.unnorm_key={unnorm_key!r} is not in the checkpoint's norm_stats; "
+            f"available: {sorted(norm_stats or {})}"
+        )
+    stats = norm_stats[unnorm_key]["action"]
+    q01, q99 = stats["q01"], stats["q99"]
+    mask = stats.get("mask", [True] * len(q01))
+    low = [float(lo) if m else -1.0 for lo, m in zip(q01, mask, strict=True)]
+    high = [float(hi) if m else 1.0 for hi, m in zip(q99, mask, strict=True)]
+    return low, high
+
+
+def openvla_action_bounds(policy_cfg, model_config) -> tuple[list[float] | None, list[float] | None]:
+    """The un-normalisation bounds of an OpenVLA policy: the checkpoint's ``norm_stats[policy.unnorm_key]`` when set,
+    else ``policy.action_low/high``."""
+    unnorm_key = getattr(policy_cfg, "unnorm_key", None)
+    if unnorm_key is None:
+        return policy_cfg.action_low, policy_cfg.action_high
+    if policy_cfg.action_low is not None or policy_cfg.action_high is not None:
+        raise ValueError("set either policy.unnorm_key or policy.action_low/action_high, not both")
+    low, high = action_bounds_from_norm_stats(model_config.norm_stats, unnorm_key)
+    if len(low) != policy_cfg.action_dim:
+        raise ValueError(
+            f"norm_stats[{unnorm_key!r}] has {len(low)} action dims, policy.action_dim {policy_cfg.action_dim}"
+        )
+    return low, high
