@@ -53,9 +53,9 @@ class AdapterFolderError(HubError):
 def check_adapter_folder(path: str | Path) -> Path:
     """Refuse, naming the file, an adapter folder that PEFT could not load: ``adapter_config.json`` missing or not
     JSON, ``adapter_model.safetensors`` missing or with an unreadable header (a truncated download or copy), or a
-    damaged value/action head file. Cheap (reads headers only), so it runs before any base model loads; without it,
-    PEFT takes a folder without weights for a Hub id (``HFValidationError``) and a truncated file fails after the
-    base has loaded."""
+    damaged value/action head file, or a weight that is not finite. Cheap (an adapter is small, the base is not
+    read), so it runs before any base model loads; without it, PEFT takes a folder without weights for a Hub id
+    (``HFValidationError``) and a truncated file fails after the base has loaded."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -80,11 +80,20 @@ def check_adapter_folder(path: str | Path) -> Path:
             continue  # optional: a plain PEFT adapter has no heads
         try:  # safetensors checks the header and that the data covers every tensor it lists (truncation)
             with safe_open(str(file), framework="pt") as f:
-                f.keys()
+                bad = next((k for k in f.keys() if not _all_finite(f.get_tensor(k))), None)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad file
             reason = " ".join(str(e).split()) or type(e).__name__
             raise AdapterFolderError(f"{file} is damaged (truncated or not safetensors): {reason}") from None
+        if bad is not None:
+            raise AdapterFolderError(
+                f"{file}: {bad} holds NaN or infinite values (a diverged run): its policy would act as garbage; use "
+                "an earlier checkpoint"
+            )
     return path
+
+
+def _all_finite(tensor) -> bool:
+    return not tensor.is_floating_point() or bool(tensor.isfinite().all())
 
 
 def resolve_adapter(adapter: str | Path, *, revision: str | None = None, token: str | None = None) -> Path:

@@ -74,10 +74,12 @@ def step_chunk(env, env_action: Tensor) -> Step:
     done = out.terminated | out.truncated
     reward, terminated, truncated = out.reward.clone(), out.terminated, out.truncated
     success, ep_return, ep_length = out.episode_success, out.episode_return, out.episode_length
-    final_obs = out.final_obs
+    final_obs, dropped = out.final_obs, out.dropped
     for j in range(1, env_action.shape[1]):
         step = env.step(env_action[:, j])
         alive = ~done
+        if step.dropped is not None:  # a dead env worker cut the episode short (restart_dead_workers)
+            dropped = step.dropped & alive if dropped is None else dropped | (step.dropped & alive)
         reward = reward + step.reward * alive
         ends = (step.terminated | step.truncated) & alive
         terminated = torch.where(alive, step.terminated, terminated)
@@ -101,6 +103,7 @@ def step_chunk(env, env_action: Tensor) -> Step:
         episode_success=success,
         episode_return=ep_return,
         episode_length=ep_length,
+        dropped=dropped,
     )
 
 
@@ -239,6 +242,7 @@ class _Pass:
     lengths: Tensor  # [N] env steps
     setting: Tensor  # [N]
     env_steps: int
+    dropped: Tensor  # [N] bool: the episode was cut short by a dead env worker, its outcome is unknown
 
 
 def _first_episodes(policy: Policy, env, seed: int, max_steps: int) -> _Pass:
@@ -250,6 +254,7 @@ def _first_episodes(policy: Policy, env, seed: int, max_steps: int) -> _Pass:
     success = torch.zeros(n, dtype=torch.bool, device=device)
     returns = torch.zeros(n, dtype=torch.float32, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
+    dropped = torch.zeros(n, dtype=torch.bool, device=device)
     rgb, actions, log_probs, means = [], [], [], []
     env_steps = 0
     for _ in range(max_steps):
@@ -266,6 +271,8 @@ def _first_episodes(policy: Policy, env, seed: int, max_steps: int) -> _Pass:
         success = torch.where(ended, step.episode_success.to(device), success)
         returns = torch.where(ended, step.episode_return.to(device).float(), returns)
         lengths = torch.where(ended, step.episode_length.to(device), lengths)
+        if step.dropped is not None:
+            dropped |= step.dropped.to(device) & ended
         alive &= ~ended
         obs = step.obs
         if not bool(alive.any()):  # one host sync per step: every env past its first episode ends the pass
@@ -274,7 +281,7 @@ def _first_episodes(policy: Policy, env, seed: int, max_steps: int) -> _Pass:
         raise RuntimeError(f"an episode did not end within max_steps={max_steps}: is it the env's time limit?")
     stacked = [torch.stack(x) for x in (rgb, actions, log_probs, means)]  # [T, N, ...]
     per_env = [[x[:k, i].clone() for i, k in enumerate(steps.tolist())] for x in stacked]  # clone: free [T, N]
-    return _Pass(*per_env, success, returns, lengths, setting, env_steps)
+    return _Pass(*per_env, success, returns, lengths, setting, env_steps, dropped)
 
 
 @torch.no_grad()
@@ -326,6 +333,7 @@ def collect_groups(
         episodes["setting"].append(torch.stack([p.setting for p in passes], dim=1).reshape(-1))
         outcomes = success.float() if outcome == "success" else returns
         keep = informative_groups(outcomes) if dynamic_sampling else torch.ones(n, dtype=torch.bool, device=device)
+        keep &= ~torch.stack([p.dropped for p in passes], dim=1).any(dim=1)  # an unknown outcome: not a failure
         for i in keep.nonzero().squeeze(-1).tolist():
             if len(kept_outcomes) == num_groups:
                 break

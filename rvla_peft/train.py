@@ -7,21 +7,24 @@ recipes/tiny_cpu.yaml``. ``--dry-run`` prints the resolved config and exits; ``-
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
-import shutil
+import signal
 import sys
 from pathlib import Path
 
 from rvla_peft.config import ConfigError, TrainConfig, dump_yaml, help_text, load_config
+from rvla_peft.run_folder import (
+    LATEST,
+    MIN_FREE_BYTES,
+    check_free_space,
+    check_output_dir,
+    check_writable,
+    num_checkpoints,
+    required_bytes,
+    resolve_resume,
+)
 from rvla_peft.utils.runlock import RunLock, RunLockError, describe_holder, is_main_rank
-
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny_cpu.yaml"
-# Free space a run needs besides its adapters and checkpoints: metrics, TensorBoard events, recipe, report plots.
-MIN_FREE_BYTES = 32 * 2**20
-# Bytes per trainable parameter in the final adapter (fp32) and in a checkpoint (fp32 weights + AdamW's two moments)
-ADAPTER_BYTES_PER_PARAM = 4
-CHECKPOINT_BYTES_PER_PARAM = 12
+from rvla_peft.utils.signals import StopOnSignal, exit_code
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,73 +35,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("recipe", nargs="?", help="YAML recipe (default: the built-in defaults)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. ppo.learning_rate=3e-5")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint"
+    )
     parser.add_argument("--help-config", action="store_true", help="list every config key with its help")
     args = parser.parse_intermixed_args(argv)
     if args.recipe and "=" in args.recipe and not Path(args.recipe).exists():
         args.overrides.insert(0, args.recipe)  # `train key=value` with no recipe
         args.recipe = None
+    if args.resume:
+        args.overrides.append(f"resume_from_checkpoint={LATEST}")
     return args
-
-
-def check_output_dir(cfg: TrainConfig) -> None:
-    """Refuse to overwrite a finished run unless asked: nothing a user trained is lost silently."""
-    adapter = Path(cfg.output_dir) / "adapter"
-    if adapter.exists() and not cfg.overwrite_output_dir:
-        raise ConfigError(
-            f"output_dir: {adapter} already holds an adapter; choose another output_dir=... or pass "
-            "overwrite_output_dir=true"
-        )
-
-
-def check_writable(directory: str | Path) -> list[Path]:
-    """Create ``directory`` if needed and write + delete a probe file in it; a ConfigError says why not. Returns the
-    folders it created (a dry run removes them again)."""
-    directory = Path(directory)
-    created = [p for p in (directory, *directory.parents) if not p.exists()][::-1]
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ConfigError(f"output_dir: {directory} is a file, not a folder") from None
-    except OSError as e:
-        raise ConfigError(f"output_dir: cannot create {directory}: {e.strerror or e}") from None
-    if not directory.is_dir():
-        raise ConfigError(f"output_dir: {directory} is not a folder")
-    probe = directory / f".write-probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"rvla_peft")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output_dir: cannot write in {directory}: {e.strerror or e}") from None
-    return created
-
-
-def required_bytes(trainable_params: int, checkpoints: int) -> int:
-    """Disk a run writes: the final adapter, every checkpoint (the trainer keeps them all), one more checkpoint's
-    worth for the staging copy an atomic save holds beside the old one, and :data:`MIN_FREE_BYTES` for the rest."""
-    per_param = ADAPTER_BYTES_PER_PARAM + (checkpoints + 1) * CHECKPOINT_BYTES_PER_PARAM
-    return trainable_params * per_param + MIN_FREE_BYTES
-
-
-def num_checkpoints(cfg: TrainConfig) -> int:
-    """Checkpoints the run writes: every ``save_every`` updates, not at the last one (the adapter is saved there)."""
-    return (cfg.total_updates - 1) // cfg.save_every if cfg.save_every > 0 else 0
-
-
-def check_free_space(directory: str | Path, needed: int, what: str) -> None:
-    free = shutil.disk_usage(directory).free
-    if free < needed:
-        raise ConfigError(
-            f"output_dir: {directory} has {_size(free)} free, {what} needs about {_size(needed)}; free some space or "
-            "choose another output_dir=..."
-        )
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def trainable_params(cfg: TrainConfig) -> int | None:
@@ -155,20 +102,6 @@ def _remove(created: list[Path]) -> None:
             return
 
 
-def final_save_guard(cls):
-    """``cls`` (the trainer) with the finished-adapter check repeated just before the final save: an adapter that
-    appeared during the run (another run that ignored the lock) is not replaced silently."""
-
-    class Guarded(cls):
-        def save_adapter(self):
-            if self.accelerator.is_main_process:
-                check_output_dir(self.cfg)
-            return super().save_adapter()
-
-    Guarded.__name__ = Guarded.__qualname__ = cls.__name__
-    return Guarded
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.help_config:
@@ -178,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         if not args.dry_run:
-            check_output_dir(cfg)
+            check_output_dir(cfg, resuming=resolve_resume(cfg) is not None)
         created = check_writable(cfg.output_dir)
         try:
             if not args.dry_run and is_main_rank():
@@ -205,21 +138,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if lock is not None and lock.stale:
         print(f"note: took over the stale lock of a run that died ({describe_holder(lock.stale)})")
-    from rvla_peft.envs.maniskill import EnvWorkerError
-    from rvla_peft.trainer import RobustPPOTrainer
-
     try:
-        trainer = final_save_guard(RobustPPOTrainer)(cfg)
-        trainer.train()
-    except ConfigError as e:  # the adapter check repeated before the final save
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except EnvWorkerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _run(cfg)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _run(cfg: TrainConfig) -> int:
+    """Build the trainer and train, under the signal handlers; every expected failure is one ``error:`` line."""
+    from rvla_peft.envs.maniskill import EnvWorkerError
+    from rvla_peft.trainer import NonFiniteError, RobustPPOTrainer, SaveError, TrainingInterrupted
+
+    with StopOnSignal() as stop:
+        try:
+            trainer = RobustPPOTrainer(cfg)
+            if trainer.resumed_from is not None and trainer.accelerator.is_main_process:
+                print(f"Resuming from {trainer.resumed_from} (update {trainer.start_update}/{cfg.total_updates})")
+            trainer.train(stop=lambda: stop.received)
+        except TrainingInterrupted as e:
+            if e.signum and is_main_rank():
+                print(
+                    f"Stopped by {signal.Signals(e.signum).name} after update {e.update}/{cfg.total_updates}: "
+                    f"checkpoint {e.checkpoint}, adapter (marked interrupted) {e.adapter}; continue with --resume",
+                    file=sys.stderr,
+                )
+            return exit_code(e.signum)
+        except KeyboardInterrupt:  # the second Ctrl-C
+            print("error: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
+            return exit_code(signal.SIGINT)
+        except ConfigError as e:  # the adapter check repeated before the final save, a resumed recipe that differs
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except (EnvWorkerError, NonFiniteError, SaveError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     if trainer.accelerator.is_main_process:
         print(f"Adapter saved to {Path(cfg.output_dir) / 'adapter'}")
     return 0

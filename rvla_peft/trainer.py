@@ -27,17 +27,24 @@ import contextlib
 import dataclasses
 import json
 import math
+import random
+import shutil
+import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from rvla_peft.algorithms.grad_share import grad_shares, term_grad_norms
 from rvla_peft.algorithms.group import group_advantages, kl_k3
 from rvla_peft.algorithms.ppo import compute_gae, minibatch_indices, normalize_advantages, policy_loss, value_loss
 from rvla_peft.config import TrainConfig, dump_yaml
@@ -49,20 +56,80 @@ from rvla_peft.perturbations.curriculum import Curriculum
 from rvla_peft.policies.registry import base_model_id, build_policy, resolve_lora
 from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm, smoothness_penalty
 from rvla_peft.rollout import GroupRollout, Rollout, collect, collect_groups
+from rvla_peft.run_folder import (
+    adapter_fingerprint,
+    check_output_dir,
+    check_resume_recipe,
+    checkpoint_name,
+    read_trainer_state,
+    resolve_resume,
+)
 from rvla_peft.stats import explained_variance
 from rvla_peft.utils.constants import (
     ADAPTER_DIR,
+    ADAPTER_WEIGHTS,
     CHECKPOINTS_DIR,
     METRICS_FILE,
     OPTIMIZER_FILE,
+    RANK_STATES_FILE,
     RECIPE_FILE,
     TRAINER_STATE,
+    VALUE_HEAD_FILE,
 )
-from rvla_peft.utils.io import atomic_save
+from rvla_peft.utils.io import atomic_save, atomic_write_text
 
 # A continuous action dimension counts as changed in policy/argmax_changed when its deterministic (normalised) value
 # moved by more than one bin of OpenVLA's 256 over [-1, 1]; token actions are compared exactly.
 CONTINUOUS_ACTION_CHANGE = 2.0 / 256
+
+
+TRACKER_RUN = "rvla_peft"  # TensorBoard writes OUTPUT_DIR/rvla_peft/
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT stopped the run after an update; the checkpoint and the (interrupted) adapter are written."""
+
+    def __init__(self, signum: int, update: int, checkpoint: Path, adapter: Path) -> None:
+        self.signum, self.update, self.checkpoint, self.adapter = signum, update, checkpoint, adapter
+        super().__init__(f"stopped at update {update}; checkpoint {checkpoint}, adapter {adapter}")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient, or a weight is not finite."""
+
+
+class SaveError(RuntimeError):
+    """The adapter could not be written; the message says where the trained state went instead."""
+
+
+class _SaveFailed(Exception):
+    """Raised on every rank when the main process could not write a folder (``error``: its OSError, rank 0 only)."""
+
+    def __init__(self, error: OSError | None) -> None:
+        self.error = error
+        super().__init__(str(error) if error else "the main process could not write")
+
+
+def _rng_state(*generators: torch.Generator) -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generators": [g.get_state() for g in generators],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, *generators: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    for g, saved in zip(generators, state["generators"], strict=True):
+        g.set_state(saved)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _detach_inputs(module, args):
@@ -90,6 +157,7 @@ class _Batch:
 class _Losses:
     total: torch.Tensor
     stats: dict[str, torch.Tensor]
+    terms: dict[str, torch.Tensor]  # the weighted terms that sum to ``total`` (policy, value, kl_to_base, ...)
 
 
 class RobustPPOTrainer:
@@ -138,28 +206,66 @@ class RobustPPOTrainer:
         self.setting_labels = [spec_label(s) for s in cfg.perturb.train] if self.train_env.sample_per_episode else []
         self.curriculum = Curriculum(cfg.perturb.curriculum)
         self.sample_generator = torch.Generator(device="cpu").manual_seed(self.env_seed)
+        # The penalties' own random draws (Hutchinson probes): switching a penalty on or off leaves every rollout
+        # and minibatch unchanged, so two arms that differ only in a penalty are paired.
+        self.penalty_generator = torch.Generator(device=acc.device).manual_seed(self.env_seed + 1)
         torch.manual_seed(self.env_seed)  # action sampling differs per rank
         self.update_index = 0
+        self.start_update = 0
         self.env_steps = 0  # over all ranks
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, over the run
+        self._consecutive_skips = 0
+        self._last_success_rate: float | None = None  # fed to the curriculum at the next update
         self.probe: dict | None = None  # frames of the first rollout, for policy/argmax_changed
+        self.resumed_from = resolve_resume(cfg)
+        if self.resumed_from is not None:
+            self.load_checkpoint(self.resumed_from)
+        elif acc.is_main_process:
+            self._start_fresh()
+        # An adapter in the folder now is this run's own (an interrupted adapter it resumes) or one allowed by
+        # overwrite_output_dir; one that appears later was written by another run (checked again at the end).
+        self._adapter_at_start = adapter_fingerprint(self.output_dir)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / RECIPE_FILE).write_text(dump_yaml(cfg))
+            atomic_write_text(self.output_dir / RECIPE_FILE, dump_yaml(cfg))
         if cfg.report_to:
-            acc.init_trackers("rvla_peft")
+            # TensorBoard continues a resumed run in the same folder, hiding what was logged after the checkpoint.
+            kwargs = {"tensorboard": {"purge_step": self.start_update + 1}} if self.start_update else {}
+            acc.init_trackers(TRACKER_RUN, init_kwargs=kwargs)
+
+    def _start_fresh(self) -> None:
+        """A new run owns its folder: the logs and checkpoints of a run it replaces (overwrite_output_dir, or one
+        killed before its first checkpoint) are removed, so metrics never interleave and ``latest`` is ours."""
+        (self.output_dir / METRICS_FILE).unlink(missing_ok=True)
+        for folder in (CHECKPOINTS_DIR, TRACKER_RUN):
+            shutil.rmtree(self.output_dir / folder, ignore_errors=True)
 
     # ---------------------------------------------------------------------------------------------------------
     # the loop
 
-    def train(self) -> dict[str, float]:
+    def _restart_episodes(self, update: int) -> dict[str, torch.Tensor]:
+        """Restart the envs, scenes rebuilt, from a seed of ``update``: at the start, after an evaluation and after
+        a checkpoint. A simulator's state cannot be saved, so this is where a resumed run picks up exactly as the
+        uninterrupted run did (the group algorithms then reset from their own seeds, in the rebuilt scenes)."""
+        return self.train_env.reset(seed=self.env_seed + update, rebuild=True)
+
+    def train(self, stop: Callable[[], int | None] | None = None) -> dict[str, float]:
+        """Run the updates left; ``stop()`` returns a signal number once the run should stop (SIGTERM / Ctrl-C):
+        the update in progress finishes, a checkpoint and the adapter are written, :class:`TrainingInterrupted`."""
         cfg, acc = self.cfg, self.accelerator
-        obs = None if self.critic_free else self.train_env.reset(seed=self.env_seed)
+        obs = self._restart_episodes(self.start_update)
         metrics: dict[str, float] = {}
-        bar = tqdm(range(cfg.total_updates), desc=f"{cfg.algorithm} updates", disable=not acc.is_local_main_process)
+        bar = tqdm(
+            range(self.start_update, cfg.total_updates),
+            desc=f"{cfg.algorithm} updates",
+            disable=not acc.is_local_main_process,
+            initial=self.start_update,
+            total=cfg.total_updates,
+        )
         for self.update_index in bar:
             start = time.perf_counter()
             # RobustVLA-C: the training perturbations' severity follows the schedule (fed last update's success).
-            scale = self.curriculum.scale(self.update_index, metrics.get("rollout/success_rate"))
+            scale = self.curriculum.scale(self.update_index, self._last_success_rate)
             self.train_env.set_severity_scale(scale)
             self.policy.eval()
             if self.critic_free:
@@ -168,6 +274,7 @@ class RobustPPOTrainer:
                 rollout, obs = collect(self.policy, self.train_env, obs, cfg.ppo.num_steps, cfg.ppo.gamma)
             rollout_s = time.perf_counter() - start
             metrics = {**self._rollout_metrics(rollout), **self.policy_metrics(rollout)}
+            self._last_success_rate = metrics.get("rollout/success_rate")
             self.policy.train()
             metrics.update(self.update(rollout))
             update_s = time.perf_counter() - start - rollout_s
@@ -180,20 +287,27 @@ class RobustPPOTrainer:
                     "time/env_steps_per_s": env_steps / rollout_s,
                     "time/env_steps": float(self.env_steps),
                     "perturb/severity_scale": scale,
+                    **self._env_health(),
                 }
             )
             step = self.update_index + 1
+            restart = False
             if cfg.eval_episodes and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_updates:
                 metrics.update(self.evaluate())
-                if not self.critic_free:
-                    obs = self.train_env.reset(seed=self.env_seed + step)
+                restart = True
+            self._log(metrics, step, bar)  # before the checkpoint: a run resumed from it has this update's line
             checkpoint = None
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.total_updates:
-                checkpoint = self.output_dir / CHECKPOINTS_DIR / f"update-{step:06d}"
+                checkpoint = self.checkpoint_dir(step)
                 self.save_checkpoint(checkpoint)
-            self._log(metrics, step, bar)
+                restart = True
+            if restart:
+                obs = self._restart_episodes(step)
             if checkpoint is not None and cfg.hub.push_checkpoints:
                 self.push_to_hub(checkpoint, checkpoint=True)
+            signum = self._stop_signal(stop)
+            if signum and step < cfg.total_updates:
+                self._interrupt(signum, step, checkpoint)
         if cfg.eval_episodes:
             metrics.update(self.evaluate())
             final = {k: v for k, v in metrics.items() if k.startswith(("eval/", "eval_sampled/"))}
@@ -203,6 +317,15 @@ class RobustPPOTrainer:
         if cfg.hub.push_to_hub:
             self.push_to_hub(self.output_dir / ADAPTER_DIR)
         return metrics
+
+    def _env_health(self) -> dict[str, float]:
+        """``env/dropped_episodes`` and ``env/worker_restarts`` so far, over ranks (CPU async envs restart workers
+        that die; an episode they cut short is dropped from training, not counted as a failure)."""
+        if not hasattr(self.base_env, "worker_restarts"):
+            return {}
+        local = torch.tensor([float(self.base_env.dropped_episodes), float(self.base_env.worker_restarts)])
+        dropped, restarts = self.accelerator.reduce(local.to(self.accelerator.device), "sum").tolist()
+        return {"env/dropped_episodes": dropped, "env/worker_restarts": restarts}
 
     def collect_groups(self) -> GroupRollout:
         """This update's groups (rloo / grpo); reset seeds never repeat across updates and rounds of a rank."""
@@ -405,7 +528,9 @@ class RobustPPOTrainer:
         if not self.critic_free and ppo.norm_adv == "batch":
             advantages = normalize_advantages(advantages)
         history: dict[str, list[torch.Tensor]] = {}
-        epochs_run = steps = 0
+        every = self.cfg.grad_share_every
+        measure_shares = bool(every) and self.update_index % every == 0
+        epochs_run = steps = skipped = 0
         stopped = False
         for _epoch in range(ppo.update_epochs):
             epochs_run += 1
@@ -415,19 +540,27 @@ class RobustPPOTrainer:
                 # normalised over the whole minibatch, before it is split into micro-batches
                 if not self.critic_free and ppo.norm_adv == "minibatch" and len(mb) > 1:
                     adv = normalize_advantages(adv)
+                terms: dict[str, torch.Tensor] = {}
                 for micro in self._micro_batches(mb):
                     losses = self._losses(rollout, mb[micro], batch, adv[micro])
+                    if measure_shares:  # this update's first micro-batch, before its backward frees the graph
+                        history.update(self._grad_share_metrics(losses.terms))
+                        measure_shares = False
                     acc.backward(losses.total * (len(micro) / len(mb)))
                     for k, v in losses.stats.items():
                         history.setdefault(k, []).append(v.detach())
+                        if k.startswith("loss/"):
+                            terms[k] = terms.get(k, 0) + v.detach()
                     kl_sum = kl_sum + losses.stats["ppo/approx_kl"].detach().float().to(acc.device) * len(micro)
                     kl_count += len(micro)
                 self._sync_gradients()
                 grad_norm = acc.clip_grad_norm_(self.params, ppo.max_grad_norm)
                 history.setdefault("ppo/grad_norm", []).append(torch.as_tensor(grad_norm, dtype=torch.float32))
-                self.optimizer.step()
+                if self._step_if_finite(grad_norm, terms):
+                    steps += 1
+                else:
+                    skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
-                steps += 1
                 if ppo.target_kl is not None:
                     # the running mean over the epoch's samples so far, the same decision on every rank
                     kl = acc.reduce(kl_sum / kl_count, "mean")
@@ -441,6 +574,7 @@ class RobustPPOTrainer:
         }
         metrics["ppo/epochs"] = float(epochs_run)
         metrics["ppo/optimizer_steps"] = float(steps)
+        metrics["train/skipped_steps"] = float(skipped)
         metrics["ppo/early_stopped"] = float(stopped)
         if not self.critic_free:
             metrics["ppo/explained_variance"] = explained_variance(batch.values, batch.returns)
@@ -455,11 +589,13 @@ class RobustPPOTrainer:
         for p in frozen:  # no graph through the backbone, no gradient, no AdamW step (weight decay included)
             p.requires_grad_(False)
         losses = []
+        skipped = 0
         try:
             for _epoch in range(ppo.update_epochs):
                 for mb in minibatch_indices(
                     len(batch), ppo.num_minibatches, self.sample_generator, batch.actions.device
                 ):
+                    terms: dict[str, torch.Tensor] = {}
                     for micro in self._micro_batches(mb):
                         idx = mb[micro]
                         with acc.autocast():
@@ -467,9 +603,10 @@ class RobustPPOTrainer:
                             v_loss = value_loss(out.value, batch.values[idx], batch.returns[idx], self._value_clip)
                         acc.backward(ppo.vf_coef * v_loss * (len(micro) / len(mb)))
                         losses.append(v_loss.detach())
+                        terms["loss/value"] = terms.get("loss/value", 0) + v_loss.detach()
                     self._sync_gradients(self.value_params)
-                    acc.clip_grad_norm_(self.value_params, ppo.max_grad_norm)
-                    self.optimizer.step()
+                    grad_norm = acc.clip_grad_norm_(self.value_params, ppo.max_grad_norm)
+                    skipped += not self._step_if_finite(grad_norm, terms)
                     self.optimizer.zero_grad(set_to_none=True)
         finally:
             for p in frozen:
@@ -477,9 +614,48 @@ class RobustPPOTrainer:
         return {
             "loss/value": acc.reduce(torch.stack(losses).float().mean().to(acc.device), "mean").item(),
             "ppo/critic_warmup": 1.0,
+            "train/skipped_steps": float(skipped),
             "ppo/explained_variance": explained_variance(batch.values, batch.returns),
             "ppo/learning_rate": ppo.learning_rate,
         }
+
+    def _grad_share_metrics(self, terms: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """``grad/norm_<term>`` and ``grad/share_<term>`` (its norm over the sum of all terms' norms) on the
+        trainable parameters, averaged over ranks, as one-element histories for :meth:`update`'s metrics."""
+        norms = term_grad_norms(terms, self.params)
+        out = {}
+        for prefix, values in (("grad/norm_", norms), ("grad/share_", grad_shares(norms))):
+            for name, value in values.items():
+                out[prefix + name] = [torch.tensor(value)]
+        return out
+
+    def _step_if_finite(self, grad_norm: torch.Tensor | float, terms: dict[str, torch.Tensor]) -> bool:
+        """``optimizer.step()``, unless a loss term or the gradient norm is not finite on some rank: then the step
+        is skipped (the caller zeroes the gradients; weights and optimizer state stay as they were), counted and
+        reported with the term; ``max_consecutive_skips`` in a row raise :class:`NonFiniteError`."""
+        acc = self.accelerator
+        bad = [k for k, v in terms.items() if k != "loss/total" and not torch.isfinite(v).all()]
+        bad = bad or [k for k, v in terms.items() if not torch.isfinite(v).all()]
+        finite = not bad and bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
+        if acc.num_processes > 1:  # one rank's non-finite loss reached every rank's gradient through the all-reduce
+            finite = acc.reduce(torch.tensor(float(not finite), device=acc.device), "max").item() == 0
+        if finite:
+            self.optimizer.step()
+            self._consecutive_skips = 0
+            return True
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        term = bad[0] if bad else "gradient norm (a loss on this or another rank)"
+        what = f"update {self.update_index + 1}: non-finite {term}"
+        if self._consecutive_skips >= self.cfg.max_consecutive_skips:
+            raise NonFiniteError(
+                f"{what}, {self._consecutive_skips} optimizer steps in a row (max_consecutive_skips="
+                f"{self.cfg.max_consecutive_skips}); nothing was saved from them. Lower ppo.learning_rate or the "
+                "penalty weights, or check the reward"
+            )
+        if acc.is_main_process:
+            tqdm.write(f"warning: {what}; optimizer step skipped, weights unchanged", file=sys.stderr)
+        return False
 
     def _losses(self, rollout: Rollout | GroupRollout, idx: torch.Tensor, batch: _Batch, adv: torch.Tensor) -> _Losses:
         cfg = self.cfg
@@ -490,26 +666,27 @@ class RobustPPOTrainer:
             out = self.policy.evaluate(obs, actions)
             pg_loss, pg_stats = policy_loss(out.log_prob, old_log_probs, adv, cfg.ppo.clip_coef)
             entropy = out.entropy.mean()
-            total = pg_loss - cfg.ppo.ent_coef * entropy
+            terms = {"policy": pg_loss - cfg.ppo.ent_coef * entropy}
             stats = {"loss/ppo": pg_loss, "loss/entropy": entropy, **{f"ppo/{k}": v for k, v in pg_stats.items()}}
             if not self.critic_free:
                 v_loss = value_loss(out.value, batch.values[idx], batch.returns[idx], self._value_clip)
-                total = total + cfg.ppo.vf_coef * v_loss
+                terms["value"] = cfg.ppo.vf_coef * v_loss
                 stats["loss/value"] = v_loss
             if cfg.kl_to_base > 0:
                 kl = kl_k3(out.log_prob, batch.ref_log_probs[idx]).mean()
-                total = total + cfg.kl_to_base * kl
+                terms["kl_to_base"] = cfg.kl_to_base * kl
                 stats["loss/kl_to_base"] = kl
             if jac_cfg.weight > 0:
                 jac = self._jacobian_penalty(obs, actions, idx, jac_cfg)
-                total = total + jac_cfg.weight * jac
+                terms["jacobian"] = jac_cfg.weight * jac
                 stats["loss/jacobian"] = jac
             if smooth_cfg.weight > 0:
                 smooth = self._smoothness_penalty(rollout, idx, out.mean, batch, smooth_cfg)
-                total = total + smooth_cfg.weight * smooth
+                terms["smooth"] = smooth_cfg.weight * smooth
                 stats["loss/smooth"] = smooth
+            total = sum(terms.values())  # in this order: the same bits as adding them one by one
         stats["loss/total"] = total
-        return _Losses(total, stats)
+        return _Losses(total, stats, terms)
 
     def _subset(self, n: int, fraction: float) -> int:
         return max(1, math.ceil(n * fraction))
@@ -524,7 +701,7 @@ class RobustPPOTrainer:
                 pixels = self.policy.observation_inputs(sub).detach().requires_grad_(True)
                 out = self.policy.evaluate(sub, actions[:k], pixel_values=pixels)
                 penalty = hutchinson_jacobian_sq_norm(
-                    out.mean, pixels, jac_cfg.num_probes, generator=None, create_graph=True
+                    out.mean, pixels, jac_cfg.num_probes, generator=self.penalty_generator, create_graph=True
                 )
             else:
                 with self.policy.capture_visual_embeddings() as captured:
@@ -621,20 +798,144 @@ class RobustPPOTrainer:
         )
         bar.write(f"[update {step}/{self.cfg.total_updates}] {line}")
 
-    def save_adapter(self) -> Path:
-        """OUTPUT/adapter: the LoRA adapter, the value head beside it, and the resolved recipe."""
+    # ---------------------------------------------------------------------------------------------------------
+    # stopping, checkpoints and resuming
+
+    def _stop_signal(self, stop: Callable[[], int | None] | None) -> int:
+        """The signal that asked this run to stop (0: none), the same on every rank (each may get it at another
+        time, or only one may)."""
+        local = (stop() or 0) if stop is not None else 0
+        if self.accelerator.num_processes == 1:
+            return local
+        return int(self.accelerator.reduce(torch.tensor(float(local), device=self.accelerator.device), "max").item())
+
+    def _interrupt(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        if checkpoint is None:
+            checkpoint = self.checkpoint_dir(step)
+            self.save_checkpoint(checkpoint)
+        adapter = self.save_adapter(interrupted=True)
+        self.accelerator.end_training()
+        raise TrainingInterrupted(signum, step, checkpoint, adapter)
+
+    def checkpoint_dir(self, update: int) -> Path:
+        return self.output_dir / CHECKPOINTS_DIR / checkpoint_name(update)
+
+    def trainer_state(self, update: int, interrupted: bool = False) -> dict:
+        return {
+            "update": update,
+            "total_updates": self.cfg.total_updates,
+            "interrupted": interrupted,
+            "env_steps": self.env_steps,
+            "skipped_steps": self.skipped_steps,
+            "last_success_rate": self._last_success_rate,
+            "curriculum": self.curriculum.state_dict(),
+        }
+
+    def save_adapter(self, interrupted: bool = False) -> Path:
+        """OUTPUT/adapter: the LoRA adapter, the value head beside it, the resolved recipe and the trainer state
+        (``interrupted`` marks an adapter written when a signal stopped the run). Refuses to replace an adapter that
+        another run wrote meanwhile. When the folder cannot be written (a full disk), the trained state goes to a
+        checkpoint elsewhere and :class:`SaveError` names it: the run is not lost."""
         target = self.output_dir / ADAPTER_DIR
-        self._save(target, lambda tmp: (tmp / RECIPE_FILE).write_text(dump_yaml(self.cfg)))
+        if self.accelerator.is_main_process and adapter_fingerprint(self.output_dir) != self._adapter_at_start:
+            check_output_dir(self.cfg)  # another run wrote an adapter here since we started
+        update = self.update_index + 1 if interrupted else self.cfg.total_updates
+        state = self.trainer_state(update, interrupted)
+
+        def extra(tmp: Path) -> None:
+            (tmp / RECIPE_FILE).write_text(dump_yaml(self.cfg))
+            (tmp / TRAINER_STATE).write_text(json.dumps(state))
+
+        try:
+            self._save(target, extra)
+        except _SaveFailed as failed:
+            raise SaveError(self._rescue(target, failed.error, update)) from None
         return target
 
+    def _rescue(self, target: Path, error: OSError | None, update: int) -> str:
+        """Write the trained state to a checkpoint in the checkpoints folder or, failing that, the temp folder;
+        the message for :class:`SaveError` (on other ranks: a pointer to rank 0's)."""
+        reason = f"could not write the adapter to {target} ({getattr(error, 'strerror', None) or error})"
+        rescue = Path(tempfile.gettempdir()) / f"rvla_peft-rescue-{self.output_dir.name}" / checkpoint_name(update)
+        candidates = [self.checkpoint_dir(update), rescue]
+        for folder in candidates:
+            try:
+                self.save_checkpoint(folder)
+            except _SaveFailed:
+                continue
+            resume = f"resume_from_checkpoint={folder}"
+            return (
+                f"{reason}; the trained state is saved in {folder}: free some space, then run the same command with "
+                f"{resume} to write the adapter (it trains no further)"
+            )
+        found = sorted((self.output_dir / CHECKPOINTS_DIR).glob("update-*"))
+        last = f"the last checkpoint is {found[-1]}" if found else "no checkpoint was written (save_every=0)"
+        return f"{reason}, nor a checkpoint to {' or '.join(map(str, candidates))}; {last}"
+
     def save_checkpoint(self, directory: Path) -> None:
-        """The adapter and value head plus the optimizer state and the update reached."""
+        """A resumable checkpoint: the adapter files, the optimizer, the trainer state (update reached, curriculum,
+        counters) and every process's RNG states and probe frames (``rank_states.pt``)."""
+        rank = {"rng": _rng_state(self.sample_generator, self.penalty_generator)}
+        if self.probe is not None:
+            rank["probe"] = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.probe.items()}
+        ranks = gather_object([rank])  # every rank's, in rank order (collective: all ranks call it)
+        state = self.trainer_state(self.update_index + 1)
 
         def extra(tmp: Path) -> None:
             torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-            (tmp / TRAINER_STATE).write_text(json.dumps({"update": self.update_index + 1}))
+            torch.save(ranks, tmp / RANK_STATES_FILE)
+            (tmp / RECIPE_FILE).write_text(dump_yaml(self.cfg))
+            (tmp / TRAINER_STATE).write_text(json.dumps(state))
 
         self._save(directory, extra)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Continue from ``directory`` (a :meth:`save_checkpoint` folder): the weights, optimizer, update index,
+        curriculum, counters, and this rank's RNG states and probe frames. The next update collects from
+        :meth:`_restart_episodes` as the uninterrupted run did, so on the CPU the run continues bit for bit."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        check_resume_recipe(yaml.safe_load(dump_yaml(self.cfg)), directory)
+        acc = self.accelerator
+        state = read_trainer_state(directory)
+        # loaded on the CPU, copied into the parameters wherever they live
+        loaded = set_peft_model_state_dict(self.policy.peft_model, load_file(directory / ADAPTER_WEIGHTS))
+        if loaded.unexpected_keys:
+            raise ValueError(f"{directory}: weights that are not in this model: {loaded.unexpected_keys[:3]}")
+        self.policy.value_head.load_state_dict(load_file(directory / VALUE_HEAD_FILE))
+        self.policy.load_adapter_extras(directory)
+        # on the CPU first: the optimizer moves its state to its parameters' device
+        self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location="cpu"))
+        ranks = torch.load(directory / RANK_STATES_FILE, weights_only=False)  # our own file: RNG states, frames
+        if len(ranks) != acc.num_processes:
+            raise ValueError(
+                f"{directory} was saved by {len(ranks)} processes, this run has {acc.num_processes}: resume with the "
+                "same number of processes (accelerate launch --num_processes)"
+            )
+        rank = ranks[acc.process_index]
+        _set_rng_state(rank["rng"], self.sample_generator, self.penalty_generator)
+        if "probe" in rank:
+            self.probe = {k: v.to(acc.device) if isinstance(v, torch.Tensor) else v for k, v in rank["probe"].items()}
+        self.start_update = self.update_index = int(state["update"])
+        self.env_steps = int(state["env_steps"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._last_success_rate = state.get("last_success_rate")
+        self.curriculum.load_state_dict(state["curriculum"])
+        if acc.is_main_process:
+            self._truncate_metrics(self.start_update)
+        if self.start_update > self.cfg.total_updates:
+            raise ValueError(
+                f"{directory} is at update {self.start_update}, past total_updates={self.cfg.total_updates}"
+            )
+
+    def _truncate_metrics(self, update: int) -> None:
+        """metrics.jsonl as it was at ``update``: the lines logged after the checkpoint are logged again."""
+        path = self.output_dir / METRICS_FILE
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines(keepends=True) if _update_of(line) <= update]
+        atomic_write_text(path, "".join(kept))
 
     def push_to_hub(self, directory: Path, checkpoint: bool = False) -> None:
         """Push ``directory`` with its card to ``hub.repo_id`` from the main process (see :mod:`rvla_peft.hub`).
@@ -646,13 +947,35 @@ class RobustPPOTrainer:
         self.accelerator.wait_for_everyone()
 
     def _save(self, directory: Path, extra) -> None:
-        """Write the policy (and ``extra`` files) atomically from the main process; every rank waits for it."""
-        if self.accelerator.is_main_process:
+        """Write the policy (and ``extra`` files) atomically from the main process; every rank waits for it.
+        A non-finite weight is never written (:class:`NonFiniteError`); a write that fails raises
+        :class:`_SaveFailed` on every rank, leaving no partial folder."""
+        bad = [name for name, p in self.policy.named_parameters() if p.requires_grad and not p.isfinite().all()]
+        if bad:  # identical on every rank
+            raise NonFiniteError(f"not writing {directory}: non-finite values in {len(bad)} weights ({bad[0]}, ...)")
+        acc = self.accelerator
+        error = None
+        if acc.is_main_process:
             base_id = base_model_id(self.cfg.model)
 
             def write(tmp: Path) -> None:
                 self.policy.save_pretrained(tmp, base_model_id=base_id)
                 extra(tmp)
 
-            atomic_save(directory, write)
-        self.accelerator.wait_for_everyone()
+            try:
+                atomic_save(directory, write)
+            except OSError as e:
+                error = e
+        failed = error is not None
+        if acc.num_processes > 1:
+            failed = bool(acc.reduce(torch.tensor(float(failed), device=acc.device), "max").item())
+        if failed:
+            raise _SaveFailed(error)
+        acc.wait_for_everyone()
+
+
+def _update_of(line: str) -> float:
+    try:
+        return int(json.loads(line)["update"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a torn last line of a killed run: dropped with the lines after the checkpoint

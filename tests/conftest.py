@@ -1,6 +1,7 @@
 """Shared fixtures. Everything runs offline: the tiny model is built from a config into a per-session cache."""
 
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -64,3 +65,22 @@ def tiny_policy(tiny_cfg):
 
     torch.manual_seed(0)
     return build_policy(tiny_cfg)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real small file system: mount a tmpfs of the requested size (needs root; skipped otherwise)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        point = tmp_path / f"tmpfs{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=False)

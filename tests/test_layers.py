@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "rvla_peft.config.*",
             "rvla_peft.policies.families",
             "rvla_peft.policies.*.configuration",
+            "rvla_peft.run_folder",
         ],
     ),
     (

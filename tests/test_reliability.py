@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from rvla_peft.adapters import AdapterFolderError, check_adapter_folder, resolve_adapter
 from rvla_peft.config import ConfigError, EnvConfig, load_config
-from rvla_peft.train import MIN_FREE_BYTES, num_checkpoints, required_bytes
+from rvla_peft.run_folder import MIN_FREE_BYTES, num_checkpoints, required_bytes
 from rvla_peft.utils.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LOCK_FILE, METRICS_FILE, RECIPE_FILE
 from rvla_peft.utils.runlock import RunLock, RunLockError
 
@@ -102,25 +102,6 @@ def test_required_bytes_counts_the_adapter_and_every_checkpoint():
     assert num_checkpoints(cfg) == 3  # at 5, 10, 15; the adapter is saved at 20
     cfg.save_every = 0
     assert num_checkpoints(cfg) == 0
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A real small file system: mount a tmpfs of the requested size (needs root; skipped otherwise)."""
-    mounted = []
-
-    def mount(size: str) -> Path:
-        point = tmp_path / f"tmpfs{len(mounted)}"
-        point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", str(point)], check=False)
 
 
 def test_full_disk_fails_in_seconds(tmpfs, startup_s):

@@ -78,7 +78,7 @@ def test_bf16_autocast_checkpoints_eval_and_tensorboard(tiny_cfg):
     assert {"adapter_model.safetensors", "value_head.safetensors", "optimizer.pt", "trainer_state.json"} <= {
         p.name for p in checkpoint.iterdir()
     }
-    assert json.loads((checkpoint / "trainer_state.json").read_text()) == {"update": 1}
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["update"] == 1
     assert list(out.rglob("events.out.tfevents.*")), "no TensorBoard event file"
     assert not list(out.glob(".*.tmp")), "a staging folder was left behind"
 

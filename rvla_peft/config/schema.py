@@ -370,7 +370,24 @@ class HubConfig:
 class TrainConfig:
     output_dir: str = field(default="outputs/run", metadata={"help": "Where the adapter, logs and checkpoints go."})
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing into an output_dir that already holds an adapter."}
+        default=False,
+        metadata={
+            "help": "Start over in an output_dir that already holds an adapter or checkpoints (they are replaced)."
+        },
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "'latest' (the newest of output_dir/checkpoints; `--resume`) or a checkpoint folder: continue "
+            "that run (weights, optimizer, update, curriculum, every RNG); README, Reliability."
+        },
+    )
+    max_consecutive_skips: int = field(
+        default=5,
+        metadata={
+            "help": "An optimizer step whose loss or gradient norm is not finite is skipped (train/skipped_steps); "
+            "this many in a row stop the run with an error."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of envs, sampling and initialisation."})
     total_updates: int = field(default=10, metadata={"help": "PPO updates (rollout + optimisation) to run."})
@@ -403,6 +420,14 @@ class TrainConfig:
         metadata={
             "help": "Frames of the first rollout kept to log policy/argmax_changed: the share of deterministic "
             "action dimensions that differ from the base's (0: off)."
+        },
+    )
+    grad_share_every: int = field(
+        default=10,
+        metadata={
+            "help": "Every N updates (0: never), log grad/norm_<term> and grad/share_<term>: each loss term's "
+            "gradient norm on the trainable parameters, and its share of their sum (one extra backward per term, on "
+            "one micro-batch). A penalty with a share near 0 does nothing; bench/calibrate_penalties.py sets weights."
         },
     )
     mixed_precision: Literal["no", "bf16", "fp16"] = field(
@@ -483,6 +508,21 @@ class TrainConfig:
         check(smooth.weight >= 0, "regularizers.smoothness.weight", "must be >= 0")
         check(0 < smooth.fraction <= 1, "regularizers.smoothness.fraction", "must be in (0, 1]")
         check(self.eval_every >= 0 and self.save_every >= 0, "eval_every/save_every", "must be >= 0")
+        check(self.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
+        check(self.grad_share_every >= 0, "grad_share_every", "must be >= 0 (0: off)")
+        # PPO's episodes restart after each checkpoint and evaluation (so that a resumed run continues exactly):
+        # restarted more often than an episode lasts, no episode would ever end and no success would be seen.
+        for key, every in (
+            ("save_every", self.save_every),
+            ("eval_every", self.eval_every if self.eval_episodes else 0),
+        ):
+            check(
+                self.algorithm != "ppo" or every == 0 or every * self.ppo.num_steps >= self.env.max_episode_steps,
+                key,
+                f"x ppo.num_steps ({every} x {self.ppo.num_steps}) is shorter than an episode (env.max_episode_steps="
+                f"{self.env.max_episode_steps}), and episodes restart at each checkpoint and evaluation: set {key} >= "
+                f"{-(-self.env.max_episode_steps // self.ppo.num_steps)}",
+            )
         check(self.eval_episodes >= 0, "eval_episodes", "must be >= 0")
         for key in ("train", "eval"):
             try:

@@ -91,13 +91,22 @@ class VecEnv:
         self._returns = torch.zeros(num_envs, dtype=torch.float32, device=device)
         self._lengths = torch.zeros(num_envs, dtype=torch.int64, device=device)
         self.dropped_episodes = 0  # episodes cut short by a dead env worker (restart_dead_workers), for the logs
+        self._rebuild = False  # read by a backend's _reset: reset(rebuild=True) is in progress
         self._dropped: torch.Tensor | None = None  # set by a backend's _step when it dropped episodes
 
-    def reset(self, seed: int | None = None) -> Obs:
-        """Reset every env; env i gets ``seed + i``, so the same seed gives the same initial states."""
+    def reset(self, seed: int | None = None, rebuild: bool = False) -> Obs:
+        """Reset every env; env i gets ``seed + i``, so the same seed gives the same initial states.
+
+        ``rebuild``: also rebuild the scenes (ManiSkill's ``reconfigure``), dropping what the physics engine carries
+        over from earlier episodes (its solver caches shift later states by float rounding): a run resumed from a
+        checkpoint then continues exactly as the uninterrupted run, which rebuilt at the same update."""
         self._returns.zero_()
         self._lengths.zero_()
-        return self._reset(seed)
+        self._rebuild = rebuild
+        try:
+            return self._reset(seed)
+        finally:
+            self._rebuild = False
 
     def step(self, action: torch.Tensor) -> Step:
         if action.shape != (self.num_envs, self.action_dim):
@@ -307,7 +316,7 @@ class GpuVecEnv(VecEnv):
 
     def _reset(self, seed: int | None) -> Obs:
         seeds = None if seed is None else [seed + i for i in range(self.num_envs)]
-        raw, _ = self._env.reset(seed=seeds)
+        raw, _ = self._env.reset(seed=seeds, options={"reconfigure": True} if self._rebuild else None)
         return self._obs(raw)
 
     def _step(
@@ -374,6 +383,8 @@ def make_single_env(cfg: EnvConfig, render_backend: str, worker: bool = False) -
         # them (measured ~12% more steps/s on 2 cores). Not applied to gymnasium's probe env in the main process.
         torch.set_num_threads(1)
         os.environ.setdefault("LP_NUM_THREADS", "1")
+        # Ctrl-C reaches the whole process group: the main process decides (it saves, then closes the workers).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _import_mani_skill()
     from rvla_peft.envs.render import with_render_detail
 
@@ -502,7 +513,8 @@ class CpuVecEnv(VecEnv):
             seed = int(np.random.default_rng().integers(2**31 - self.num_envs))
         self._seed = seed
         try:
-            obs, _ = self._vec.reset(seed=seed)  # gymnasium seeds env i with seed + i
+            options = {"reconfigure": True} if self._rebuild else None
+            obs, _ = self._vec.reset(seed=seed, options=options)  # gymnasium seeds env i with seed + i
         except WORKER_DEATH as e:
             return self._on_worker_death(e, in_flight=0)  # a reset ends the episodes anyway
         return self._obs(obs)

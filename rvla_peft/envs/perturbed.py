@@ -110,11 +110,11 @@ class PerturbedEnv:
         for p, base in zip(self.perturbations, self._base_severity, strict=True):
             p.severity = base * self.severity_scale
 
-    def reset(self, seed: int | None = None) -> Obs:
+    def reset(self, seed: int | None = None, rebuild: bool = False) -> Obs:
         if seed is not None:
             # hash of a tuple of ints is stable across processes (no hash randomisation for ints).
             self.generator.manual_seed(hash((self.seed, seed)))
-        obs = self.env.reset(seed=seed)
+        obs = self.env.reset(seed=seed, rebuild=rebuild) if rebuild else self.env.reset(seed=seed)
         self._start_episodes(torch.ones(self.num_envs, dtype=torch.bool, device=self.device))
         return self._perturb_obs(obs)
 

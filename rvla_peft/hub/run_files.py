@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from rvla_peft.adapters import HubError
+from rvla_peft.adapters import HubError, check_adapter_folder
 from rvla_peft.config import ConfigError, TrainConfig, load_config
 from rvla_peft.utils.constants import ADAPTER_CONFIG, ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, REPORT_DIR, REPORT_JSON
 
@@ -45,6 +45,7 @@ class RunFiles:
                 f"no adapter in {path}: expected {adapter / ADAPTER_CONFIG} (training writes OUTPUT/{ADAPTER_DIR}/); "
                 "pass a run's output_dir or an adapter folder"
             )
+        check_adapter_folder(adapter)  # a damaged or non-finite adapter is never carded or pushed
         recipe = next((d / RECIPE_FILE for d in (adapter, output) if (d / RECIPE_FILE).is_file()), None)
         if recipe is None:
             raise HubError(

@@ -44,6 +44,13 @@ class Curriculum:
         self.cfg = cfg
         self._level = cfg.start  # the "success" schedule's current scale
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs: the ``success`` schedule's level (the others depend on the update only)."""
+        return {"level": self._level}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._level = float(state["level"])
+
     def scale(self, update: int, success_rate: float | None = None) -> float:
         """The scale for ``update`` (0-based); ``success_rate`` is the last update's, used by ``success`` only."""
         cfg = self.cfg

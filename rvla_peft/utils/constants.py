@@ -10,6 +10,7 @@ RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+RANK_STATES_FILE = "rank_states.pt"  # a checkpoint's RNG states and probe frames, one entry per process
 LOCK_FILE = ".rvla_peft.lock"  # held by the run writing the folder (rvla_peft.utils.runlock)
 
 # An adapter folder (what PeftModel.from_pretrained reads, plus the policy's own trained heads beside it)

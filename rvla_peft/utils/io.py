@@ -16,7 +16,11 @@ def atomic_save(directory: str | Path, write: Callable[[Path], object]) -> None:
     staging = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    write(staging)
+    try:
+        write(staging)
+    except BaseException:  # a full disk, a signal: no hidden half-written folder is left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     old = directory.with_name(f".{directory.name}.old")
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)

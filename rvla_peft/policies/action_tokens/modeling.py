@@ -11,6 +11,8 @@ policy's distribution is the softmax over those 256 ids only, so sampling, log-p
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 from torch import Tensor
 
@@ -62,8 +64,17 @@ class ActionTokenPolicy(Policy):
         )
         return out, mask, position_ids
 
-    @torch.no_grad()
     def act(self, obs: Observation, deterministic: bool = False) -> ActionSample:
+        # Inference mode, not just no-grad: the forwards of a small model on the CPU cost mostly per-op overhead,
+        # and inference mode drops autograd's share of it (version counters, view tracking): 5-10% of ``act`` for
+        # the tiny model (bench/bench_decoding.py), with the same kernels, so the same bits. Its tensors cannot
+        # be changed in place outside it (an action perturbation may), so the sample leaves as ordinary tensors.
+        with torch.inference_mode():
+            sample = self._decode(obs, deterministic)
+        return ActionSample(**{f.name: getattr(sample, f.name).clone() for f in fields(sample)})
+
+    def _decode(self, obs: Observation, deterministic: bool) -> ActionSample:
+        """``act``'s decoding: one prefix forward filling the KV cache, then one one-token forward per action dim."""
         out, mask, position_ids = self._prompt_forward(obs, use_cache=True)
         value = self.value_head(out.hidden_states[-1][:, -1])
         slots, log_probs, means = [], [], []
