@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rvla_peft.stats import Z95, wilson_interval  # noqa: E402
+from rvla_peft.stats import Z95, t_interval, wilson_interval  # noqa: E402
 
 # Overrides on top of the recipe: the variants differ only here.
 VARIANTS: dict[str, list[str]] = {
@@ -60,7 +60,7 @@ def evaluate(args, seed: int, adapters: dict[str, Path]) -> dict:
     out = args.out / f"report-seed{seed}"
     if not (out / "report.json").exists():
         cmd = [sys.executable, "-m", "rvla_peft.eval", "--recipe", str(args.recipe), "--suite", args.suite,
-               "--episodes", str(args.episodes), "--seed", str(1000 + seed), "--out", str(out), "--overwrite",
+               "--episodes", str(args.episodes), "--seed", "0", "--out", str(out), "--overwrite",
                *[f"--adapter={name}={path}" for name, path in adapters.items()], *args.overrides]  # fmt: skip
         run(cmd, args.out / f"report-seed{seed}.log")
     return json.loads((out / "report.json").read_text())
@@ -96,10 +96,12 @@ def aggregate(reports: list[dict]) -> dict:
             names = perturbed if s == MEAN else [s]
             per_seed = [[x for name in names for x in successes(rep, v, name)] for rep in reports]
             wins, n = sum(map(sum, per_seed)), sum(map(len, per_seed))
+            rates = [sum(x) / len(x) for x in per_seed]
             cells[f"{v}|{s}"] = {
                 "success_rate": wins / n,
-                "ci95": list(wilson_interval(wins, n)),
-                "per_seed": [sum(x) / len(x) for x in per_seed],
+                "ci95": list(wilson_interval(wins, n)),  # pooled over (seed, episode): ignores the seeds' spread
+                "per_seed": rates,
+                "t95": list(t_interval(rates)[1:]),  # over training seeds
                 "episodes": n,
             }
     paired = {}
@@ -107,15 +109,18 @@ def aggregate(reports: list[dict]) -> dict:
     for v in variants:
         for s in [*settings, MEAN]:
             names = perturbed if s == MEAN else [s]
-            diffs = []
+            diffs, per_seed = [], []
             for rep in reports:
                 per_setting = [
                     [a - b for a, b in zip(successes(rep, v, name), successes(rep, baseline, name), strict=True)]
                     for name in names
                 ]
-                diffs += [sum(d) / len(d) for d in zip(*per_setting, strict=True)]
+                units = [sum(d) / len(d) for d in zip(*per_setting, strict=True)]
+                diffs += units
+                per_seed.append(sum(units) / len(units))
             mean, ci95 = mean_and_interval(diffs)
-            paired[f"{v}|{s}"] = {"difference": mean, "ci95": ci95, "baseline": baseline}
+            paired[f"{v}|{s}"] = {"difference": mean, "ci95": ci95, "baseline": baseline, "per_seed": per_seed,
+                                  "t95": list(t_interval(per_seed)[1:])}  # fmt: skip
     return {"settings": settings, "variants": variants, "cells": cells, "paired": paired}
 
 
@@ -144,7 +149,24 @@ def markdown(summary: dict, args) -> str:
             d = summary["paired"][f"{v}|{s}"]
             row.append(f"{100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.0f}, {100 * d['ci95'][1]:+.0f}]")
         lines.append(f"| {s} | " + " | ".join(row) + " |")
+    lines += ["", "Over training seeds: per-seed success, mean [95% Student-t interval over seeds]; paired difference "
+              f"against `{base}` per seed, mean [t interval]:", ""]  # fmt: skip
+    lines += ["| setting | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for s in [*settings, MEAN]:
+        row = []
+        for v in variants:
+            c, d = summary["cells"][f"{v}|{s}"], summary["paired"][f"{v}|{s}"]
+            text = f"{'/'.join(f'{100 * x:.0f}' for x in c['per_seed'])}: {_t(c['success_rate'], c['t95'])}"
+            if v != base:
+                text += f"; {'/'.join(f'{100 * x:+.0f}' for x in d['per_seed'])}: {_t(d['difference'], d['t95'], '+')}"
+            row.append(text)
+        lines.append(f"| {s} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _t(mean: float, interval: list[float], sign: str = "") -> str:
+    lo, hi = (f"{100 * x:{sign}.0f}" if math.isfinite(x) else "inf" for x in interval)
+    return f"{100 * mean:{sign}.1f} [{lo}, {hi}]"
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -178,7 +200,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--total-updates", type=int, default=20)
-    parser.add_argument("--episodes", type=int, default=50, help="evaluation episodes per cell and seed")
+    parser.add_argument("--episodes", type=int, default=100, help="evaluation episodes per cell and seed (0-N)")
     parser.add_argument("--suite", default="paper")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. env.num_envs=4")

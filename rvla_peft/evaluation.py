@@ -30,7 +30,7 @@ import torch
 from rvla_peft.envs.perturbed import PerturbedEnv
 from rvla_peft.perturbations.specs import CLEAN, Setting, spec_records
 from rvla_peft.rollout import run_episodes
-from rvla_peft.stats import paired_difference, wilson_interval
+from rvla_peft.stats import paired_difference, t_interval, wilson_interval
 
 SCHEMA_VERSION = 1
 
@@ -120,6 +120,44 @@ def summarize(results: list[CellResult], settings: list[Setting], baseline: str 
     return summary, paired
 
 
+ARM_SEPARATOR = "/"  # adapters named ARM/SEED are training seeds of one arm: `--adapter robust/0=... robust/1=...`
+
+
+def arm_of(policy: str) -> str | None:
+    arm, sep, seed = policy.rpartition(ARM_SEPARATOR)
+    return arm if sep and arm and seed else None
+
+
+def summarize_arms(results: list[CellResult], settings: list[Setting], baseline: str | None) -> list[dict]:
+    """Seed-level statistics for every arm with two or more training seeds (adapters named ``ARM/SEED``): per
+    setting (and for the mean over perturbed settings), each seed's success, the mean over seeds with its 95%
+    Student-t interval over seeds and, against ``baseline``, each seed's paired difference with its t interval.
+    The episode-pooled intervals elsewhere in the report ignore the variation between training seeds."""
+    cell = {(r.policy, r.setting): r.success_rate for r in results}
+    arms: dict[str, list[str]] = {}
+    for policy in dict.fromkeys(r.policy for r in results):
+        if (arm := arm_of(policy)) is not None:
+            arms.setdefault(arm, []).append(policy)
+    perturbed = [s.name for s in settings if s.name != CLEAN.name]
+    rows = []
+    for arm, seeds in arms.items():
+        if len(seeds) < 2:
+            continue
+        names = [s.name for s in settings] + (["mean perturbed"] if perturbed else [])
+        for name in names:
+            keys = perturbed if name == "mean perturbed" else [name]
+            per_seed = [sum(cell[p, k] for k in keys) / len(keys) for p in seeds]
+            mean, lo, hi = t_interval(per_seed)
+            row = {"arm": arm, "setting": name, "seeds": seeds, "per_seed": per_seed, "mean": mean, "t95": [lo, hi]}
+            if baseline is not None and arm_of(baseline) != arm:
+                base = sum(cell[baseline, k] for k in keys) / len(keys)
+                diffs = [v - base for v in per_seed]
+                d, dlo, dhi = t_interval(diffs)
+                row.update({"baseline": baseline, "differences": diffs, "difference": d, "difference_t95": [dlo, dhi]})
+            rows.append(row)
+    return rows
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -146,6 +184,7 @@ def build_report(
 ) -> dict:
     baseline = policies[0]["name"] if len(policies) > 1 else None
     summary, paired = summarize(results, settings, baseline)
+    arms = summarize_arms(results, settings, baseline)
     return {
         "schema_version": SCHEMA_VERSION,
         "command": command,
@@ -161,4 +200,5 @@ def build_report(
         "results": [r.as_dict() for r in results],
         "summary": summary,
         "paired": paired,
+        "arms": arms,
     }

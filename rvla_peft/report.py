@@ -59,6 +59,22 @@ def render_markdown(report: dict) -> str:
                 f"| {d['policy']} - {d['baseline']} | {d['setting']} | {_pct(d['difference'])} "
                 f"[{_pct(lo)}, {_pct(hi)}] |"
             )
+    if report.get("arms"):
+        lines += ["", "Training seeds: the mean over seeds with its 95% Student-t interval over seeds (the intervals "
+                  "above pool the episodes of one policy and ignore how training seeds differ):", ""]  # fmt: skip
+        lines += ["| arm | setting | per seed | mean over seeds | minus baseline, per seed | difference |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for a in report["arms"]:
+            lo, hi = a["t95"]
+            row = f"| {a['arm']} | {a['setting']} | {', '.join(_pct(v) for v in a['per_seed'])} | "
+            row += f"{_pct(a['mean'])} [{_pct(lo)}, {_pct(hi)}] | "
+            if "difference" in a:
+                dlo, dhi = a["difference_t95"]
+                row += f"{', '.join(_pct(v) for v in a['differences'])} | {_pct(a['difference'])} "
+                row += f"[{_pct(dlo)}, {_pct(dhi)}] |"
+            else:
+                row += "- | - |"
+            lines.append(row)
     lines += ["", "Command:", "", "```", report["command"], "```", ""]
     return "\n".join(lines)
 

@@ -529,13 +529,18 @@ class RobustPPOTrainer:
             advantages = normalize_advantages(advantages)
         history: dict[str, list[torch.Tensor]] = {}
         every = self.cfg.grad_share_every
-        measure_shares = bool(every) and self.update_index % every == 0
+        measure_update = bool(every) and self.update_index % every == 0
         epochs_run = steps = skipped = 0
         stopped = False
-        for _epoch in range(ppo.update_epochs):
+        for epoch in range(ppo.update_epochs):
             epochs_run += 1
             kl_sum, kl_count = torch.zeros((), device=acc.device), 0
-            for mb in minibatch_indices(len(batch), ppo.num_minibatches, self.sample_generator, batch.actions.device):
+            minibatches = minibatch_indices(
+                len(batch), ppo.num_minibatches, self.sample_generator, batch.actions.device
+            )
+            for i, mb in enumerate(minibatches):
+                # shares on the first epoch's last minibatch: the old-policy smoothness is 0 until the first step
+                measure_shares = measure_update and epoch == 0 and i == len(minibatches) - 1
                 adv = advantages[mb]
                 # normalised over the whole minibatch, before it is split into micro-batches
                 if not self.critic_free and ppo.norm_adv == "minibatch" and len(mb) > 1:

@@ -255,3 +255,41 @@ def test_eval_measures_a_scripted_expert_high_clean_and_low_under_strong_action_
     assert (clean.setting, noisy.setting) == ("clean", "action_noise@1")
     assert sum(clean.successes) >= 5, clean.successes
     assert sum(noisy.successes) <= 2, noisy.successes
+
+
+def test_training_seeds_of_an_arm_get_a_t_interval_over_seeds_and_paired_differences():
+    from rvla_peft.evaluation import summarize_arms
+    from rvla_peft.stats import t975
+
+    settings = [CLEAN, Setting("shift@0.5", "shift", 0.5), Setting("rotation@0.5", "rotation", 0.5)]
+    outcomes = {  # 4 episodes per cell; the arm "rl" has three training seeds
+        "base": {"clean": [1, 1, 1, 1], "shift@0.5": [1, 0, 0, 0], "rotation@0.5": [0, 0, 0, 0]},
+        "rl/0": {"clean": [1, 1, 1, 1], "shift@0.5": [1, 1, 0, 0], "rotation@0.5": [1, 0, 0, 0]},
+        "rl/1": {"clean": [1, 1, 1, 0], "shift@0.5": [1, 1, 1, 0], "rotation@0.5": [0, 0, 0, 0]},
+        "rl/2": {"clean": [1, 1, 1, 1], "shift@0.5": [1, 0, 0, 0], "rotation@0.5": [1, 1, 0, 0]},
+        "single/0": {"clean": [1, 1, 1, 1], "shift@0.5": [0, 0, 0, 0], "rotation@0.5": [0, 0, 0, 0]},
+    }
+    results = [
+        CellResult(p, s, [bool(x) for x in v], [float(x) for x in v])
+        for p, row in outcomes.items()
+        for s, v in row.items()
+    ]
+    rows = summarize_arms(results, settings, baseline="base")
+    assert {r["arm"] for r in rows} == {"rl"}, "one seed is not an arm's interval"
+    by = {r["setting"]: r for r in rows}
+    shift = by["shift@0.5"]
+    assert shift["per_seed"] == [0.5, 0.75, 0.25] and shift["mean"] == pytest.approx(0.5)
+    half = t975(2) * 0.25 / math.sqrt(3)  # sd of (0.5, 0.75, 0.25) is 0.25
+    assert shift["t95"] == pytest.approx([0.5 - half, 0.5 + half])
+    assert shift["differences"] == pytest.approx([0.25, 0.5, 0.0]) and shift["difference"] == pytest.approx(0.25)
+    assert shift["difference_t95"] == pytest.approx([0.25 - half, 0.25 + half])  # same spread: base is one number
+    mean = by["mean perturbed"]
+    assert mean["per_seed"] == pytest.approx([(0.5 + 0.25) / 2, 0.75 / 2, (0.25 + 0.5) / 2])
+    assert mean["differences"] == pytest.approx([v - 0.125 for v in mean["per_seed"]])
+    report = {"task": "PushCube-v1", "suite": "none", "episodes": 4, "seed": 0, "deterministic": True,
+              "policies": [{"name": p} for p in outcomes], "settings": [{"name": s.name} for s in settings],
+              "results": [r.as_dict() for r in results], "summary": summarize(results, settings, "base")[0],
+              "paired": [], "arms": rows, "command": "python -m rvla_peft.eval ..."}  # fmt: skip
+    text = render_markdown(report)
+    assert "| rl | shift@0.5 | 50.0, 75.0, 25.0 | 50.0 [" in text
+    assert "Training seeds: the mean over seeds with its 95% Student-t interval over seeds" in text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rvla_peft.stats import Z95, wilson_interval
+from rvla_peft.stats import Z95, t975, wilson_interval
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "reproduce_paper.py"
 
@@ -63,12 +63,19 @@ def test_pools_seeds_and_pairs_episodes(reproduce):
     assert d["baseline"] == "ppo" and d["difference"] == pytest.approx(3 / 16)
     assert d["ci95"] == pytest.approx([3 / 16 - half, 3 / 16 + half])
     assert paired["robustvla|a"]["difference"] == pytest.approx(2 / 8)
-    assert paired["ppo|clean"] == {"difference": 0.0, "ci95": [0.0, 0.0], "baseline": "ppo"}
+    assert paired["ppo|clean"]["difference"] == 0.0 and paired["ppo|clean"]["ci95"] == [0.0, 0.0]
+    # over training seeds: each seed's mean difference, then a Student-t interval over the two seeds
+    assert paired[f"robustvla|{mean}"]["per_seed"] == pytest.approx([2 / 8, 1 / 8])
+    half = t975(1) * statistics.stdev([2 / 8, 1 / 8]) / math.sqrt(2)
+    assert paired[f"robustvla|{mean}"]["t95"] == pytest.approx([3 / 16 - half, 3 / 16 + half])
+    half = t975(1) * statistics.stdev([1, 0.5]) / math.sqrt(2)
+    assert cells["robustvla|clean"]["t95"] == pytest.approx([0.75 - half, 0.75 + half])
 
 
 def test_markdown_and_plot(reproduce, tmp_path):
     summary = reproduce.aggregate([report(SEED0), report(SEED1)])
     table = reproduce.markdown(summary, None)
     assert "| mean perturbed | **18.8 [" in table and "| mean perturbed | +18.8 [" in table
+    assert "Over training seeds" in table and "| mean perturbed | 25/12: 18.8 [" in table
     reproduce.plot(summary, tmp_path / "summary.png")
     assert (tmp_path / "summary.png").stat().st_size > 1000
