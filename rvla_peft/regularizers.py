@@ -4,6 +4,8 @@
   clipped input-gradient penalty ``min(||d log pi(a|s) / d s||^2, G_max)``.
 - Smoothness term: ``||mu(s) - target||^2``, with target the behaviour policy's mean at the same state (the
   paper) or the current mean at ``s_{t+1}`` (CAPS, Mysore et al. 2021).
+- Invariance term (paired-invariance training, as PAIR-VLA, arXiv 2605.13105): the divergence between the action
+  distribution on the perturbed frame and on the clean frame of the same step, for any policy family.
 
 All penalties keep the graph (``create_graph=True``) so they can be trained through by double backward.
 """
@@ -14,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from rvla_peft.algorithms.group import kl_k3
 
 
 def rademacher(shape, generator: torch.Generator | None = None, device=None, dtype=None) -> Tensor:
@@ -124,3 +128,12 @@ def exact_jacobian_sq_norm(fn: Callable[[Tensor], Tensor], inputs: Tensor) -> Te
 
     jac = torch.func.vmap(torch.func.jacrev(single))(inputs)  # [B, A, *input_shape]
     return jac.flatten(1).pow(2).sum(1)
+
+
+def invariance_penalty(log_prob_perturbed: Tensor, log_prob_clean: Tensor) -> Tensor:
+    """Per-sample KL(pi(.|perturbed) || pi(.|clean)), k3-estimated on the rollout's actions (drawn on the perturbed
+    frames): ``exp(r) - r - 1``, ``r = log pi(a|clean) - log pi(a|perturbed)``. Exactly 0 where the frames give the
+    action the same probability. The clean side is the target: pass it detached, so that the perturbed distribution
+    moves toward the clean one and not the other way. It needs only log-probs of whole actions, so it fits token,
+    Laplace/Gaussian and flow-chain policies alike."""
+    return kl_k3(log_prob_perturbed, log_prob_clean)

@@ -39,6 +39,7 @@ class Rollout:
     episodes: dict[str, Tensor] = field(default_factory=dict)
     env_steps: int = 0  # simulator steps taken: T * N, times the chunk length for action-chunking policies
     ref_log_probs: Tensor | None = None  # [T, N] log-probs of the actions under the base policy (filled by trainers)
+    rgb_clean: Tensor | None = None  # [T, N, H, W, 3] the frames before observation perturbations (env.keep_clean)
 
     @property
     def num_steps(self) -> int:
@@ -52,6 +53,13 @@ class Rollout:
         """Observation dict of flat (t * N + n) samples, at step t + offset (offset 1: the next observation)."""
         t, n = flat_index // self.num_envs, flat_index % self.num_envs
         return {"rgb": self.rgb[t + offset, n], "instruction": [self.instructions[i] for i in n.tolist()]}
+
+    def clean_observations(self, flat_index: Tensor) -> dict:
+        """The same samples' observations as rendered, before the observation perturbations."""
+        if self.rgb_clean is None:
+            raise ValueError("this rollout kept no clean frames: collect from a PerturbedEnv with keep_clean=True")
+        t, n = flat_index // self.num_envs, flat_index % self.num_envs
+        return {"rgb": self.rgb_clean[t, n], "instruction": [self.instructions[i] for i in n.tolist()]}
 
     def next_indices(self, flat_index: Tensor) -> tuple[Tensor, Tensor]:
         """Flat index of each sample's next step in the same episode, and whether there is one (else itself)."""
@@ -133,7 +141,7 @@ def collect(policy: Policy, env, obs: dict, num_steps: int, gamma: float) -> tup
     """Run ``num_steps`` steps from ``obs``; returns the rollout and the observation to continue from."""
     device = policy.device
     rgb, actions, log_probs, values, rewards, dones, means = [], [], [], [], [], [], []
-    success, returns, lengths, settings = [], [], [], []
+    success, returns, lengths, settings, clean = [], [], [], [], []
     chunk = 1
     for _ in range(num_steps):
         obs = with_instructions(obs, env)
@@ -151,6 +159,8 @@ def collect(policy: Policy, env, obs: dict, num_steps: int, gamma: float) -> tup
             reward = bootstrap_truncated(reward, truncated, terminated, final_values, gamma)
         done = truncated | terminated
         rgb.append(obs["rgb"])
+        if "rgb_clean" in obs:
+            clean.append(obs["rgb_clean"])
         actions.append(sample.action)
         log_probs.append(sample.log_prob)
         values.append(sample.value)
@@ -180,6 +190,7 @@ def collect(policy: Policy, env, obs: dict, num_steps: int, gamma: float) -> tup
             "setting": torch.stack(settings)[dones],
         },
         env_steps=num_steps * env.num_envs * chunk,
+        rgb_clean=torch.stack(clean).to(device) if clean else None,
     )
     return rollout, obs
 

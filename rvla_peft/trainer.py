@@ -54,7 +54,12 @@ from rvla_peft.hub.push import push_training_output
 from rvla_peft.perturbations import spec_label, suite_grid
 from rvla_peft.perturbations.curriculum import Curriculum
 from rvla_peft.policies.registry import base_model_id, build_policy, resolve_lora
-from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm, smoothness_penalty
+from rvla_peft.regularizers import (
+    grad_norm_penalty,
+    hutchinson_jacobian_sq_norm,
+    invariance_penalty,
+    smoothness_penalty,
+)
 from rvla_peft.rollout import GroupRollout, Rollout, collect, collect_groups
 from rvla_peft.run_folder import (
     adapter_fingerprint,
@@ -202,6 +207,7 @@ class RobustPPOTrainer:
         self.train_env = PerturbedEnv(
             self.base_env, cfg.perturb.train, seed=self.env_seed, sample_per_episode=cfg.perturb.sample_per_episode
         )
+        self.train_env.keep_clean = cfg.regularizers.invariance.weight > 0
         # rollout/success_rate/<label> for each perturb.train entry, where each episode draws one
         self.setting_labels = [spec_label(s) for s in cfg.perturb.train] if self.train_env.sample_per_episode else []
         self.curriculum = Curriculum(cfg.perturb.curriculum)
@@ -689,6 +695,11 @@ class RobustPPOTrainer:
                 smooth = self._smoothness_penalty(rollout, idx, out.mean, batch, smooth_cfg)
                 terms["smooth"] = smooth_cfg.weight * smooth
                 stats["loss/smooth"] = smooth
+            inv_cfg = cfg.regularizers.invariance
+            if inv_cfg.weight > 0:
+                inv = self._invariance_penalty(rollout, idx, actions, out.log_prob, inv_cfg)
+                terms["invariance"] = inv_cfg.weight * inv
+                stats["loss/invariance"] = inv
             total = sum(terms.values())  # in this order: the same bits as adding them one by one
         stats["loss/total"] = total
         return _Losses(total, stats, terms)
@@ -713,6 +724,14 @@ class RobustPPOTrainer:
                     out = self.policy.evaluate(sub, actions[:k])
                 penalty = grad_norm_penalty(out.log_prob, captured[0], jac_cfg.g_max, create_graph=True)
         return penalty.mean()
+
+    def _invariance_penalty(self, rollout, idx, actions, log_prob, inv_cfg) -> torch.Tensor:
+        """The policy on the perturbed frames (``log_prob``, with gradient) against the same actions on the clean
+        frames of the same steps (no gradient: the target), on a share of the minibatch."""
+        k = self._subset(len(idx), inv_cfg.fraction)
+        with torch.no_grad():
+            clean = self.policy.evaluate(rollout.clean_observations(idx[:k]), actions[:k]).log_prob
+        return invariance_penalty(log_prob[:k], clean.detach()).mean()
 
     def _smoothness_penalty(self, rollout, idx, mean, batch: _Batch, smooth_cfg) -> torch.Tensor:
         if smooth_cfg.form == "old_policy":

@@ -332,9 +332,22 @@ class SmoothnessConfig:
 
 
 @dataclass
+class InvarianceConfig:
+    weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "gamma: weight of KL(pi(.|perturbed frame) || pi(.|clean frame)) on the same step, the clean "
+            "frame kept by the rollout (perturbations act after rendering) and taken as the target (0: off; ppo only)."
+        },
+    )
+    fraction: float = field(default=0.25, metadata={"help": "Share of each minibatch used (one extra forward pass)."})
+
+
+@dataclass
 class RegularizerConfig:
     jacobian: JacobianConfig = field(default_factory=JacobianConfig)
     smoothness: SmoothnessConfig = field(default_factory=SmoothnessConfig)
+    invariance: InvarianceConfig = field(default_factory=InvarianceConfig)
 
 
 @dataclass
@@ -507,6 +520,14 @@ class TrainConfig:
         check(jac.g_max > 0, "regularizers.jacobian.g_max", "must be > 0")
         check(smooth.weight >= 0, "regularizers.smoothness.weight", "must be >= 0")
         check(0 < smooth.fraction <= 1, "regularizers.smoothness.fraction", "must be in (0, 1]")
+        inv = self.regularizers.invariance
+        check(inv.weight >= 0, "regularizers.invariance.weight", "must be >= 0")
+        check(0 < inv.fraction <= 1, "regularizers.invariance.fraction", "must be in (0, 1]")
+        check(
+            inv.weight == 0 or self.algorithm == "ppo",
+            "regularizers.invariance.weight",
+            "needs algorithm=ppo (group rollouts do not keep the clean frames)",
+        )
         check(self.eval_every >= 0 and self.save_every >= 0, "eval_every/save_every", "must be >= 0")
         check(self.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
         check(self.grad_share_every >= 0, "grad_share_every", "must be >= 0 (0: off)")

@@ -80,6 +80,9 @@ class PerturbedEnv:
         self.severity_scale = 1.0
         self.generator = torch.Generator(device=env.device)
         self.generator.manual_seed(seed)
+        # Also return each frame as rendered, before the observation perturbations, as obs["rgb_clean"] (the
+        # invariance penalty compares the policy on both).
+        self.keep_clean = False
 
     @property
     def num_envs(self) -> int:
@@ -120,7 +123,7 @@ class PerturbedEnv:
 
     def step(self, action: torch.Tensor) -> Step:
         step = self.env.step(self._perturb_action(action.to(self.device)))
-        if not self.perturbations:
+        if not self.perturbations and not self.keep_clean:
             return step
         final_obs = None
         if step.final_obs is not None:  # some episode ended (known without a device sync)
@@ -158,7 +161,7 @@ class PerturbedEnv:
                 for p in chain:
                     y = p.peek(y, self.generator) if peek else p.apply(y, self.generator)
                 out = y if mask is None else _where_obs(mask, y, out)
-        return out
+        return {**out, "rgb_clean": obs["rgb"]} if self.keep_clean else out
 
     def _perturb_action(self, action: torch.Tensor) -> torch.Tensor:
         out = action
