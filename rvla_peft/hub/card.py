@@ -300,7 +300,18 @@ def render_card(
         recipe_yaml=run.recipe.read_text().rstrip(),
         untried=untried_perturbations(report),
         checkpoint_update=checkpoint_update,
+        interrupted_at=interrupted_update(run.adapter_dir),
     )
+
+
+def interrupted_update(adapter_dir: Path) -> int | None:
+    """The update at which a signal stopped the run that wrote ``adapter_dir`` (its trainer_state.json), or None."""
+    state = adapter_dir / TRAINER_STATE
+    try:
+        record = json.loads(state.read_text()) if state.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    return int(record["update"]) if record.get("interrupted") else None
 
 
 def stage(
