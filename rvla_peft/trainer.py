@@ -551,23 +551,23 @@ class RobustPPOTrainer:
                 # normalised over the whole minibatch, before it is split into micro-batches
                 if not self.critic_free and ppo.norm_adv == "minibatch" and len(mb) > 1:
                     adv = normalize_advantages(adv)
-                terms: dict[str, torch.Tensor] = {}
+                loss_values: dict[str, torch.Tensor] = {}  # this minibatch's, for the non-finite check
                 for micro in self._micro_batches(mb):
                     losses = self._losses(rollout, mb[micro], batch, adv[micro])
-                    if measure_shares:  # this update's first micro-batch, before its backward frees the graph
+                    if measure_shares:  # its first micro-batch, before the backward frees the graph
                         history.update(self._grad_share_metrics(losses.terms))
                         measure_shares = False
                     acc.backward(losses.total * (len(micro) / len(mb)))
                     for k, v in losses.stats.items():
                         history.setdefault(k, []).append(v.detach())
                         if k.startswith("loss/"):
-                            terms[k] = terms.get(k, 0) + v.detach()
+                            loss_values[k] = loss_values.get(k, 0) + v.detach()
                     kl_sum = kl_sum + losses.stats["ppo/approx_kl"].detach().float().to(acc.device) * len(micro)
                     kl_count += len(micro)
                 self._sync_gradients()
                 grad_norm = acc.clip_grad_norm_(self.params, ppo.max_grad_norm)
                 history.setdefault("ppo/grad_norm", []).append(torch.as_tensor(grad_norm, dtype=torch.float32))
-                if self._step_if_finite(grad_norm, terms):
+                if self._step_if_finite(grad_norm, loss_values):
                     steps += 1
                 else:
                     skipped += 1
@@ -606,7 +606,7 @@ class RobustPPOTrainer:
                 for mb in minibatch_indices(
                     len(batch), ppo.num_minibatches, self.sample_generator, batch.actions.device
                 ):
-                    terms: dict[str, torch.Tensor] = {}
+                    loss_values: dict[str, torch.Tensor] = {}
                     for micro in self._micro_batches(mb):
                         idx = mb[micro]
                         with acc.autocast():
@@ -614,10 +614,10 @@ class RobustPPOTrainer:
                             v_loss = value_loss(out.value, batch.values[idx], batch.returns[idx], self._value_clip)
                         acc.backward(ppo.vf_coef * v_loss * (len(micro) / len(mb)))
                         losses.append(v_loss.detach())
-                        terms["loss/value"] = terms.get("loss/value", 0) + v_loss.detach()
+                        loss_values["loss/value"] = loss_values.get("loss/value", 0) + v_loss.detach()
                     self._sync_gradients(self.value_params)
                     grad_norm = acc.clip_grad_norm_(self.value_params, ppo.max_grad_norm)
-                    skipped += not self._step_if_finite(grad_norm, terms)
+                    skipped += not self._step_if_finite(grad_norm, loss_values)
                     self.optimizer.zero_grad(set_to_none=True)
         finally:
             for p in frozen:
@@ -640,13 +640,13 @@ class RobustPPOTrainer:
                 out[prefix + name] = [torch.tensor(value)]
         return out
 
-    def _step_if_finite(self, grad_norm: torch.Tensor | float, terms: dict[str, torch.Tensor]) -> bool:
+    def _step_if_finite(self, grad_norm: torch.Tensor | float, loss_values: dict[str, torch.Tensor]) -> bool:
         """``optimizer.step()``, unless a loss term or the gradient norm is not finite on some rank: then the step
         is skipped (the caller zeroes the gradients; weights and optimizer state stay as they were), counted and
         reported with the term; ``max_consecutive_skips`` in a row raise :class:`NonFiniteError`."""
         acc = self.accelerator
-        bad = [k for k, v in terms.items() if k != "loss/total" and not torch.isfinite(v).all()]
-        bad = bad or [k for k, v in terms.items() if not torch.isfinite(v).all()]
+        bad = [k for k, v in loss_values.items() if k != "loss/total" and not torch.isfinite(v).all()]
+        bad = bad or [k for k, v in loss_values.items() if not torch.isfinite(v).all()]
         finite = not bad and bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
         if acc.num_processes > 1:  # one rank's non-finite loss reached every rank's gradient through the all-reduce
             finite = acc.reduce(torch.tensor(float(not finite), device=acc.device), "max").item() == 0
@@ -873,24 +873,26 @@ class RobustPPOTrainer:
         try:
             self._save(target, extra)
         except _SaveFailed as failed:
-            raise SaveError(self._rescue(target, failed.error, update)) from None
+            raise SaveError(self._rescue(target, failed.error, update, "the adapter")) from None
         return target
 
-    def _rescue(self, target: Path, error: OSError | None, update: int) -> str:
+    def _rescue(self, target: Path, error: OSError | None, update: int, what: str) -> str:
         """Write the trained state to a checkpoint in the checkpoints folder or, failing that, the temp folder;
         the message for :class:`SaveError` (on other ranks: a pointer to rank 0's)."""
-        reason = f"could not write the adapter to {target} ({getattr(error, 'strerror', None) or error})"
+        reason = f"could not write {what} to {target} ({getattr(error, 'strerror', None) or error})"
         rescue = Path(tempfile.gettempdir()) / f"rvla_peft-rescue-{self.output_dir.name}" / checkpoint_name(update)
         candidates = [self.checkpoint_dir(update), rescue]
         for folder in candidates:
+            if folder == target:
+                continue
             try:
-                self.save_checkpoint(folder)
+                self._write_checkpoint(folder)
             except _SaveFailed:
                 continue
-            resume = f"resume_from_checkpoint={folder}"
+            then = "to write the adapter (it trains no further)" if update == self.cfg.total_updates else "to go on"
             return (
                 f"{reason}; the trained state is saved in {folder}: free some space, then run the same command with "
-                f"{resume} to write the adapter (it trains no further)"
+                f"resume_from_checkpoint={folder} {then}"
             )
         found = sorted((self.output_dir / CHECKPOINTS_DIR).glob("update-*"))
         last = f"the last checkpoint is {found[-1]}" if found else "no checkpoint was written (save_every=0)"
@@ -898,7 +900,14 @@ class RobustPPOTrainer:
 
     def save_checkpoint(self, directory: Path) -> None:
         """A resumable checkpoint: the adapter files, the optimizer, the trainer state (update reached, curriculum,
-        counters) and every process's RNG states and probe frames (``rank_states.pt``)."""
+        counters) and every process's RNG states and probe frames (``rank_states.pt``). Where it cannot be written
+        (a full disk) the state goes elsewhere and :class:`SaveError` names it."""
+        try:
+            self._write_checkpoint(directory)
+        except _SaveFailed as failed:
+            raise SaveError(self._rescue(directory, failed.error, self.update_index + 1, "the checkpoint")) from None
+
+    def _write_checkpoint(self, directory: Path) -> None:
         rank = {"rng": _rng_state(self.sample_generator, self.penalty_generator)}
         if self.probe is not None:
             rank["probe"] = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.probe.items()}
