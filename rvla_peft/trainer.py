@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from rvla_peft.algorithms.grad_share import grad_shares, term_grad_norms
 from rvla_peft.algorithms.group import group_advantages, kl_k3
 from rvla_peft.algorithms.ppo import compute_gae, minibatch_indices, normalize_advantages, policy_loss, value_loss
-from rvla_peft.config import TrainConfig, dump_yaml
+from rvla_peft.config import ConfigError, TrainConfig, dump_yaml
 from rvla_peft.envs import PerturbedEnv, make_envs
 from rvla_peft.evaluation import evaluate_grid
 from rvla_peft.hub.push import push_training_output
@@ -861,8 +861,7 @@ class RobustPPOTrainer:
         another run wrote meanwhile. When the folder cannot be written (a full disk), the trained state goes to a
         checkpoint elsewhere and :class:`SaveError` names it: the run is not lost."""
         target = self.output_dir / ADAPTER_DIR
-        if self.accelerator.is_main_process and adapter_fingerprint(self.output_dir) != self._adapter_at_start:
-            check_output_dir(self.cfg)  # another run wrote an adapter here since we started
+        self._check_no_new_adapter()
         update = self.update_index + 1 if interrupted else self.cfg.total_updates
         state = self.trainer_state(update, interrupted)
 
@@ -875,6 +874,22 @@ class RobustPPOTrainer:
         except _SaveFailed as failed:
             raise SaveError(self._rescue(target, failed.error, update, "the adapter")) from None
         return target
+
+    def _check_no_new_adapter(self) -> None:
+        """ConfigError on every rank when another run wrote an adapter into output_dir since this one started
+        (unless overwrite_output_dir): rank 0 looks, all ranks learn it, so none waits for a save that never comes."""
+        conflict = None
+        if self.accelerator.is_main_process and adapter_fingerprint(self.output_dir) != self._adapter_at_start:
+            try:
+                check_output_dir(self.cfg)
+            except ConfigError as e:
+                conflict = e
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(float(conflict is not None), device=self.accelerator.device)
+            if self.accelerator.reduce(flag, "max").item() and conflict is None:
+                conflict = ConfigError(f"output_dir: another run wrote an adapter into {self.output_dir} (see rank 0)")
+        if conflict is not None:
+            raise conflict
 
     def _rescue(self, target: Path, error: OSError | None, update: int, what: str) -> str:
         """Write the trained state to a checkpoint in the checkpoints folder or, failing that, the temp folder;

@@ -303,3 +303,18 @@ def test_a_full_disk_at_the_final_save_keeps_the_trained_state(tmp_path, tmpfs):
         if p.requires_grad:
             assert torch.equal(p, trained[n]), n
     check_adapter_folder(disk / "run" / "adapter")
+
+
+def test_an_adapter_written_by_another_run_meanwhile_is_not_replaced(tiny_cfg):
+    from rvla_peft.trainer import RobustPPOTrainer
+
+    class Intruded(RobustPPOTrainer):
+        def save_adapter(self, interrupted=False):
+            theirs = Path(self.cfg.output_dir) / "adapter"
+            theirs.mkdir(parents=True, exist_ok=True)
+            (theirs / ADAPTER_WEIGHTS).write_bytes(b"another run's adapter")  # a run that ignored the lock
+            return super().save_adapter(interrupted)
+
+    with pytest.raises(ConfigError, match="already holds an adapter"):
+        Intruded(tiny_cfg).train()
+    assert (Path(tiny_cfg.output_dir) / "adapter" / ADAPTER_WEIGHTS).read_bytes() == b"another run's adapter"
