@@ -12,10 +12,16 @@ import shutil
 from pathlib import Path
 
 from rvla_peft.config.parsing import ConfigError, read_yaml
-from rvla_peft.utils.constants import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINTS_DIR, RECIPE_FILE, TRAINER_STATE
+from rvla_peft.utils.constants import (
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS_DIR,
+    RECIPE_FILE,
+    TRAINER_STATE,
+)
 
 LATEST = "latest"
-CHECKPOINT_PREFIX = "update-"
 # Free space a run needs besides its adapters and checkpoints: metrics, TensorBoard events, recipe, report plots.
 MIN_FREE_BYTES = 32 * 2**20
 # Bytes per trainable parameter in the final adapter (fp32) and in a checkpoint (fp32 weights + AdamW's two moments)
@@ -115,8 +121,7 @@ def check_output_dir(cfg, resuming: bool = False) -> None:
     out = Path(cfg.output_dir)
     adapter = out / ADAPTER_DIR
     if adapter.exists():
-        state = adapter / TRAINER_STATE
-        if state.is_file() and json.loads(state.read_text()).get("interrupted"):
+        if _interrupted(adapter):
             raise ConfigError(
                 f"output_dir: {out} holds an interrupted run; continue it with --resume (or "
                 "resume_from_checkpoint=latest), or start over with overwrite_output_dir=true"
@@ -131,6 +136,13 @@ def check_output_dir(cfg, resuming: bool = False) -> None:
             f"output_dir: {out} holds checkpoints of an unfinished run (latest {found[-1].name}); continue it with "
             "--resume (or resume_from_checkpoint=latest), or start over with overwrite_output_dir=true"
         )
+
+
+def _interrupted(adapter: Path) -> bool:
+    try:
+        return bool(json.loads((adapter / TRAINER_STATE).read_text()).get("interrupted"))
+    except (OSError, ValueError, AttributeError):  # none, unreadable or not an object: not marked interrupted
+        return False
 
 
 def check_writable(directory: str | Path) -> list[Path]:

@@ -73,11 +73,13 @@ from rvla_peft.stats import explained_variance
 from rvla_peft.utils.constants import (
     ADAPTER_DIR,
     ADAPTER_WEIGHTS,
+    CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
     METRICS_FILE,
     OPTIMIZER_FILE,
     RANK_STATES_FILE,
     RECIPE_FILE,
+    TENSORBOARD_RUN,
     TRAINER_STATE,
     VALUE_HEAD_FILE,
 )
@@ -86,9 +88,6 @@ from rvla_peft.utils.io import atomic_save, atomic_write_text
 # A continuous action dimension counts as changed in policy/argmax_changed when its deterministic (normalised) value
 # moved by more than one bin of OpenVLA's 256 over [-1, 1]; token actions are compared exactly.
 CONTINUOUS_ACTION_CHANGE = 2.0 / 256
-
-
-TRACKER_RUN = "rvla_peft"  # TensorBoard writes OUTPUT_DIR/rvla_peft/
 
 
 class TrainingInterrupted(Exception):
@@ -237,13 +236,13 @@ class RobustPPOTrainer:
         if cfg.report_to:
             # TensorBoard continues a resumed run in the same folder, hiding what was logged after the checkpoint.
             kwargs = {"tensorboard": {"purge_step": self.start_update + 1}} if self.start_update else {}
-            acc.init_trackers(TRACKER_RUN, init_kwargs=kwargs)
+            acc.init_trackers(TENSORBOARD_RUN, init_kwargs=kwargs)
 
     def _start_fresh(self) -> None:
         """A new run owns its folder: the logs and checkpoints of a run it replaces (overwrite_output_dir, or one
         killed before its first checkpoint) are removed, so metrics never interleave and ``latest`` is ours."""
         (self.output_dir / METRICS_FILE).unlink(missing_ok=True)
-        for folder in (CHECKPOINTS_DIR, TRACKER_RUN):
+        for folder in (CHECKPOINTS_DIR, TENSORBOARD_RUN):
             shutil.rmtree(self.output_dir / folder, ignore_errors=True)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -909,7 +908,7 @@ class RobustPPOTrainer:
                 f"{reason}; the trained state is saved in {folder}: free some space, then run the same command with "
                 f"resume_from_checkpoint={folder} {then}"
             )
-        found = sorted((self.output_dir / CHECKPOINTS_DIR).glob("update-*"))
+        found = sorted((self.output_dir / CHECKPOINTS_DIR).glob(f"{CHECKPOINT_PREFIX}*"))
         last = f"the last checkpoint is {found[-1]}" if found else "no checkpoint was written (save_every=0)"
         return f"{reason}, nor a checkpoint to {' or '.join(map(str, candidates))}; {last}"
 

@@ -12,6 +12,8 @@ TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RANK_STATES_FILE = "rank_states.pt"  # a checkpoint's RNG states and probe frames, one entry per process
 LOCK_FILE = ".rvla_peft.lock"  # held by the run writing the folder (rvla_peft.utils.runlock)
+CHECKPOINT_PREFIX = "update-"  # checkpoints/update-000010/
+TENSORBOARD_RUN = "rvla_peft"  # TensorBoard's events: OUTPUT_DIR/rvla_peft/
 
 # An adapter folder (what PeftModel.from_pretrained reads, plus the policy's own trained heads beside it)
 ADAPTER_CONFIG = "adapter_config.json"
