@@ -838,6 +838,7 @@ class RobustPPOTrainer:
             self.save_checkpoint(checkpoint)
         adapter = self.save_adapter(interrupted=True)
         self.accelerator.end_training()
+        self.train_env.close()  # the run ends here: env workers are shut down now, not at interpreter exit
         raise TrainingInterrupted(signum, step, checkpoint, adapter)
 
     def checkpoint_dir(self, update: int) -> Path:
