@@ -34,38 +34,10 @@ from rvla_peft.rollout import with_instructions  # noqa: E402
 FIELDS = ("action", "env_action", "log_prob", "value", "mean")
 
 
-@torch.no_grad()
 def old_act(policy, obs: dict, deterministic: bool = False) -> ActionSample:
     """``ActionTokenPolicy.act`` before this change: the same decoding under no-grad instead of inference mode."""
-    out, mask, position_ids = policy._prompt_forward(obs, use_cache=True)
-    value = policy.value_head(out.hidden_states[-1][:, -1])
-    slots, log_probs, means = [], [], []
-    for dim in range(policy.cfg.action_dim):
-        logits = policy._dist_logits(out.logits[:, -1])
-        probs = logits.softmax(-1)
-        slot = probs.argmax(-1) if deterministic else torch.multinomial(probs, 1).squeeze(-1)
-        slots.append(slot)
-        log_probs.append(logits.log_softmax(-1).gather(-1, slot[:, None]).squeeze(-1))
-        means.append(policy.action_tokenizer.expected_normalized(probs))
-        if dim + 1 < policy.cfg.action_dim:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-            out = policy.peft_model(
-                input_ids=(slot + policy.action_tokenizer.first_id)[:, None],
-                attention_mask=mask,
-                position_ids=position_ids,
-                cache=out.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-    slots = torch.stack(slots, dim=1)
-    return ActionSample(
-        action=slots,
-        env_action=policy._env_action(slots),
-        log_prob=torch.stack(log_probs, dim=1).sum(1),
-        value=value,
-        mean=torch.stack(means, dim=1),
-    )
+    with torch.no_grad():
+        return policy._decode(obs, deterministic)
 
 
 def same_bits(policy, obs: dict) -> bool:

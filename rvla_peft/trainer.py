@@ -647,9 +647,8 @@ class RobustPPOTrainer:
         bad = [k for k, v in loss_values.items() if k != "loss/total" and not torch.isfinite(v).all()]
         bad = bad or [k for k, v in loss_values.items() if not torch.isfinite(v).all()]
         finite = not bad and bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
-        if acc.num_processes > 1:  # one rank's non-finite loss reached every rank's gradient through the all-reduce
-            finite = acc.reduce(torch.tensor(float(not finite), device=acc.device), "max").item() == 0
-        if finite:
+        # any rank's: one rank's non-finite loss reached every rank's gradient through the all-reduce
+        if self._rank_max(float(not finite)) == 0:
             self.optimizer.step()
             self._consecutive_skips = 0
             return True
@@ -827,10 +826,14 @@ class RobustPPOTrainer:
     def _stop_signal(self, stop: Callable[[], int | None] | None) -> int:
         """The signal that asked this run to stop (0: none), the same on every rank (each may get it at another
         time, or only one may)."""
-        local = (stop() or 0) if stop is not None else 0
+        return int(self._rank_max((stop() or 0) if stop is not None else 0))
+
+    def _rank_max(self, value: float) -> float:
+        """The largest of every rank's ``value``: one decision all ranks take together (a collective call: every
+        rank must make it); no communication in a single process."""
         if self.accelerator.num_processes == 1:
-            return local
-        return int(self.accelerator.reduce(torch.tensor(float(local), device=self.accelerator.device), "max").item())
+            return float(value)
+        return self.accelerator.reduce(torch.tensor(float(value), device=self.accelerator.device), "max").item()
 
     def _interrupt(self, signum: int, step: int, checkpoint: Path | None) -> None:
         if checkpoint is None:
@@ -884,10 +887,8 @@ class RobustPPOTrainer:
                 check_output_dir(self.cfg)
             except ConfigError as e:
                 conflict = e
-        if self.accelerator.num_processes > 1:
-            flag = torch.tensor(float(conflict is not None), device=self.accelerator.device)
-            if self.accelerator.reduce(flag, "max").item() and conflict is None:
-                conflict = ConfigError(f"output_dir: another run wrote an adapter into {self.output_dir} (see rank 0)")
+        if self._rank_max(float(conflict is not None)) and conflict is None:
+            conflict = ConfigError(f"output_dir: another run wrote an adapter into {self.output_dir} (see rank 0)")
         if conflict is not None:
             raise conflict
 
@@ -1014,10 +1015,7 @@ class RobustPPOTrainer:
                 atomic_save(directory, write)
             except OSError as e:
                 error = e
-        failed = error is not None
-        if acc.num_processes > 1:
-            failed = bool(acc.reduce(torch.tensor(float(failed), device=acc.device), "max").item())
-        if failed:
+        if self._rank_max(float(error is not None)):
             raise _SaveFailed(error)
         acc.wait_for_everyone()
 

@@ -17,8 +17,8 @@ class Recording:
         self.num_envs, self.device, self.instructions = env.num_envs, env.device, env.instructions
         self.action_dim = env.action_dim
 
-    def reset(self, seed=None):
-        return self.env.reset(seed=seed)
+    def reset(self, seed=None, rebuild=False):
+        return self.env.reset(seed=seed, rebuild=rebuild)
 
     def step(self, action):
         self.actions.append(action.clone())

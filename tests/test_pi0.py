@@ -247,7 +247,7 @@ class _FakeChunkEnv:
     def _obs(self):
         return {"rgb": fixed_obs(2, seed=len(self.actions))["rgb"], "state": torch.zeros(2, 9)}
 
-    def reset(self, seed=None):
+    def reset(self, seed=None, rebuild=False):
         return self._obs()
 
     def step(self, action):

@@ -26,8 +26,8 @@ class ResetRecorder:
         self.num_envs, self.device, self.instructions = env.num_envs, env.device, env.instructions
         self.action_dim = env.action_dim
 
-    def reset(self, seed=None):
-        obs = self.env.reset(seed=seed)
+    def reset(self, seed=None, rebuild=False):
+        obs = self.env.reset(seed=seed, rebuild=rebuild)
         self.resets.append((seed, {k: v.clone() for k, v in obs.items()}))
         return obs
 

@@ -117,7 +117,7 @@ class PerturbedEnv:
         if seed is not None:
             # hash of a tuple of ints is stable across processes (no hash randomisation for ints).
             self.generator.manual_seed(hash((self.seed, seed)))
-        obs = self.env.reset(seed=seed, rebuild=rebuild) if rebuild else self.env.reset(seed=seed)
+        obs = self.env.reset(seed=seed, rebuild=rebuild)
         self._start_episodes(torch.ones(self.num_envs, dtype=torch.bool, device=self.device))
         return self._perturb_obs(obs)
 
