@@ -66,6 +66,39 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
         time.sleep(0.02)
 
 
+def _kill_all(proc: subprocess.Popen) -> None:
+    """kill -9 the run and every process under it, as a lost node would: torchrun starts its ranks in sessions
+    of their own, so a signal to the launcher's process group does not reach them."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+            parents.setdefault(int(rest.rsplit(") ", 1)[1].split()[1]), []).append(int(pid))
+        except (OSError, ValueError, IndexError):
+            continue  # a process that ended meanwhile
+    tree, todo = [], [proc.pid]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += parents.get(pid, [])
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    for pid in tree:  # gone (or a zombie holding no lock) before the next run starts
+        while _alive(pid):
+            time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _metric_updates(out: Path) -> list[int]:
     return [json.loads(line)["update"] for line in (out / METRICS_FILE).read_text().splitlines()]
 
@@ -86,8 +119,7 @@ def _kill9_then_resume(tmp_path: Path, ranks: int) -> None:
 
     proc = _start(resumed, *extra, ranks=ranks)
     _wait_for(resumed / "checkpoints" / "update-000002" / TRAINER_STATE, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_all(proc)
     assert not (resumed / "adapter").exists(), "killed too late: the run had finished"
 
     again = _run(resumed, *extra, ranks=ranks)  # without --resume: refused (accelerate launch exits 1), untouched
