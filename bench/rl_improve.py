@@ -50,7 +50,8 @@ def train_overrides(setting: str) -> list[str]:
 def train(args, arm: str, overrides: list[str], seed: int) -> Path:
     out = args.out / f"{arm}-seed{seed}"
     adapter = out / "adapter"
-    if (adapter / "adapter_model.safetensors").exists():
+    evaluated = (args.out / f"eval-{arm}-seed{seed}" / "report.json").exists()
+    if evaluated or (adapter / "adapter_model.safetensors").exists():  # results keep reports, not adapters
         return adapter
     cmd = [sys.executable, "-m", "rvla_peft.train", str(args.recipe), f"output_dir={out}", f"seed={seed}",
            "eval_episodes=0", "overwrite_output_dir=true", "report_to=[]", *train_overrides(args.setting),
