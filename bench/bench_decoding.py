@@ -8,6 +8,9 @@ python bench/bench_decoding.py [RECIPE] [--batches 2 4] [--calls 60] [--steps 20
    call of each, the median of the paired CPU-time ratios new/old (CPU time leaves out waiting for a core, so it is
    steadier on a loaded machine), and whether both gave the same bits (actions, log-probs, means, values) from one
    seed, sampled and deterministic.
+   With ``--compile``, also "compiled" (``policy.compile=true``: the same weights, act's forwards through
+   ``torch.compile``): the seconds its first call took (compiling), its median ms, its CPU-time ratio to "new", and
+   how far its samples are from eager decoding (deterministic actions equal or not, largest mean-action difference).
 2. A rollout of --steps steps with the recipe's env config, old then new from the same env seed and torch seed (so
    the same trajectory): policy and env ms per step and the policy's share, policy / (policy + env), by wall clock
    and by this process's CPU time (complete for sync vector envs only: async ones step in worker processes).
@@ -60,7 +63,8 @@ def clocks() -> tuple[float, float]:
 
 def time_act(acts: dict, obs: dict, calls: int) -> dict:
     """Median (wall ms, CPU ms) per call of each act and, under "ratio", the median of the paired CPU-time ratios
-    new/old: the acts alternate call by call, in ABBA order, so that drifting load hits them alike."""
+    new/old (and "compiled_ratio", compiled/new, when there is a compiled act): the acts alternate call by call, in
+    ABBA order, so that drifting load hits them alike."""
     for act in acts.values():
         act(obs)
     times = {name: [] for name in acts}
@@ -71,8 +75,20 @@ def time_act(acts: dict, obs: dict, calls: int) -> dict:
             end_wall, end_cpu = clocks()
             times[name].append((1000 * (end_wall - wall), 1000 * (end_cpu - cpu)))
     result = {name: tuple(statistics.median(x) for x in zip(*t, strict=True)) for name, t in times.items()}
-    ratios = [new[1] / old[1] for old, new in zip(times["old"], times["new"], strict=True)]
-    return {**result, "ratio": statistics.median(ratios)}
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x[1] / y[1] for x, y in zip(times[a], times[b], strict=True))
+
+    result["ratio"] = ratio("new", "old")
+    if "compiled" in acts:
+        result["compiled_ratio"] = ratio("compiled", "new")
+    return result
+
+
+def compiled_agreement(compiled, policy, obs: dict) -> str:
+    """Deterministic decoding, compiled vs eager: same actions or not, and the largest mean-action difference."""
+    a, b = compiled.act(obs, deterministic=True), policy.act(obs, deterministic=True)
+    return f"same actions: {torch.equal(a.action, b.action)}, max |mean diff| {(a.mean - b.mean).abs().max():.1e}"
 
 
 def rollout_split(act, env, steps: int) -> dict[str, tuple[float, float]]:
@@ -98,6 +114,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 4], help="env counts for act alone")
     parser.add_argument("--calls", type=int, default=60, help="act calls of each, alternating")
     parser.add_argument("--steps", type=int, default=20, help="rollout steps")
+    parser.add_argument("--compile", action="store_true", help="also time act with policy.compile=true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     cfg = load_config(args.recipe, args.overrides)
@@ -109,6 +126,10 @@ def main() -> None:
     )
     policy = build_policy(cfg, device=device).eval()  # as the trainer collects rollouts
     acts = {"old": lambda obs: old_act(policy, obs), "new": policy.act}
+    if args.compile:
+        compiled_cfg = dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, compile=True))
+        compiled = build_policy(compiled_cfg, device=device).eval()
+        acts["compiled"] = compiled.act
 
     print(f"act alone, {args.calls} calls of each (median ms per call, wall and CPU time):")
     for n in args.batches:
@@ -117,12 +138,22 @@ def main() -> None:
             obs = with_instructions(env.reset(seed=0), env)
         finally:
             env.close()
+        if args.compile:  # the first call compiles; dynamic shapes: one graph for every batch size
+            start = time.perf_counter()
+            compiled.act(obs)
+            print(f"  batch {n}: compiled act's first call {time.perf_counter() - start:.1f} s")
         ms = time_act(acts, obs, args.calls)
         (old_wall, old_cpu), (new_wall, new_cpu) = ms["old"], ms["new"]
         print(
             f"  batch {n}: old {old_wall:5.1f} wall {old_cpu:5.1f} CPU   new {new_wall:5.1f} wall {new_cpu:5.1f} CPU"
             f"   new/old {ms['ratio']:.3f} (CPU, paired)   same bits: {same_bits(policy, obs)}"
         )
+        if args.compile:
+            wall, cpu = ms["compiled"]
+            print(
+                f"  batch {n}: compiled {wall:5.1f} wall {cpu:5.1f} CPU   compiled/new {ms['compiled_ratio']:.3f} "
+                f"(CPU, paired)   {compiled_agreement(compiled, policy, obs)}"
+            )
 
     env = make_envs(cfg.env, device)
     try:

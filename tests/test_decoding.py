@@ -126,3 +126,25 @@ def test_act_is_the_decoding_written_out(policy, obs_name, deterministic):
     # the sample is made of ordinary tensors (not inference tensors): callers may change it in place
     assert not any(getattr(sample, name).is_inference() for name in FIELDS)
     sample.env_action.add_(0.0)
+
+
+@pytest.mark.slow  # compiling takes 1-3 minutes on 2 cores
+def test_compiled_decoding_agrees_with_eager(tmp_path):
+    """``policy.compile=true``: act's forwards through torch.compile give the eager policy's actions, and its
+    log-probs, values and mean actions to float rounding; the compiled function adds no parameters."""
+    overrides = [f"output_dir={tmp_path}"]
+    eager = build_policy(load_config(RECIPES / "tiny_cpu.yaml", overrides)).eval()
+    compiled = build_policy(load_config(RECIPES / "tiny_cpu.yaml", [*overrides, "policy.compile=true"])).eval()
+    with torch.no_grad():  # the same non-zero adapter and value head in both
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+            q.copy_(p.normal_(0, 0.02) if "lora_B" in name else p)
+    assert len(list(compiled.parameters())) == len(list(eager.parameters()))
+    for obs in OBS.values():  # two batch sizes: one graph with dynamic shapes, or a recompile, never a wrong answer
+        for deterministic in (True, False):
+            torch.manual_seed(0)
+            a = compiled.act(obs, deterministic)
+            torch.manual_seed(0)
+            b = eager.act(obs, deterministic)
+            assert torch.equal(a.action, b.action)
+            for name in ("log_prob", "value", "mean"):
+                torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-4, rtol=0, msg=name)

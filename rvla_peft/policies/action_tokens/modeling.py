@@ -29,6 +29,15 @@ class ActionTokenPolicy(Policy):
             vocab_size, policy_cfg.n_bins, policy_cfg.action_low, policy_cfg.action_high, policy_cfg.action_dim
         )
         self.set_image_normalization(*image_geometry(processor.image_processor))
+        # act()'s forwards: a small model decoding token by token on the CPU spends most of its time in Python and
+        # per-op dispatch, which compiled kernels remove. dynamic=True: the KV cache grows by a token per forward
+        # and the batch changes between rollouts and evaluation, one graph for all of them. A compiled function,
+        # not a compiled module: as a submodule it would list every parameter a second time.
+        self._compiled = torch.compile(peft_model.__call__, dynamic=True) if policy_cfg.compile else None
+
+    @property
+    def _act_model(self):
+        return self._compiled or self.peft_model
 
     # ---------------------------------------------------------------------------------------------------------
     # inputs
@@ -49,11 +58,11 @@ class ActionTokenPolicy(Policy):
     def _env_action(self, slots: Tensor) -> Tensor:
         return self.action_tokenizer.unnormalize(self.action_tokenizer.slot_to_normalized(slots))
 
-    def _prompt_forward(self, obs: Observation, use_cache: bool):
+    def _prompt_forward(self, obs: Observation, use_cache: bool, model=None):
         """One forward over image + prompt: the next-token logits and the last prompt token's hidden state."""
         ids, mask = self.encode_prompts(obs["instruction"])
         position_ids = positions(mask)
-        out = self.peft_model(
+        out = (model or self.peft_model)(
             input_ids=ids,
             attention_mask=mask,
             pixel_values=self.observation_inputs(obs),
@@ -75,7 +84,7 @@ class ActionTokenPolicy(Policy):
 
     def _decode(self, obs: Observation, deterministic: bool) -> ActionSample:
         """``act``'s decoding: one prefix forward filling the KV cache, then one one-token forward per action dim."""
-        out, mask, position_ids = self._prompt_forward(obs, use_cache=True)
+        out, mask, position_ids = self._prompt_forward(obs, use_cache=True, model=self._act_model)
         value = self.value_head(out.hidden_states[-1][:, -1])
         slots, log_probs, means = [], [], []
         for dim in range(self.cfg.action_dim):
@@ -88,7 +97,7 @@ class ActionTokenPolicy(Policy):
             if dim + 1 < self.cfg.action_dim:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
                 position_ids = position_ids[:, -1:] + 1
-                out = self.peft_model(
+                out = self._act_model(
                     input_ids=(slot + self.action_tokenizer.first_id)[:, None],
                     attention_mask=mask,
                     position_ids=position_ids,
