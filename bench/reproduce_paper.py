@@ -7,10 +7,12 @@ variant (RobustVLA-C), each trained from the same base with several seeds, evalu
 
 Every variant trains under the recipe's training perturbations; they differ only in the penalties and the severity
 schedule. For each training seed, the base and the three adapters are evaluated together by ``rvla_peft.eval``
-(same episodes and perturbation draws: paired), with evaluation seed 1000 + training seed. Finished runs and
-reports are kept, so an interrupted reproduction resumes where it stopped. Writes ``OUT/summary.md``,
-``OUT/summary.json`` and ``OUT/summary.png``: per setting, the success rate of each variant as the mean over
-training seeds, with a 95% interval over all its episodes (Wilson), and the paired difference against PPO.
+on the fixed evaluation episodes (``--seed 0``: reset seeds 0 to episodes-1, the same perturbation draws for every
+policy and every training seed: paired). Finished runs and reports are kept, so an interrupted reproduction resumes
+where it stopped. Writes ``OUT/summary.md``, ``OUT/summary.json`` and ``OUT/summary.png``: per setting, each
+variant's success per training seed and its mean with a 95% Student-t interval over training seeds, and the paired
+difference against PPO per seed with its t interval; the interval pooled over all (seed, episode) units (Wilson for
+rates, normal for differences) is shown too, labelled as such.
 """
 
 from __future__ import annotations
