@@ -62,7 +62,7 @@ def _recorded_run(cfg):
 def test_a_penalty_changes_no_rollout_and_its_share_is_logged(tiny_cfg):
     from accelerate.state import AcceleratorState
 
-    tiny_cfg.total_updates, tiny_cfg.grad_share_every = 2, 1
+    tiny_cfg.total_updates, tiny_cfg.grad_share_every = 2, 2  # measured at update 1 of 2 only
     tiny_cfg.regularizers.jacobian.weight = 0.0
     off = _recorded_run(tiny_cfg)
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -71,7 +71,8 @@ def test_a_penalty_changes_no_rollout_and_its_share_is_logged(tiny_cfg):
     for (a_off, r_off, _), (a_on, r_on, _) in zip(off, on, strict=True):
         assert torch.equal(a_off, a_on) and torch.equal(r_off, r_on), "the Hutchinson probes moved the sampling"
     lines = [json.loads(x) for x in (Path(tiny_cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    shares = {k: v for k, v in lines[-1].items() if k.startswith("grad/share_")}
+    assert not any(k.startswith("grad/") for k in lines[1]), "grad_share_every=2 measured the second update too"
+    shares = {k: v for k, v in lines[0].items() if k.startswith("grad/share_")}
     assert set(shares) == {"grad/share_policy", "grad/share_value", "grad/share_kl_to_base", "grad/share_jacobian",
                            "grad/share_smooth"}  # fmt: skip
     assert sum(shares.values()) == pytest.approx(1.0, abs=1e-5)
