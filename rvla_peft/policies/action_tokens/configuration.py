@@ -20,9 +20,9 @@ class ActionTokenPolicyConfig(PolicyConfig):
         default=False,
         metadata={
             "help": "torch.compile the model's forward for act()'s token-by-token decoding (the update's forwards "
-            "stay eager). On the 2-core CPU, act() of the shipped tiny base took half the time after about a minute "
-            "of compiling per process, agreeing with eager decoding to float rounding (bench/bench_decoding.py "
-            "--compile): for long runs and large evaluations, not short ones."
+            "stay eager). On the 2-core CPU, act() of the shipped tiny base took 0.5-0.7x the CPU time after 1-3 "
+            "minutes of compiling per process, agreeing with eager decoding to float rounding "
+            "(bench/bench_decoding.py --compile): for long runs and large evaluations, not short ones."
         },
     )
 

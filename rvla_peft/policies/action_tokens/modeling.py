@@ -62,7 +62,7 @@ class ActionTokenPolicy(Policy):
         """One forward over image + prompt: the next-token logits and the last prompt token's hidden state."""
         ids, mask = self.encode_prompts(obs["instruction"])
         position_ids = positions(mask)
-        out = (model or self.peft_model)(
+        out = (self.peft_model if model is None else model)(
             input_ids=ids,
             attention_mask=mask,
             pixel_values=self.observation_inputs(obs),
