@@ -66,6 +66,7 @@ from rvla_peft.run_folder import (
     check_output_dir,
     check_resume_recipe,
     checkpoint_name,
+    checkpoints,
     read_trainer_state,
     resolve_resume,
 )
@@ -73,7 +74,6 @@ from rvla_peft.stats import explained_variance
 from rvla_peft.utils.constants import (
     ADAPTER_DIR,
     ADAPTER_WEIGHTS,
-    CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
     METRICS_FILE,
     OPTIMIZER_FILE,
@@ -910,7 +910,7 @@ class RobustPPOTrainer:
                 f"{reason}; the trained state is saved in {folder}: free some space, then run the same command with "
                 f"resume_from_checkpoint={folder} {then}"
             )
-        found = sorted((self.output_dir / CHECKPOINTS_DIR).glob(f"{CHECKPOINT_PREFIX}*"))
+        found = checkpoints(self.output_dir)
         last = f"the last checkpoint is {found[-1]}" if found else "no checkpoint was written (save_every=0)"
         return f"{reason}, nor a checkpoint to {' or '.join(map(str, candidates))}; {last}"
 
