@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from rvla_peft.algorithms.group import informative_groups  # noqa: E402
 from rvla_peft.config import load_config  # noqa: E402
 from rvla_peft.envs import make_envs  # noqa: E402
 from rvla_peft.envs.perturbed import PerturbedEnv  # noqa: E402
@@ -39,7 +40,7 @@ def spread(outcomes: torch.Tensor) -> dict:
     within = (p * (1 - p)).mean().item()
     return {
         "success": mean,
-        "all_equal_groups": int(((p == 0) | (p == 1)).sum()),
+        "all_equal_groups": int((~informative_groups(outcomes)).sum()),
         "groups": len(p),
         "within_group_share": within / total if total else float("nan"),
     }
