@@ -5,7 +5,8 @@
 - Smoothness term: ``||mu(s) - target||^2``, with target the behaviour policy's mean at the same state (the
   paper) or the current mean at ``s_{t+1}`` (CAPS, Mysore et al. 2021).
 - Invariance term (paired-invariance training, as PAIR-VLA, arXiv 2605.13105): the divergence between the action
-  distribution on the perturbed frame and on the clean frame of the same step, for any policy family.
+  distribution on the perturbed frame and on the clean frame of the same step: sampled (k3, any policy family) or
+  exact over the bins of each action token (token policies).
 
 All penalties keep the graph (``create_graph=True``) so they can be trained through by double backward.
 """
@@ -137,3 +138,13 @@ def invariance_penalty(log_prob_perturbed: Tensor, log_prob_clean: Tensor) -> Te
     moves toward the clean one and not the other way. It needs only log-probs of whole actions, so it fits token,
     Laplace/Gaussian and flow-chain policies alike."""
     return kl_k3(log_prob_perturbed, log_prob_clean)
+
+
+def token_invariance_kl(logits_perturbed: Tensor, logits_clean: Tensor) -> Tensor:
+    """Per-sample ``sum_slots KL(pi(.|clean) || pi(.|perturbed))`` over the bins of each action slot, from logits
+    ``[B, A, n_bins]`` teacher-forced on the same action tokens. The exact form of :func:`invariance_penalty` for
+    token policies: its gradient (clean side detached) is the distillation gradient that the k3 estimate has only
+    in expectation over sampled actions, without the variance of a whole-action probability ratio."""
+    log_p = logits_perturbed.log_softmax(-1)
+    log_q = logits_clean.log_softmax(-1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1).sum(-1)

@@ -59,6 +59,7 @@ from rvla_peft.regularizers import (
     hutchinson_jacobian_sq_norm,
     invariance_penalty,
     smoothness_penalty,
+    token_invariance_kl,
 )
 from rvla_peft.rollout import GroupRollout, Rollout, collect, collect_groups
 from rvla_peft.run_folder import (
@@ -695,7 +696,7 @@ class RobustPPOTrainer:
                 stats["loss/smooth"] = smooth
             inv_cfg = cfg.regularizers.invariance
             if inv_cfg.weight > 0:
-                inv = self._invariance_penalty(rollout, idx, actions, out.log_prob, inv_cfg)
+                inv = self._invariance_penalty(rollout, idx, actions, out, inv_cfg)
                 terms["invariance"] = inv_cfg.weight * inv
                 stats["loss/invariance"] = inv
             total = sum(terms.values())  # in this order: the same bits as adding them one by one
@@ -723,13 +724,15 @@ class RobustPPOTrainer:
                 penalty = grad_norm_penalty(out.log_prob, captured[0], jac_cfg.g_max, create_graph=True)
         return penalty.mean()
 
-    def _invariance_penalty(self, rollout, idx, actions, log_prob, inv_cfg) -> torch.Tensor:
-        """The policy on the perturbed frames (``log_prob``, with gradient) against the same actions on the clean
+    def _invariance_penalty(self, rollout, idx, actions, out, inv_cfg) -> torch.Tensor:
+        """The policy on the perturbed frames (``out``, with gradient) against the same actions on the clean
         frames of the same steps (no gradient: the target), on a share of the minibatch."""
         k = self._subset(len(idx), inv_cfg.fraction)
         with torch.no_grad():
-            clean = self.policy.evaluate(rollout.clean_observations(idx[:k]), actions[:k]).log_prob
-        return invariance_penalty(log_prob[:k], clean.detach()).mean()
+            clean = self.policy.evaluate(rollout.clean_observations(idx[:k]), actions[:k])
+        if inv_cfg.form == "exact":
+            return token_invariance_kl(out.logits[:k], clean.logits).mean()
+        return invariance_penalty(out.log_prob[:k], clean.log_prob).mean()
 
     def _smoothness_penalty(self, rollout, idx, mean, batch: _Batch, smooth_cfg) -> torch.Tensor:
         if smooth_cfg.form == "old_policy":

@@ -42,6 +42,13 @@ def test_bad_input_names_the_key(override, message):
     assert message in str(err.value)
 
 
+def test_exact_invariance_needs_a_token_policy():
+    with pytest.raises(ConfigError, match="regularizers.invariance.form: 'exact' needs a token policy"):
+        oft = ["policy.family=openvla_oft", "lora.adapt_output_layer=false"]
+        load_config(RECIPES / "tiny_cpu.yaml", [*oft, "regularizers.invariance.form=exact"])
+    assert load_config(RECIPES / "tiny_cpu.yaml", ["regularizers.invariance.form=exact"]).regularizers.invariance
+
+
 def test_missing_recipe_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

@@ -235,11 +235,45 @@ def test_invariance_penalty_is_zero_on_identical_frames_and_its_gradient_matches
     assert torch.allclose(grad, numeric, atol=1e-8, rtol=1e-6)
 
 
-def test_the_trainer_keeps_clean_frames_and_trains_the_invariance_term(tiny_cfg):
+def test_exact_token_invariance_is_the_per_slot_kl_and_the_sampled_gradient_in_expectation():
+    from rvla_peft.regularizers import invariance_penalty, token_invariance_kl
+
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(6, 10, generator=gen, dtype=torch.float64, requires_grad=True)
+    clean = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    perturbed = clean + 0.5 * torch.randn(3, 6, generator=gen, dtype=torch.float64)
+
+    def logits(frames):
+        return (frames @ weight).reshape(frames.shape[0], 2, 5)
+
+    target = logits(clean).detach()
+    assert torch.equal(token_invariance_kl(target, target), torch.zeros(3, dtype=torch.float64))
+    exact = token_invariance_kl(logits(perturbed), target)
+    closed_form = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(logits=target), torch.distributions.Categorical(logits=logits(perturbed))
+    ).sum(-1)
+    torch.testing.assert_close(exact, closed_form)
+
+    # The sampled (k3) form on every joint action of this 2 x 5-bin policy, weighted by its probability on the
+    # perturbed frame (the rollout's sampling distribution, held fixed): the same gradient as the exact form.
+    joint = torch.cartesian_prod(torch.arange(5), torch.arange(5))  # [25, 2]
+    rows = torch.arange(3).repeat_interleave(25)
+    actions = joint.repeat(3, 1)
+    log_p = _token_log_probs(weight, perturbed[rows], actions)
+    log_q = _token_log_probs(weight, clean[rows], actions).detach()
+    expected_sampled = (log_p.detach().exp() * invariance_penalty(log_p, log_q)).sum() / 3
+    (g_sampled,) = torch.autograd.grad(expected_sampled, weight)
+    (g_exact,) = torch.autograd.grad(exact.mean(), weight)
+    torch.testing.assert_close(g_sampled, g_exact)
+
+
+@pytest.mark.parametrize("form", ["sampled", "exact"])
+def test_the_trainer_keeps_clean_frames_and_trains_the_invariance_term(tiny_cfg, form):
     from rvla_peft.config import PerturbationSpec
     from rvla_peft.trainer import RobustPPOTrainer
 
     tiny_cfg.regularizers.invariance.weight = 1.0
+    tiny_cfg.regularizers.invariance.form = form
     tiny_cfg.perturb.train = [PerturbationSpec(name="pixel_noise", severity=0.5)]
     tiny_cfg.perturb.sample_per_episode = False
     trainer = RobustPPOTrainer(tiny_cfg)

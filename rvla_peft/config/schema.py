@@ -340,6 +340,15 @@ class InvarianceConfig:
             "frame kept by the rollout (perturbations act after rendering) and taken as the target (0: off; ppo only)."
         },
     )
+    form: Literal["sampled", "exact"] = field(
+        default="sampled",
+        metadata={
+            "help": "'sampled': the k3 estimate on the rollout's whole actions (any policy family); 'exact' (token "
+            "policies): the per-slot KL(pi(.|clean) || pi(.|perturbed)) over all bins, teacher-forced on the "
+            "rollout's earlier tokens, summed over slots; the distillation gradient the sampled form has only in "
+            "expectation."
+        },
+    )
     fraction: float = field(default=0.25, metadata={"help": "Share of each minibatch used (one extra forward pass)."})
 
 
@@ -527,6 +536,11 @@ class TrainConfig:
             inv.weight == 0 or self.algorithm == "ppo",
             "regularizers.invariance.weight",
             "needs algorithm=ppo (group rollouts do not keep the clean frames)",
+        )
+        check(
+            inv.form != "exact" or isinstance(family_config(self.policy), ActionTokenPolicyConfig),
+            "regularizers.invariance.form",
+            f"'exact' needs a token policy (action_tokens, openvla), not {self.policy.family!r}: use 'sampled'",
         )
         check(self.eval_every >= 0 and self.save_every >= 0, "eval_every/save_every", "must be >= 0")
         check(self.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")

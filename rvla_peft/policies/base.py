@@ -39,6 +39,7 @@ class PolicyOutput:
     entropy: Tensor  # [B]
     value: Tensor  # [B]
     mean: Tensor  # [B, A] differentiable mean action (normalised), what the regularisers act on
+    logits: Tensor | None = None  # [B, A, n_bins] per-slot logits, teacher-forced (token policies only)
 
 
 class ValueHead(nn.Module):

@@ -147,6 +147,7 @@ class ActionTokenPolicy(Policy):
             entropy=-(probs * log_probs).sum(-1).sum(-1),
             value=self.value_head(out.hidden_states[-1][:, prompt_len - 1]),
             mean=self.action_tokenizer.expected_normalized(probs),
+            logits=logits,
         )
 
     @torch.no_grad()
