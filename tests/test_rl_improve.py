@@ -1,0 +1,70 @@
+"""bench/rl_improve.py: its seed-level summary on hand-made reports with known answers, and which runs it retrains."""
+
+import argparse
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from rvla_peft.stats import t975
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "rl_improve.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("rl_improve", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def report(cells: dict[str, list[int]]) -> dict:
+    """The part of an rvla_peft.eval report.json that the study reads."""
+    return {"results": [{"setting": s, "successes": x} for s, x in cells.items()]}
+
+
+def test_summary_per_seed_rates_and_paired_differences_over_seeds(study):
+    base = report({"clean": [1, 1, 1, 1], "shift@0.5": [0, 1, 0, 0]})
+    seeds = {
+        0: report({"clean": [1, 1, 1, 1], "shift@0.5": [1, 1, 0, 0]}),
+        1: report({"clean": [1, 1, 1, 0], "shift@0.5": [1, 1, 1, 0]}),
+        2: report({"clean": [1, 1, 1, 1], "shift@0.5": [0, 1, 0, 0]}),
+    }
+    summary = study.summarize(base, {"arm": seeds}, ["clean", "shift@0.5"])
+    assert summary["base"] == {"clean": 1.0, "shift@0.5": 0.25}
+    cell = summary["arms"]["arm"]["shift@0.5"]
+    rates, diffs = [0.5, 0.75, 0.25], [0.25, 0.5, 0.0]
+    assert cell["per_seed"] == dict(zip(seeds, rates, strict=True))
+    half = t975(2) * statistics.stdev(diffs) / 3**0.5
+    assert cell["paired_diff_vs_base"] == pytest.approx(0.25)
+    assert cell["paired_diff_t95_over_seeds"] == pytest.approx([0.25 - half, 0.25 + half])
+    assert cell["seeds_above_base"] == 2  # a seed equal to the base is not above it
+    assert cell["pooled_episodes"] == 12
+    assert summary["arms"]["arm"]["clean"]["paired_diff_vs_base"] == pytest.approx(-1 / 12)
+
+
+def test_a_run_with_a_report_is_not_retrained_and_the_others_train_under_the_setting(study, tmp_path, monkeypatch):
+    launched = []
+
+    def train_in_a_second(cmd, log):  # stands in for minutes of training; the trainer makes its output_dir
+        launched.append(cmd)
+        (out,) = [a.removeprefix("output_dir=") for a in cmd if a.startswith("output_dir=")]
+        Path(out).mkdir(parents=True)
+        return 1.0
+
+    monkeypatch.setattr(study, "run", train_in_a_second)
+    args = argparse.Namespace(out=tmp_path, recipe=Path("recipes/tiny_cpu.yaml"), setting="shift@0.5", overrides=[])
+    evaluated = tmp_path / "eval-arm-seed0" / "report.json"  # results keep reports, not adapters
+    evaluated.parent.mkdir()
+    evaluated.write_text(json.dumps(report({"clean": [1]})))
+
+    assert study.train(args, "arm", ["total_updates=60"], 0) == tmp_path / "arm-seed0" / "adapter"
+    assert launched == []
+    study.train(args, "arm", ["total_updates=60"], 1)
+    (cmd,) = launched
+    assert "seed=1" in cmd and "perturb.train=[{name: shift, severity: 0.5}]" in cmd
+    assert cmd[-1] == "total_updates=60"
+    assert (tmp_path / "arm-seed1" / "train_seconds.txt").read_text() == "1.0\n"
