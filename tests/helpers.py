@@ -1,6 +1,19 @@
 """Small helpers shared by tests."""
 
+import importlib.util
+from pathlib import Path
+
 import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load_bench_script(name: str):
+    """A script of bench/ (not a package) imported as a module, ``name`` without ``.py``."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def fixed_obs(batch: int = 3, size: int = 64, seed: int = 0, instructions=None) -> dict:

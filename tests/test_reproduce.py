@@ -1,23 +1,17 @@
 """bench/reproduce_paper.py's pooling of per-seed reports, on hand-made reports with known answers."""
 
-import importlib.util
 import math
 import statistics
-from pathlib import Path
 
 import pytest
+from helpers import load_bench_script
 
 from rvla_peft.stats import Z95, t975, wilson_interval
-
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "reproduce_paper.py"
 
 
 @pytest.fixture(scope="module")
 def reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce_paper", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("reproduce_paper")
 
 
 def report(successes: dict[str, dict[str, list[int]]]) -> dict:

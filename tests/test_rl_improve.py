@@ -1,24 +1,19 @@
 """bench/rl_improve.py: its seed-level summary on hand-made reports with known answers, and which runs it retrains."""
 
 import argparse
-import importlib.util
 import json
 import statistics
 from pathlib import Path
 
 import pytest
+from helpers import load_bench_script
 
 from rvla_peft.stats import t975
-
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "rl_improve.py"
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("rl_improve", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("rl_improve")
 
 
 def report(cells: dict[str, list[int]]) -> dict:
