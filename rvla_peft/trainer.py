@@ -726,9 +726,11 @@ class RobustPPOTrainer:
 
     def _invariance_penalty(self, rollout, idx, actions, out, inv_cfg) -> torch.Tensor:
         """The policy on the perturbed frames (``out``, with gradient) against the same actions on the clean
-        frames of the same steps (no gradient: the target), on a share of the minibatch."""
+        frames of the same steps (no gradient: the target; the base policy's with ``target: base``), on a share of
+        the minibatch."""
         k = self._subset(len(idx), inv_cfg.fraction)
-        with torch.no_grad():
+        teacher = self.base_policy() if inv_cfg.target == "base" else contextlib.nullcontext()
+        with torch.no_grad(), teacher:
             clean = self.policy.evaluate(rollout.clean_observations(idx[:k]), actions[:k])
         if inv_cfg.form == "exact":
             return token_invariance_kl(out.logits[:k], clean.logits).mean()

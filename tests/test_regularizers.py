@@ -290,3 +290,46 @@ def test_the_trainer_keeps_clean_frames_and_trains_the_invariance_term(tiny_cfg,
     assert rollout.rgb_clean is not None and rollout.rgb_clean.shape == rollout.rgb[:-1].shape
     assert not torch.equal(rollout.rgb_clean, rollout.rgb[:-1]), "the policy saw noisy frames, the clean kept apart"
     assert metrics["loss/invariance"] > 0
+
+
+def test_the_invariance_target_is_the_current_policy_or_the_base_with_the_adapter_off(tiny_cfg):
+    from rvla_peft.config import PerturbationSpec
+    from rvla_peft.regularizers import token_invariance_kl
+    from rvla_peft.trainer import RobustPPOTrainer
+
+    inv_cfg = tiny_cfg.regularizers.invariance
+    inv_cfg.weight, inv_cfg.form, inv_cfg.fraction = 1.0, "exact", 1.0
+    tiny_cfg.perturb.train = [PerturbationSpec(name="pixel_noise", severity=0.5)]
+    tiny_cfg.perturb.sample_per_episode = False
+    trainer = RobustPPOTrainer(tiny_cfg)
+    seen = {}
+    original = trainer.update
+    trainer.update = lambda rollout: original(seen.setdefault("rollout", rollout))
+    trainer.train()
+    rollout, policy = seen["rollout"], trainer.policy
+    policy.eval()  # no dropout: the values below are compared exactly
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an adapter far from the base, so the two targets differ
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    idx = torch.arange(4)
+    actions = trainer._flat(rollout, rollout.actions)[idx]
+    out = policy.evaluate(rollout.observations(idx), actions)
+    clean = rollout.clean_observations(idx)
+    with torch.no_grad():
+        with policy.peft_model.disable_adapter():
+            base_logits = policy.evaluate(clean, actions).logits
+        current_logits = policy.evaluate(clean, actions).logits
+    penalty = {}
+    for target in ("current", "base"):
+        inv_cfg.target = target
+        penalty[target] = trainer._invariance_penalty(rollout, idx, actions, out, inv_cfg)
+    torch.testing.assert_close(penalty["current"], token_invariance_kl(out.logits, current_logits).mean())
+    torch.testing.assert_close(penalty["base"], token_invariance_kl(out.logits, base_logits).mean())
+    assert abs(penalty["base"] - penalty["current"]) > 1e-3
+    assert torch.equal(policy.evaluate(clean, actions).logits, current_logits), "the adapter is back on"
+    for p in trainer.params:
+        p.grad = None
+    penalty["base"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.params), "the perturbed side trains"

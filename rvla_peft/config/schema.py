@@ -349,6 +349,14 @@ class InvarianceConfig:
             "expectation."
         },
     )
+    target: Literal["current", "base"] = field(
+        default="current",
+        metadata={
+            "help": "The clean-frame side: 'current', the policy being trained (no gradient through it), or 'base', "
+            "the adapter switched off: a fixed teacher, so the penalty cannot be met by a policy whose actions on "
+            "both frames agree and are worse."
+        },
+    )
     fraction: float = field(default=0.25, metadata={"help": "Share of each minibatch used (one extra forward pass)."})
 
 
