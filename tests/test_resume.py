@@ -21,6 +21,7 @@ from rvla_peft.utils.constants import (
     ADAPTER_WEIGHTS,
     METRICS_FILE,
     RECIPE_FILE,
+    TENSORBOARD_RUN,
     TRAINER_STATE,
     VALUE_HEAD_FILE,
 )
@@ -63,6 +64,14 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before {path} appeared:\n{proc.stderr.read()[-3000:]}")
         assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def _wait_for_lines(path: Path, lines: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 600
+    while not path.exists() or len(path.read_text().splitlines()) < lines:
+        assert proc.poll() is None, f"the run ended before {path} had {lines} lines"
+        assert time.monotonic() < deadline, f"{path} never had {lines} lines"
         time.sleep(0.02)
 
 
@@ -119,6 +128,8 @@ def _kill9_then_resume(tmp_path: Path, ranks: int) -> None:
 
     proc = _start(resumed, *extra, ranks=ranks)
     _wait_for(resumed / "checkpoints" / "update-000002" / TRAINER_STATE, proc)
+    if ranks == 1:  # an update logged after the checkpoint, which the resumed run logs again
+        _wait_for_lines(resumed / METRICS_FILE, 3, proc)
     _kill_all(proc)
     assert not (resumed / "adapter").exists(), "killed too late: the run had finished"
 
@@ -136,6 +147,13 @@ def _kill9_then_resume(tmp_path: Path, ranks: int) -> None:
         assert {k: v for k, v in a.items() if not k.startswith("time/")} == {
             k: v for k, v in b.items() if not k.startswith("time/")
         }
+    if ranks == 1:  # TensorBoard too: each update once, the resumed run's (purge_step hides the killed run's)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(resumed / TENSORBOARD_RUN))
+        events.Reload()
+        logged = [(e.step, e.value) for e in events.Scalars("ppo/approx_kl")]
+        assert logged == [(a["update"], pytest.approx(a["ppo/approx_kl"], rel=1e-6)) for a in ours]
 
 
 def test_kill9_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_path):
