@@ -10,6 +10,8 @@ perturbation draws identical across calls, so the comparisons are paired, and fi
 (an interrupted study resumes). Writes ``OUT/summary.json`` and ``OUT/summary.md``: per arm, the success of each
 training seed, the mean over seeds with a 95% Student-t interval over seeds, the paired difference to the base per
 seed and its t interval; the pooled Wilson interval over all episodes is shown too, labelled as such.
+``--versus ARM`` adds each arm's paired difference to that arm, over the seeds both have. ``--no-train`` only
+summarises the runs that have reports (arms stopped at different numbers of seeds).
 """
 
 from __future__ import annotations
@@ -78,6 +80,26 @@ def successes(report: dict, setting: str) -> list[int]:
     return cell["successes"]
 
 
+def paired(x: list[int], y: list[int]) -> float:
+    """Mean per-episode difference of two policies' successes on the same episodes."""
+    return sum(xi - yi for xi, yi in zip(x, y, strict=True)) / len(x)
+
+
+def versus(adapters: dict[str, dict[int, dict]], reference: str, settings: list[str]) -> dict:
+    """Per arm and setting: the paired difference to ``reference`` on each seed both arms have, and its t interval."""
+    out = {}
+    for arm, by_seed in adapters.items():
+        common = [seed for seed in by_seed if seed in adapters[reference]]
+        if arm == reference or not common:
+            continue
+        out[arm] = {}
+        for s in settings:
+            diffs = [paired(successes(by_seed[k], s), successes(adapters[reference][k], s)) for k in common]
+            mean, lo, hi = t_interval(diffs)
+            out[arm][s] = {"seeds": common, "per_seed": diffs, "mean": mean, "t95_over_seeds": [lo, hi]}
+    return out
+
+
 def summarize(base: dict, adapters: dict[str, dict[int, dict]], settings: list[str]) -> dict:
     summary = {"base": {s: sum(successes(base, s)) / len(successes(base, s)) for s in settings}, "arms": {}}
     for arm, by_seed in adapters.items():
@@ -88,7 +110,7 @@ def summarize(base: dict, adapters: dict[str, dict[int, dict]], settings: list[s
             for report in by_seed.values():
                 x = successes(report, s)
                 rates.append(sum(x) / len(x))
-                diffs.append(sum(xi - bi for xi, bi in zip(x, b, strict=True)) / len(x))
+                diffs.append(paired(x, b))
                 pooled += x
             mean, lo, hi = t_interval(rates)
             d_mean, d_lo, d_hi = t_interval(diffs)
@@ -110,6 +132,12 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}" if abs(x) != float("inf") else "inf"
 
 
+def ci(bounds: list[float]) -> str:
+    """An interval in %, or what stands in for one over a single seed."""
+    lo, hi = bounds
+    return f"[{pct(lo)}, {pct(hi)}]" if abs(lo) != float("inf") else "[one seed]"
+
+
 def markdown(summary: dict, settings: list[str], args) -> str:
     lines = [f"Training setting `{args.setting}`; evaluation: {args.episodes} episodes per cell (reset seeds 0-"
              f"{args.episodes - 1}), argmax actions. Success in %.", "",
@@ -122,9 +150,8 @@ def markdown(summary: dict, settings: list[str], args) -> str:
         for s in settings:
             c = cells[s]
             seeds = " / ".join(pct(r) for r in c["per_seed"].values())
-            row.append(f"{seeds} | {pct(c['mean'])} [{pct(c['t95_over_seeds'][0])}, {pct(c['t95_over_seeds'][1])}]"
-                       f" | {pct(c['paired_diff_vs_base'])} [{pct(c['paired_diff_t95_over_seeds'][0])}, "
-                       f"{pct(c['paired_diff_t95_over_seeds'][1])}]")  # fmt: skip
+            row.append(f"{seeds} | {pct(c['mean'])} {ci(c['t95_over_seeds'])}"
+                       f" | {pct(c['paired_diff_vs_base'])} {ci(c['paired_diff_t95_over_seeds'])}")  # fmt: skip
         lines.append(f"| {arm} | " + " | ".join(row) + " |")
     lines += [
         "",
@@ -137,6 +164,16 @@ def markdown(summary: dict, settings: list[str], args) -> str:
             for s, c in cells.items()
         )
         lines.append(f"- {arm}: {pooled}")
+    if summary.get("versus"):
+        reference = summary["versus_arm"]
+        lines += ["", f"Paired difference to {reference} on the seeds both arms have (t95 over those seeds):", ""]
+        for arm, cells in summary["versus"].items():
+            row = "; ".join(
+                f"{s} {pct(c['mean'])} {ci(c['t95_over_seeds'])} "
+                f"(seeds {', '.join(map(str, c['seeds']))}: {' / '.join(pct(d) for d in c['per_seed'])})"
+                for s, c in cells.items()
+            )
+            lines.append(f"- {arm}: {row}")
     return "\n".join(lines) + "\n"
 
 
@@ -155,17 +192,27 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--versus", metavar="ARM", help="also give each arm's paired difference to this arm")
+    parser.add_argument("--no-train", action="store_true", help="only summarise the runs that have reports")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run and evaluation")
     args = parser.parse_intermixed_args()
     args.out.mkdir(parents=True, exist_ok=True)
     arms = dict(map(parse_arm, args.arm))
+    if args.versus is not None and args.versus not in arms:
+        parser.error(f"--versus {args.versus}: not one of the arms ({', '.join(arms)})")
     settings = [CLEAN] if args.setting == CLEAN else [CLEAN, args.setting]
     base = evaluate(args, "base", None)
     adapters = {arm: {} for arm in arms}
     for seed in args.seeds:  # seed-major: a stopped study has every arm at the same number of seeds
         for arm, overrides in arms.items():
+            if args.no_train and not (args.out / f"eval-{arm}-seed{seed}" / "report.json").exists():
+                print(f"{arm} seed {seed}: no report, not run", flush=True)
+                continue
             adapters[arm][seed] = evaluate(args, f"{arm}-seed{seed}", train(args, arm, overrides, seed))
+    adapters = {arm: by_seed for arm, by_seed in adapters.items() if by_seed}
     summary = summarize(base, adapters, settings)
+    if args.versus is not None:
+        summary["versus_arm"], summary["versus"] = args.versus, versus(adapters, args.versus, settings)
     summary["command"] = "python bench/rl_improve.py " + " ".join(sys.argv[1:])
     summary["train_seconds"] = {
         p.parent.name: float(p.read_text()) for p in sorted(args.out.glob("*/train_seconds.txt"))

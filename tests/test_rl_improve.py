@@ -63,3 +63,15 @@ def test_a_run_with_a_report_is_not_retrained_and_the_others_train_under_the_set
     assert "seed=1" in cmd and "perturb.train=[{name: shift, severity: 0.5}]" in cmd
     assert cmd[-1] == "total_updates=60"
     assert (tmp_path / "arm-seed1" / "train_seconds.txt").read_text() == "1.0\n"
+
+
+def test_versus_pairs_two_arms_on_the_seeds_both_have(study):
+    arm = {0: report({"shift@0.5": [1, 1, 0, 0]}), 1: report({"shift@0.5": [1, 1, 1, 0]})}
+    reference = {k: report({"shift@0.5": [1, 0, 0, 0]}) for k in (0, 1, 2)}
+    out = study.versus({"arm": arm, "ref": reference}, "ref", ["shift@0.5"])
+    assert list(out) == ["arm"]
+    cell = out["arm"]["shift@0.5"]
+    assert cell["seeds"] == [0, 1] and cell["per_seed"] == [0.25, 0.5]
+    half = t975(1) * statistics.stdev([0.25, 0.5]) / 2**0.5
+    assert cell["mean"] == pytest.approx(0.375)
+    assert cell["t95_over_seeds"] == pytest.approx([0.375 - half, 0.375 + half])
