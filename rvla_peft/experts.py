@@ -29,6 +29,7 @@ not assumed). Quaternions are (w, x, y, z) as in ManiSkill.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -39,6 +40,8 @@ from torch import Tensor
 
 from rvla_peft.config import EnvConfig
 from rvla_peft.envs.maniskill import _check_task, _import_mani_skill, _make_kwargs, extract_state
+from rvla_peft.perturbations.base import ActionPerturbation
+from rvla_peft.perturbations.specs import build_perturbations, suite_grid
 from rvla_peft.policies.base import ActionSample
 
 PROPRIO_KEYS = ("agent.qpos", "extra.tcp_pose")  # EnvConfig's default state_keys: the columns a policy would see
@@ -375,10 +378,24 @@ def make_state_env(cfg: EnvConfig):
     return gym.make(cfg.task, **{**kwargs, "obs_mode": "state_dict"})
 
 
-def run_expert(task: str, seeds: Sequence[int], max_episode_steps: int = 50, env=None) -> tuple[list[bool], list[int]]:
-    """Success and length of one expert episode per seed, on a state-only env (``env`` to reuse one)."""
+def action_perturbations(specs: Sequence) -> list[ActionPerturbation]:
+    """The perturbations of ``specs`` that an expert can meet: it reads the simulator's state, not pixels."""
+    built = build_perturbations(list(specs))
+    seen = [p.name for p in built if not isinstance(p, ActionPerturbation)]
+    if seen:
+        raise ValueError(f"{', '.join(seen)}: the expert reads the simulator's state, so only action perturbations "
+                         "apply to it (action_noise, action_bias, ...)")  # fmt: skip
+    return built
+
+
+def run_expert(
+    task: str, seeds: Sequence[int], max_episode_steps: int = 50, env=None, perturb: Sequence = ()
+) -> tuple[list[bool], list[int]]:
+    """Success and length of one expert episode per seed, on a state-only env (``env`` to reuse one), with the
+    action perturbations ``perturb`` on the executed actions (episode seed s draws them from a generator seeded s)."""
 
     expert = make_expert(task)
+    perturbations = action_perturbations(perturb)
     cfg = expert_env_config(task, max_episode_steps=max_episode_steps)
     own = env is None
     env = make_state_env(cfg) if own else env
@@ -386,9 +403,15 @@ def run_expert(task: str, seeds: Sequence[int], max_episode_steps: int = 50, env
     try:
         for seed in seeds:
             raw, _ = env.reset(seed=int(seed))
+            generator = torch.Generator().manual_seed(int(seed))
+            for p in perturbations:
+                p.reset(torch.ones(1, dtype=torch.bool))
             steps, done = 0, False
             while not done:
-                raw, _, terminated, truncated, info = env.step(expert(extract_state(raw, cfg.state_keys, 1)))
+                action = expert(extract_state(raw, cfg.state_keys, 1))
+                for p in perturbations:
+                    action = p.apply(action, generator)
+                raw, _, terminated, truncated, info = env.step(action)
                 steps += 1
                 done = bool(terminated[0] | truncated[0]) or steps == max_episode_steps
             successes.append(bool(info["success"][0]))
@@ -405,15 +428,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0, help="episode e starts from reset seed seed + e")
     parser.add_argument("--max-episode-steps", type=int, default=50)
+    parser.add_argument(
+        "--perturb", action="append", default=[], metavar="NAME@SEVERITY",
+        help="also measure under this action perturbation (repeatable; e.g. action_noise@1): how much of a "
+        "policy's loss under it a closed-loop controller that sees the true state also suffers",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    for task in args.task or sorted(EXPERTS):
+    try:
+        settings = suite_grid(None, args.perturb)
+        for setting in settings:
+            action_perturbations(setting.specs)
+    except ValueError as err:
+        parser.error(str(err))
+    for task, setting in itertools.product(args.task or sorted(EXPERTS), settings):
         start = time.perf_counter()
         seeds = range(args.seed, args.seed + args.episodes)
-        successes, lengths = run_expert(task, seeds, args.max_episode_steps)
+        successes, lengths = run_expert(task, seeds, args.max_episode_steps, perturb=setting.specs)
         failed = [s for s, ok in zip(seeds, successes, strict=True) if not ok]
         ok_lengths = [n for n, ok in zip(lengths, successes, strict=True) if ok] or [0]
         print(
-            f"{task}: success {sum(successes)}/{len(successes)} = {sum(successes) / len(successes):.1%}, "
+            f"{task} {setting.name}: success {sum(successes)}/{len(successes)} = "
+            f"{sum(successes) / len(successes):.1%}, "
             f"mean length of successes {sum(ok_lengths) / len(ok_lengths):.1f} steps, failed seeds {failed}, "
             f"{sum(lengths) / (time.perf_counter() - start):.0f} steps/s"
         )

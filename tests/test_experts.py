@@ -170,6 +170,18 @@ def test_other_experts_succeed_on_real_env(task: str) -> None:
     assert sum(successes) >= 2, (successes, lengths)
 
 
+def test_the_expert_under_action_noise_is_reproducible_and_refuses_pixel_perturbations(pick_env) -> None:
+    from rvla_peft.config import PerturbationSpec
+
+    noise = [PerturbationSpec(name="action_noise", severity=1.0)]
+    clean = run_expert("PickCube-v1", range(3), env=pick_env)
+    noisy = run_expert("PickCube-v1", range(3), env=pick_env, perturb=noise)
+    assert noisy == run_expert("PickCube-v1", range(3), env=pick_env, perturb=noise), "seeded per episode"
+    assert noisy[1] != clean[1], "the noise reached the executed actions"
+    with pytest.raises(ValueError, match="shift: the expert reads the simulator's state"):
+        run_expert("PickCube-v1", range(1), env=pick_env, perturb=[PerturbationSpec(name="shift", severity=0.5)])
+
+
 def test_demos_round_trip_and_determinism(tmp_path: Path) -> None:
     from rvla_peft.demos import generate_demos, load_demos
     from rvla_peft.envs.maniskill import INSTRUCTIONS
