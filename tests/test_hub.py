@@ -270,6 +270,7 @@ def test_card_parses_validates_and_holds_the_report_numbers(run, hub):
         'load_policy("rvla-test/tiny-llava", "alice/robust-tiny")',
         "Perturbations not evaluated, so robustness to them is unknown: " + ", ".join(f"`{p}`" for p in untried),
         "simulation only",
+        "smoothness penalty: beta = 0.1 (old_policy); invariance penalty: off.",
     ):
         assert needle in text, needle
     assert validate_card_metadata("---\nbase_model: builtin:tiny-llava\n---\n"), "the server validator must bite"

@@ -336,8 +336,9 @@ class InvarianceConfig:
     weight: float = field(
         default=0.0,
         metadata={
-            "help": "gamma: weight of KL(pi(.|perturbed frame) || pi(.|clean frame)) on the same step, the clean "
-            "frame kept by the rollout (perturbations act after rendering) and taken as the target (0: off; ppo only)."
+            "help": "gamma: weight of the divergence between the action distributions on the perturbed and on the "
+            "clean frame of the same step (see form, target), the clean frame kept by the rollout (perturbations act "
+            "after rendering) and taken as the target (0: off; ppo only)."
         },
     )
     form: Literal["sampled", "exact"] = field(

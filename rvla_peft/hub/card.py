@@ -290,6 +290,10 @@ def render_card(
         else ", ".join(cfg.lora.target_modules),
         jacobian=f"alpha = {regs.jacobian.weight:g} ({regs.jacobian.form})" if regs.jacobian.weight else "off",
         smoothness=f"beta = {regs.smoothness.weight:g} ({regs.smoothness.form})" if regs.smoothness.weight else "off",
+        invariance=f"gamma = {regs.invariance.weight:g} ({regs.invariance.form}, to the {regs.invariance.target} "
+        "policy on the clean frame)"
+        if regs.invariance.weight
+        else "off",
         report=report,
         policy=policy,
         summary=summary_line(report, policy) if report else "",
