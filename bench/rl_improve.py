@@ -49,10 +49,15 @@ def train_overrides(setting: str) -> list[str]:
     return [f"perturb.train=[{{name: {name}, severity: {float(severity)}}}]"]
 
 
+def report_file(args, name: str) -> Path:
+    """Where the evaluation of policy ``name`` ("base", "ARM-seedS") writes its report."""
+    return args.out / f"eval-{name}" / "report.json"
+
+
 def train(args, arm: str, overrides: list[str], seed: int) -> Path:
     out = args.out / f"{arm}-seed{seed}"
     adapter = out / "adapter"
-    evaluated = (args.out / f"eval-{arm}-seed{seed}" / "report.json").exists()
+    evaluated = report_file(args, f"{arm}-seed{seed}").exists()
     if evaluated or (adapter / "adapter_model.safetensors").exists():  # results keep reports, not adapters
         return adapter
     cmd = [sys.executable, "-m", "rvla_peft.train", str(args.recipe), f"output_dir={out}", f"seed={seed}",
@@ -64,15 +69,15 @@ def train(args, arm: str, overrides: list[str], seed: int) -> Path:
 
 
 def evaluate(args, name: str, adapter: Path | None) -> dict:
-    out = args.out / f"eval-{name}"
-    if not (out / "report.json").exists():
+    report = report_file(args, name)
+    if not report.exists():
         perturb = [] if args.setting == CLEAN else ["--perturb", args.setting]
         policy = ["--no-base", f"--adapter={name}={adapter}"] if adapter else []
         cmd = [sys.executable, "-m", "rvla_peft.eval", "--recipe", str(args.recipe), "--suite", "none", *perturb,
-               "--episodes", str(args.episodes), "--seed", "0", "--out", str(out), "--overwrite", *policy,
+               "--episodes", str(args.episodes), "--seed", "0", "--out", str(report.parent), "--overwrite", *policy,
                *args.overrides]  # fmt: skip
         run(cmd, args.out / f"eval-{name}.log")
-    return json.loads((out / "report.json").read_text())
+    return json.loads(report.read_text())
 
 
 def successes(report: dict, setting: str) -> list[int]:
@@ -205,7 +210,7 @@ def main() -> None:
     adapters = {arm: {} for arm in arms}
     for seed in args.seeds:  # seed-major: a stopped study has every arm at the same number of seeds
         for arm, overrides in arms.items():
-            if args.no_train and not (args.out / f"eval-{arm}-seed{seed}" / "report.json").exists():
+            if args.no_train and not report_file(args, f"{arm}-seed{seed}").exists():
                 print(f"{arm} seed {seed}: no report, not run", flush=True)
                 continue
             adapters[arm][seed] = evaluate(args, f"{arm}-seed{seed}", train(args, arm, overrides, seed))

@@ -267,46 +267,36 @@ def test_exact_token_invariance_is_the_per_slot_kl_and_the_sampled_gradient_in_e
     torch.testing.assert_close(g_sampled, g_exact)
 
 
-@pytest.mark.parametrize("form", ["sampled", "exact"])
-def test_the_trainer_keeps_clean_frames_and_trains_the_invariance_term(tiny_cfg, form):
+def _train_under_pixel_noise(cfg, **invariance):
+    """One update of the tiny trainer with the invariance term on, under pixel noise: (trainer, metrics, rollout)."""
     from rvla_peft.config import PerturbationSpec
     from rvla_peft.trainer import RobustPPOTrainer
 
-    tiny_cfg.regularizers.invariance.weight = 1.0
-    tiny_cfg.regularizers.invariance.form = form
-    tiny_cfg.perturb.train = [PerturbationSpec(name="pixel_noise", severity=0.5)]
-    tiny_cfg.perturb.sample_per_episode = False
-    trainer = RobustPPOTrainer(tiny_cfg)
+    for key, value in {"weight": 1.0, **invariance}.items():
+        setattr(cfg.regularizers.invariance, key, value)
+    cfg.perturb.train = [PerturbationSpec(name="pixel_noise", severity=0.5)]
+    cfg.perturb.sample_per_episode = False
+    trainer = RobustPPOTrainer(cfg)
     seen = {}
     original = trainer.update
-
-    def update(rollout):
-        seen["rollout"] = rollout
-        return original(rollout)
-
-    trainer.update = update
+    trainer.update = lambda rollout: original(seen.setdefault("rollout", rollout))
     metrics = trainer.train()
-    rollout = seen["rollout"]
+    return trainer, metrics, seen["rollout"]
+
+
+@pytest.mark.parametrize("form", ["sampled", "exact"])
+def test_the_trainer_keeps_clean_frames_and_trains_the_invariance_term(tiny_cfg, form):
+    _, metrics, rollout = _train_under_pixel_noise(tiny_cfg, form=form)
     assert rollout.rgb_clean is not None and rollout.rgb_clean.shape == rollout.rgb[:-1].shape
     assert not torch.equal(rollout.rgb_clean, rollout.rgb[:-1]), "the policy saw noisy frames, the clean kept apart"
     assert metrics["loss/invariance"] > 0
 
 
 def test_the_invariance_target_is_the_current_policy_or_the_base_with_the_adapter_off(tiny_cfg):
-    from rvla_peft.config import PerturbationSpec
     from rvla_peft.regularizers import token_invariance_kl
-    from rvla_peft.trainer import RobustPPOTrainer
 
-    inv_cfg = tiny_cfg.regularizers.invariance
-    inv_cfg.weight, inv_cfg.form, inv_cfg.fraction = 1.0, "exact", 1.0
-    tiny_cfg.perturb.train = [PerturbationSpec(name="pixel_noise", severity=0.5)]
-    tiny_cfg.perturb.sample_per_episode = False
-    trainer = RobustPPOTrainer(tiny_cfg)
-    seen = {}
-    original = trainer.update
-    trainer.update = lambda rollout: original(seen.setdefault("rollout", rollout))
-    trainer.train()
-    rollout, policy = seen["rollout"], trainer.policy
+    trainer, _, rollout = _train_under_pixel_noise(tiny_cfg, form="exact", fraction=1.0)
+    inv_cfg, policy = trainer.cfg.regularizers.invariance, trainer.policy
     policy.eval()  # no dropout: the values below are compared exactly
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # an adapter far from the base, so the two targets differ

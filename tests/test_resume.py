@@ -58,21 +58,24 @@ def _start(out: Path, *extra: str, ranks: int = 1) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+def _wait_until(ready, what: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not ready():
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended before {path} appeared:\n{proc.stderr.read()[-3000:]}")
-        assert time.monotonic() < deadline, f"{path} never appeared"
+            raise AssertionError(f"the run ended before {what}:\n{proc.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"never: {what}"
         time.sleep(0.02)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    _wait_until(path.exists, f"{path} appeared", proc, timeout)
 
 
 def _wait_for_lines(path: Path, lines: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 600
-    while not path.exists() or len(path.read_text().splitlines()) < lines:
-        assert proc.poll() is None, f"the run ended before {path} had {lines} lines"
-        assert time.monotonic() < deadline, f"{path} never had {lines} lines"
-        time.sleep(0.02)
+    def ready() -> bool:
+        return path.exists() and len(path.read_text().splitlines()) >= lines
+
+    _wait_until(ready, f"{path} had {lines} lines", proc)
 
 
 def _kill_all(proc: subprocess.Popen) -> None:

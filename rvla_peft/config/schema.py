@@ -493,7 +493,8 @@ class TrainConfig:
         check(self.env.num_envs >= 1, "env.num_envs", "must be >= 1")
         check(self.env.image_size >= 16, "env.image_size", "must be >= 16 pixels")
         check(self.env.max_episode_steps >= 1, "env.max_episode_steps", "must be >= 1")
-        family_config(self.policy).validate(self)  # the shared keys and the family's own
+        policy = family_config(self.policy)
+        policy.validate(self)  # the shared keys and the family's own
         ppo = self.ppo
         check(ppo.learning_rate > 0, "ppo.learning_rate", "must be > 0")
         check(ppo.num_steps >= 1, "ppo.num_steps", "must be >= 1")
@@ -548,7 +549,7 @@ class TrainConfig:
             "needs algorithm=ppo (group rollouts do not keep the clean frames)",
         )
         check(
-            inv.form != "exact" or isinstance(family_config(self.policy), ActionTokenPolicyConfig),
+            inv.form != "exact" or isinstance(policy, ActionTokenPolicyConfig),
             "regularizers.invariance.form",
             f"'exact' needs a token policy (action_tokens, openvla), not {self.policy.family!r}: use 'sampled'",
         )
