@@ -60,14 +60,19 @@ def trainable_params(cfg: TrainConfig) -> int | None:
 
 
 def check_task(cfg: TrainConfig) -> None:
-    """The task exists in ManiSkill's registry (the nearest ids otherwise) and its assets are on disk."""
-    from rvla_peft.envs.maniskill import _check_task, _import_mani_skill
+    """The task exists in ManiSkill's registry (the nearest ids otherwise), its assets are on disk, and GPU
+    simulation, where asked for, can start."""
+    import torch
+
+    from rvla_peft.envs.maniskill import _check_task, _import_mani_skill, enable_gpu_physics
 
     _import_mani_skill()
     try:
         _check_task(cfg.env.task)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.env.sim_backend == "physx_cuda" or (cfg.env.sim_backend == "auto" and torch.cuda.is_available()):
+        enable_gpu_physics()
 
 
 def preflight(cfg: TrainConfig, dry_run: bool = False) -> list[str]:

@@ -178,6 +178,23 @@ def test_unknown_state_key_names_valid_ones() -> None:
         make_envs(_cfg(num_envs=1, state_keys=["agent.qpos", "agent.qvelocity"]))
 
 
+def test_gpu_physics_offline_says_where_the_library_goes(monkeypatch) -> None:
+    # What SAPIEN raised on a GPU machine without internet, at its first physx_cuda env (the download of its library)
+    import requests
+    import sapien.physx
+
+    from rvla_peft.envs.maniskill import enable_gpu_physics
+
+    def offline() -> None:
+        raise requests.exceptions.ConnectionError("Failed to resolve 'github.com'")
+
+    monkeypatch.setattr(sapien.physx, "enable_gpu", offline)
+    folder = Path.home() / ".sapien" / "physx" / sapien.physx.version()
+    with pytest.raises(RuntimeError, match="could not load its PhysX GPU library") as err:
+        enable_gpu_physics()
+    assert str(folder) in str(err.value) and "env.sim_backend=physx_cpu" in str(err.value)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_batch_stays_on_device_and_auto_resets() -> None:

@@ -137,3 +137,10 @@ def test_output_layer_is_adapted_when_asked(tiny_policy, tiny_cfg):
     names = [n for n, _ in tiny_policy.peft_model.named_parameters() if "lora_A" in n]
     assert any("lm_head" in n for n in names) == tiny_cfg.lora.adapt_output_layer is True
     assert any("vision_tower" in n for n in names) and any("multi_modal_projector" in n for n in names)
+
+
+def test_base_loads_without_hub_kernels(tiny_policy):
+    # transformers 5 kernelizes by default (Hub code fetched at load and at .train()): the policy keeps its own layers
+    base = tiny_policy.peft_model.get_base_model()
+    tiny_policy.train()
+    assert base.use_kernels is False and base.kernels_mode is None

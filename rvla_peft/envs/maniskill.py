@@ -24,6 +24,7 @@ import signal
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
@@ -212,6 +213,23 @@ def _import_mani_skill() -> None:
     import mani_skill.envs  # noqa: F401  (registers the tasks)
 
 
+def enable_gpu_physics() -> None:
+    """Turn on SAPIEN's GPU PhysX, which downloads its library into ``~/.sapien/physx/VERSION`` on first use: on a
+    machine without internet that fails deep inside ``requests``; say what to put where instead."""
+    import sapien.physx as physx
+
+    try:
+        physx.enable_gpu()
+    except Exception as e:  # noqa: BLE001 - requests' errors, a bad zip, a missing libcuda: all end the same way
+        folder = Path.home() / ".sapien" / "physx" / physx.version()
+        raise RuntimeError(
+            f"env.sim_backend=physx_cuda: SAPIEN could not load its PhysX GPU library from {folder} "
+            f"({type(e).__name__}: {str(e)[:200]}). On the first GPU run SAPIEN downloads it (physx-precompiled "
+            f"release {physx.version()}, linux-so.zip); on a machine without internet, fetch that zip elsewhere and "
+            f"unzip it into {folder}, or simulate on the CPU with env.sim_backend=physx_cpu"
+        ) from e
+
+
 def _check_task(task: str) -> None:
     from mani_skill.utils.registration import REGISTERED_ENVS
 
@@ -295,6 +313,7 @@ class GpuVecEnv(VecEnv):
     def __init__(self, cfg: EnvConfig, instruction: str, render_backend: str, device: torch.device | None) -> None:
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
+        enable_gpu_physics()
         env = gym.make(cfg.task, **_make_kwargs(cfg, cfg.num_envs, "physx_cuda", render_backend))
         try:
             check_obs_keys(env.unwrapped.single_observation_space, cfg.camera, cfg.state_keys)
@@ -360,7 +379,7 @@ class SingleEnvAdapter(gym.Wrapper):
 
     def _flat(self, raw: dict) -> dict[str, np.ndarray]:
         obs = extract_obs(raw, self._camera, self._state_keys)
-        return {"rgb": obs["rgb"][0].numpy(), "state": obs["state"][0].numpy()}
+        return {"rgb": obs["rgb"][0].cpu().numpy(), "state": obs["state"][0].cpu().numpy()}
 
     @staticmethod
     def _success(info: dict) -> dict[str, bool]:

@@ -44,6 +44,10 @@ def load_base(model_cfg):
         dtype=_DTYPES[model_cfg.torch_dtype],
         attn_implementation=model_cfg.attn_implementation,
         quantization_config=quantization_config(model_cfg),
+        # transformers 5 swaps layers for Hub kernels by default, on load and at every .train()/.eval(): code
+        # downloaded at run time (on an offline GPU machine the load failed: kernels-community/rotary not in the
+        # cache), not checked for the Jacobian penalty's double backward, and different numerics per machine.
+        use_kernels=False,
         **kwargs,
     )
     if model_cfg.quantization != "none":
