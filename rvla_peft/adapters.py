@@ -14,6 +14,7 @@ from rvla_peft.utils.constants import (
     ACTION_HEADS_FILE,
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    BUILTIN_PREFIX,
     HUB_REPO_ID_PATTERN,
     POLICY_FILES,
     RECIPE_FILE,
@@ -97,7 +98,12 @@ def _all_finite(tensor) -> bool:
 
 
 def resolve_adapter(adapter: str | Path, *, revision: str | None = None, token: str | None = None) -> Path:
-    """A local adapter folder as it is; a Hub id downloaded (only the files a policy needs) into the HF cache."""
+    """A local adapter folder as it is; ``builtin:NAME`` the one packaged in rvla_peft/assets; a Hub id downloaded
+    (only the files a policy needs) into the HF cache."""
+    if str(adapter).startswith(BUILTIN_PREFIX):
+        from rvla_peft.models.tiny import resolve_builtin_adapter
+
+        return check_adapter_folder(resolve_builtin_adapter(str(adapter)))
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         HFValidationError,

@@ -208,6 +208,32 @@ def test_shipped_checkpoint_loads_and_matches_the_recipe():
     assert sample.env_action.shape == (2, 7) and sample.env_action.abs().max() <= 1
 
 
+def test_shipped_shift_adapter_loads_on_the_shipped_base():
+    """builtin:tiny-vla-maniskill-shift is a PEFT adapter folder in the package, with its card, recipe and the
+    held-out report its card quotes; it loads through load_policy (base from its recipe) and through plain
+    PeftModel.from_pretrained on the shipped base, where it changes the actions; unknown names list the shipped."""
+    from peft import PeftModel
+
+    from rvla_peft.adapters import resolve_adapter
+    from rvla_peft.policies.registry import load_base, load_policy
+
+    folder = resolve_adapter("builtin:tiny-vla-maniskill-shift")
+    assert folder.parent.name == "assets"
+    assert {"README.md", "recipe.yaml", "report.json", "adapter_config.json"} <= {p.name for p in folder.iterdir()}
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 2e6
+    card = (folder / "README.md").read_text()  # the card template's wording for a packaged (not random) base
+    assert "behaviour-cloned" in card and "tiny random model" not in card
+    policy = load_policy(None, "builtin:tiny-vla-maniskill-shift").eval()
+    cfg = load_config(folder / "recipe.yaml")
+    base, _ = load_base(cfg.model)
+    peft_model = PeftModel.from_pretrained(base, str(folder))
+    lora = {k: v for k, v in peft_model.state_dict().items() if "lora_B" in k}
+    assert lora and all(torch.equal(v, policy.peft_model.state_dict()[k]) for k, v in lora.items())
+    assert any(v.abs().max() > 0 for v in lora.values())  # trained: LoRA's B starts at zero
+    with pytest.raises(ValueError, match="available: builtin:tiny-vla-maniskill-shift"):
+        resolve_adapter("builtin:tiny-vla-maniskill-rotation")
+
+
 def test_other_policy_settings_than_trained_warn(caplog):
     """A recipe that decodes the shipped base with other bins gets wrong actions without any error: warn."""
     from rvla_peft.policies.registry import check_trained_policy_settings

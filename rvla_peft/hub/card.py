@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from rvla_peft.adapters import HubError, is_hub_id, is_local_path
 from rvla_peft.config import ModelConfig, TrainConfig
 from rvla_peft.hub.run_files import RunFiles
+from rvla_peft.models.tiny import PACKAGED
 from rvla_peft.perturbations import PERTURBATIONS, resample_note, spec_records
 from rvla_peft.policies.registry import resolve_lora
 from rvla_peft.utils.constants import (
@@ -279,6 +280,7 @@ def render_card(
         base_id=base_id,
         base_on_hub=is_hub_id(base_id),
         base_builtin=base_id.startswith("builtin:"),
+        base_packaged=base_id.removeprefix("builtin:") in PACKAGED,
         task=cfg.env.task,
         cfg=cfg,
         train_perturbations=", ".join(

@@ -27,6 +27,10 @@ TINY_PI0_VERSION = "v1"
 # no cache), loaded with the real from_pretrained. tiny-vla-maniskill: behaviour-cloned by rvla_peft.pretrain.
 PRETRAINED_NAME = "tiny-vla-maniskill"
 PACKAGED = (PRETRAINED_NAME,)
+# Adapters shipped the same way (builtin:NAME -> rvla_peft/assets/NAME, a PEFT adapter folder with its card):
+# tiny-vla-maniskill-shift, a LoRA of tiny-vla-maniskill post-trained under shift@0.5 (its README.md says how).
+SHIFT_ADAPTER_NAME = "tiny-vla-maniskill-shift"
+PACKAGED_ADAPTERS = (SHIFT_ADAPTER_NAME,)
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
 
@@ -283,6 +287,15 @@ def _builtins() -> dict:
         TINY_OPENVLA_NAME: (TINY_OPENVLA_VERSION, build_tiny_openvla),
         TINY_PI0_NAME: (TINY_PI0_VERSION, build_tiny_pi0),
     }
+
+
+def resolve_builtin_adapter(name: str) -> str:
+    """'builtin:tiny-vla-maniskill-shift' -> the packaged adapter's folder."""
+    short = name[len(BUILTIN_PREFIX) :]
+    if short not in PACKAGED_ADAPTERS:
+        available = ", ".join(BUILTIN_PREFIX + n for n in PACKAGED_ADAPTERS)
+        raise ValueError(f"unknown built-in adapter {name!r}; available: {available}")
+    return str(ASSETS_DIR / short)
 
 
 def resolve_builtin(name_or_path: str) -> str:
