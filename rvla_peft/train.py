@@ -71,7 +71,8 @@ def check_task(cfg: TrainConfig) -> None:
         _check_task(cfg.env.task)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.env.sim_backend == "physx_cuda" or (cfg.env.sim_backend == "auto" and torch.cuda.is_available()):
+    # Only where the run will simulate on the GPU: a CPU machine planning a GPU recipe (--dry-run) has no GPU PhysX
+    if cfg.env.sim_backend in ("physx_cuda", "auto") and torch.cuda.is_available():
         enable_gpu_physics()
 
 

@@ -193,6 +193,16 @@ def test_gpu_physics_offline_says_where_the_library_goes(monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="could not load its PhysX GPU library") as err:
         enable_gpu_physics()
     assert str(folder) in str(err.value) and "env.sim_backend=physx_cpu" in str(err.value)
+    # Training's preflight asks for GPU physics only where CUDA is: a CPU machine may plan a GPU recipe (--dry-run)
+    from rvla_peft.config import TrainConfig
+    from rvla_peft.train import check_task
+
+    cfg = TrainConfig(env=_cfg(sim_backend="physx_cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_task(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU that this test stands in for
+    with pytest.raises(RuntimeError, match="could not load its PhysX GPU library"):
+        check_task(cfg)
 
 
 @pytest.mark.gpu
