@@ -2,10 +2,10 @@
 
     python bench/bench_gpu.py [RECIPE] [--num-envs 16 64 256] [--steps 40] [--autocast bf16] [key=value ...]
 
-For each env count, in a fresh process (ManiSkill keeps one GPU physics system per process): env-steps per second of
-the env alone (random actions), of env + policy sampling actions (the rollout's inner loop, the policy under
-``--autocast``), their ratio, and the peak GPU memory allocated by torch. Both loops synchronise the GPU before the
-clock stops. CUDA only; the CPU path is ``bench/bench_env.py``.
+For each env count, in a fresh process (one size's GPU physics state cannot carry into the next): env-steps per
+second of the env alone (random actions), of env + policy sampling actions (the rollout's inner loop, the policy
+under ``--autocast``), their ratio, and the peak GPU memory allocated by torch. Both loops synchronise the GPU before
+the clock stops. CUDA only; the CPU path is ``bench/bench_env.py``.
 """
 
 from __future__ import annotations
