@@ -354,7 +354,8 @@ def make_policy(model_path: str | Path, policy_cfg):
     """The raw model (no LoRA: BC trains every weight) behind the project's ActionTokenPolicy."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(str(model_path), dtype=torch.float32)
+    # no Hub kernels, as in policies.registry.load_base: transformers 5 would fetch them at load and at .train()
+    model = AutoModelForImageTextToText.from_pretrained(str(model_path), dtype=torch.float32, use_kernels=False)
     processor = AutoProcessor.from_pretrained(str(model_path))
     hidden = model.config.get_text_config().hidden_size
     return ActionTokenPolicy(model, processor, policy_cfg, hidden)

@@ -234,6 +234,13 @@ def test_shipped_shift_adapter_loads_on_the_shipped_base():
         resolve_adapter("builtin:tiny-vla-maniskill-rotation")
 
 
+def test_bc_policy_loads_without_hub_kernels():
+    # behaviour cloning loads its model itself, not through load_base: the same default applies (tests/test_policy.py)
+    policy = pretrain.make_policy(resolve_builtin("builtin:tiny-vla-maniskill"), ActionTokenPolicyConfig(n_bins=64))
+    policy.train()
+    assert policy.peft_model.use_kernels is False and policy.peft_model.kernels_mode is None
+
+
 def test_other_policy_settings_than_trained_warn(caplog):
     """A recipe that decodes the shipped base with other bins gets wrong actions without any error: warn."""
     from rvla_peft.policies.registry import check_trained_policy_settings
