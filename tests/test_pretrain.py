@@ -208,7 +208,7 @@ def test_shipped_checkpoint_loads_and_matches_the_recipe():
     assert sample.env_action.shape == (2, 7) and sample.env_action.abs().max() <= 1
 
 
-def test_shipped_shift_adapter_loads_on_the_shipped_base():
+def test_shipped_shift_adapter_loads_on_the_shipped_base(tmp_path):
     """builtin:tiny-vla-maniskill-shift is a PEFT adapter folder in the package, with its card, recipe and the
     held-out report its card quotes; it loads through load_policy (base from its recipe) and through plain
     PeftModel.from_pretrained on the shipped base, where it changes the actions; unknown names list the shipped."""
@@ -222,6 +222,11 @@ def test_shipped_shift_adapter_loads_on_the_shipped_base():
     assert {"README.md", "recipe.yaml", "report.json", "adapter_config.json"} <= {p.name for p in folder.iterdir()}
     assert sum(p.stat().st_size for p in folder.iterdir()) < 2e6
     card = (folder / "README.md").read_text()  # the card template's wording for a packaged (not random) base
+    assert "behaviour-cloned" in card and "tiny random model" not in card
+    from rvla_peft.hub.cli import main as hub_cli  # the template today says so too
+
+    assert hub_cli(["card", str(folder), "--out", str(tmp_path / "card")]) == 0
+    card = (tmp_path / "card" / "README.md").read_text()
     assert "behaviour-cloned" in card and "tiny random model" not in card
     policy = load_policy(None, "builtin:tiny-vla-maniskill-shift").eval()
     cfg = load_config(folder / "recipe.yaml")

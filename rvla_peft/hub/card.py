@@ -20,6 +20,7 @@ from rvla_peft.utils.constants import (
     ACTION_HEADS_FILE,
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    BUILTIN_PREFIX,
     CARD_FILE,
     CURVE_PNG,
     RECIPE_FILE,
@@ -279,8 +280,8 @@ def render_card(
         revision=revision,
         base_id=base_id,
         base_on_hub=is_hub_id(base_id),
-        base_builtin=base_id.startswith("builtin:"),
-        base_packaged=base_id.removeprefix("builtin:") in PACKAGED,
+        base_builtin=base_id.startswith(BUILTIN_PREFIX),
+        base_packaged=base_id in {BUILTIN_PREFIX + name for name in PACKAGED},
         task=cfg.env.task,
         cfg=cfg,
         train_perturbations=", ".join(
