@@ -64,7 +64,7 @@ def check_task(cfg: TrainConfig) -> None:
     simulation, where asked for, can start."""
     import torch
 
-    from rvla_peft.envs.maniskill import _check_task, _import_mani_skill, enable_gpu_physics
+    from rvla_peft.envs.maniskill import _check_task, _import_mani_skill, enable_gpu_physics, simulates_on_gpu
 
     _import_mani_skill()
     try:
@@ -72,7 +72,7 @@ def check_task(cfg: TrainConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     # Only where the run will simulate on the GPU: a CPU machine planning a GPU recipe (--dry-run) has no GPU PhysX
-    if cfg.env.sim_backend in ("physx_cuda", "auto") and torch.cuda.is_available():
+    if simulates_on_gpu(cfg.env) and torch.cuda.is_available():
         enable_gpu_physics()
 
 

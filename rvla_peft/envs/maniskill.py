@@ -213,6 +213,11 @@ def _import_mani_skill() -> None:
     import mani_skill.envs  # noqa: F401  (registers the tasks)
 
 
+def simulates_on_gpu(cfg: EnvConfig) -> bool:
+    """``physx_cuda``, or ``auto`` where CUDA is: the one place that decides between the two backends."""
+    return cfg.sim_backend == "physx_cuda" or (cfg.sim_backend == "auto" and torch.cuda.is_available())
+
+
 def enable_gpu_physics() -> None:
     """Turn on SAPIEN's GPU PhysX, which downloads its library into ``~/.sapien/physx/VERSION`` on first use: on a
     machine without internet that fails deep inside ``requests``; say what to put where instead."""
@@ -295,7 +300,7 @@ def make_envs(cfg: EnvConfig, device: torch.device | str | None = None) -> VecEn
     instruction = resolve_instruction(cfg)
     if cfg.sim_backend == "physx_cuda" and not torch.cuda.is_available():
         raise ValueError("env.sim_backend='physx_cuda' needs a CUDA GPU; use 'auto' or 'physx_cpu' on this machine")
-    use_gpu = cfg.sim_backend == "physx_cuda" or (cfg.sim_backend == "auto" and torch.cuda.is_available())
+    use_gpu = simulates_on_gpu(cfg)
     render = cfg.render_backend if cfg.render_backend != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     out_device = torch.device(device) if device is not None else None
     if use_gpu:
