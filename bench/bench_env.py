@@ -11,6 +11,7 @@ python bench/bench_env.py [RECIPE] [--steps 40] [--rounds 3] [--policy-envs 2 4]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import time
@@ -28,17 +29,25 @@ from rvla_peft.rollout import with_instructions  # noqa: E402
 DETAILS = ("full", "fast")
 
 
-def steps_per_s(env: VecEnv, steps: int, policy: Policy | None = None) -> tuple[float, float]:
+def steps_per_s(
+    env: VecEnv, steps: int, policy: Policy | None = None, autocast: torch.dtype | None = None
+) -> tuple[float, float]:
     """(env-steps per second of wall time, CPU ms of this process per env-step: steadier on a loaded machine, and
-    complete for sync vector envs, which render in this process)."""
+    complete for sync vector envs, which render in this process). ``autocast``: the policy's, not the env's (a GPU
+    env's controller does matrix products too). A CUDA env is synchronised before each clock read."""
+    sync = torch.cuda.synchronize if env.device.type == "cuda" else lambda: None
     obs = env.reset(seed=0)
+    sync()
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         if policy is not None:
-            action = policy.act(with_instructions(obs, env)).env_action
+            cast = torch.autocast(env.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+            with cast:
+                action = policy.act(with_instructions(obs, env)).env_action
         else:
             action = torch.rand(env.num_envs, env.action_dim, device=env.device) * 2 - 1
         obs = env.step(action).obs
+    sync()
     n = steps * env.num_envs
     return n / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / n
 

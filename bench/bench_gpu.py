@@ -11,35 +11,22 @@ the clock stops. CUDA only; the CPU path is ``bench/bench_env.py``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from bench_env import steps_per_s  # noqa: E402  (the script beside this one: bench/ is on sys.path)
 
 from rvla_peft.config import load_config  # noqa: E402
 from rvla_peft.envs import make_envs  # noqa: E402
 from rvla_peft.policies.registry import build_policy  # noqa: E402
-from rvla_peft.rollout import with_instructions  # noqa: E402
 
 GPU_ENV = ["env.sim_backend=physx_cuda", "env.render_backend=gpu"]
-
-
-def timed_steps(env, steps: int, act) -> float:
-    """Env-steps per second over ``steps`` steps after one warm-up step; ``act(obs)`` gives the actions."""
-    obs = env.step(act(obs=env.reset(seed=0))).obs
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        obs = env.step(act(obs)).obs
-    torch.cuda.synchronize()
-    return steps * env.num_envs / (time.perf_counter() - start)
 
 
 def child(recipe: str, overrides: list[str], num_envs: int, steps: int, autocast: str) -> dict:
@@ -48,18 +35,10 @@ def child(recipe: str, overrides: list[str], num_envs: int, steps: int, autocast
     try:
         policy = build_policy(cfg, device="cuda").eval()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
-        cast = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
-
-        def random_action(obs):
-            return torch.rand(env.num_envs, env.action_dim, device=env.device) * 2 - 1
-
-        def policy_action(obs):
-            with cast:
-                return policy.act(with_instructions(obs, env)).env_action
-
+        steps_per_s(env, 1, policy, dtype)  # warm-up: the first steps allocate and pick kernels
         torch.cuda.reset_peak_memory_stats()
-        alone = timed_steps(env, steps, random_action)
-        with_policy = timed_steps(env, steps, policy_action)
+        alone, _ = steps_per_s(env, steps)
+        with_policy, _ = steps_per_s(env, steps, policy, dtype)
         return {"alone": alone, "policy": with_policy, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     finally:
         env.close()
