@@ -161,7 +161,7 @@ def _run(cfg: TrainConfig) -> int:
             trainer = RobustPPOTrainer(cfg)
             if trainer.resumed_from is not None and trainer.accelerator.is_main_process:
                 print(f"Resuming from {trainer.resumed_from} (update {trainer.start_update}/{cfg.total_updates})")
-            trainer.train(stop=lambda: stop.received)
+            trainer.train(stop=stop.poll)
         except TrainingInterrupted as e:
             if e.signum and is_main_rank():
                 print(

@@ -214,6 +214,22 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted"), stderr[-2000:]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one, on purpose
+def test_a_second_ctrl_c_swallowed_by_a_finaliser_still_stops_at_the_next_poll():
+    from rvla_peft.utils.signals import StopOnSignal
+
+    class Finalised:  # SAPIEN's scenes have a __del__: a handler that runs there raises into it, and Python ignores it
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.poll() == signal.SIGINT  # the first: stop at the next safe point
+        Finalised()  # the second, swallowed ("Exception ignored in ... __del__")
+        with pytest.raises(KeyboardInterrupt):
+            stop.poll()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # resume checks (no training)
 

@@ -4,7 +4,7 @@ finishes the update, writes a checkpoint and the adapter, then exits); a second 
     with StopOnSignal() as stop:
         for update in ...:
             ...
-            if stop.received:
+            if stop.poll():
                 save(); raise SystemExit(exit_code(stop.received))
 """
 
@@ -21,13 +21,15 @@ def exit_code(signum: int) -> int:
 
 
 class StopOnSignal:
-    """Records the first SIGTERM/SIGINT instead of dying; a second SIGINT raises ``KeyboardInterrupt`` at once.
+    """Records the first SIGTERM/SIGINT instead of dying; a second SIGINT raises ``KeyboardInterrupt`` at once (and
+    again at the next :meth:`poll`, should a finaliser have swallowed it).
 
     Handlers are only installed from the main thread (Python's rule); elsewhere this is a no-op that never fires."""
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
         self.signals = signals
         self.received: int | None = None
+        self.aborted = False  # a second Ctrl-C came
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopOnSignal:
@@ -41,10 +43,19 @@ class StopOnSignal:
             signal.signal(signum, handler)
         self._previous.clear()
 
+    def poll(self) -> int | None:
+        """The signal that asked to stop (None: none yet). Raises ``KeyboardInterrupt`` if a second Ctrl-C came and its
+        exception was swallowed: a handler that runs inside a finaliser (``__del__``, as SAPIEN's scenes have) raises
+        into it, and Python only prints "Exception ignored"."""
+        if self.aborted:
+            raise KeyboardInterrupt
+        return self.received
+
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
             if signum == signal.SIGINT:
+                self.aborted = True
                 raise KeyboardInterrupt  # the second Ctrl-C: no more waiting
             return  # a repeated SIGTERM: already stopping
         self.received = signum
