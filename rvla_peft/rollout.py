@@ -39,6 +39,7 @@ class Rollout:
     episodes: dict[str, Tensor] = field(default_factory=dict)
     env_steps: int = 0  # simulator steps taken: T * N, times the chunk length for action-chunking policies
     ref_log_probs: Tensor | None = None  # [T, N] log-probs of the actions under the base policy (filled by trainers)
+    ref_log_probs_clean: Tensor | None = None  # the same on the clean frames (kl_to_base_frames=clean)
     rgb_clean: Tensor | None = None  # [T, N, H, W, 3] the frames before observation perturbations (env.keep_clean)
 
     @property

@@ -152,7 +152,7 @@ class _Batch:
     advantages: torch.Tensor
     returns: torch.Tensor | None
     means: torch.Tensor
-    ref_log_probs: torch.Tensor | None  # base policy's log-probs of the actions (kl_to_base > 0)
+    ref_log_probs: torch.Tensor | None  # base policy's log-probs of the actions (kl_to_base > 0), on its frames
 
     def __len__(self) -> int:
         return self.actions.shape[0]
@@ -207,7 +207,7 @@ class RobustPPOTrainer:
         self.train_env = PerturbedEnv(
             self.base_env, cfg.perturb.train, seed=self.env_seed, sample_per_episode=cfg.perturb.sample_per_episode
         )
-        self.train_env.keep_clean = cfg.regularizers.invariance.weight > 0
+        self.train_env.keep_clean = cfg.regularizers.invariance.weight > 0 or self._kl_on_clean_frames
         # rollout/success_rate/<label> for each perturb.train entry, where each episode draws one
         self.setting_labels = [spec_label(s) for s in cfg.perturb.train] if self.train_env.sample_per_episode else []
         self.curriculum = Curriculum(cfg.perturb.curriculum)
@@ -411,11 +411,18 @@ class RobustPPOTrainer:
                 for name, data in current.items():
                     params[name].data = data
 
+    @property
+    def _kl_on_clean_frames(self) -> bool:
+        return self.cfg.kl_to_base > 0 and self.cfg.kl_to_base_frames == "clean"
+
     @torch.no_grad()
-    def reference_log_probs(self, rollout: Rollout | GroupRollout) -> torch.Tensor:
-        """Log-probs of the rollout's actions under the base policy (computed once per rollout, kept on it)."""
-        if rollout.ref_log_probs is None:
+    def reference_log_probs(self, rollout: Rollout | GroupRollout, clean: bool = False) -> torch.Tensor:
+        """Log-probs of the rollout's actions under the base policy, on the frames the policy saw or (``clean``) on
+        the clean frames of the same steps; computed once per rollout and kept on it."""
+        key = "ref_log_probs_clean" if clean else "ref_log_probs"
+        if getattr(rollout, key) is None:
             actions = self._flat(rollout, rollout.actions)
+            observations = rollout.clean_observations if clean else rollout.observations
             n = actions.shape[0]
             ppo = self.cfg.ppo
             size = max(1, math.ceil(n / (ppo.num_minibatches * ppo.gradient_accumulation_steps)))
@@ -424,11 +431,11 @@ class RobustPPOTrainer:
             out = []
             with self.base_policy():
                 for idx in torch.arange(n, device=actions.device).split(size) if n else ():
-                    out.append(self.policy.evaluate(rollout.observations(idx), actions[idx]).log_prob.float())
+                    out.append(self.policy.evaluate(observations(idx), actions[idx]).log_prob.float())
             self.policy.train(was_training)
             flat = torch.cat(out) if out else actions.new_zeros(0, dtype=torch.float32)
-            rollout.ref_log_probs = flat.reshape(rollout.log_probs.shape)
-        return rollout.ref_log_probs
+            setattr(rollout, key, flat.reshape(rollout.log_probs.shape))
+        return getattr(rollout, key)
 
     def policy_metrics(self, rollout: Rollout | GroupRollout) -> dict[str, float]:
         """``policy/kl_to_base`` (the k3 estimate of KL(pi || pi_base) on the rollout's own samples, i.e. of the
@@ -490,7 +497,7 @@ class RobustPPOTrainer:
         ppo = self.cfg.ppo
         ref = None
         if self.cfg.kl_to_base > 0:
-            ref = self._flat(rollout, self.reference_log_probs(rollout))
+            ref = self._flat(rollout, self.reference_log_probs(rollout, clean=self._kl_on_clean_frames))
         if isinstance(rollout, GroupRollout):
             advantages = rollout.step_advantages(group_advantages(rollout.outcomes, self.cfg.algorithm))
             return _Batch(rollout.actions, rollout.log_probs, None, advantages, None, rollout.means, ref)
@@ -683,7 +690,10 @@ class RobustPPOTrainer:
                 terms["value"] = cfg.ppo.vf_coef * v_loss
                 stats["loss/value"] = v_loss
             if cfg.kl_to_base > 0:
-                kl = kl_k3(out.log_prob, batch.ref_log_probs[idx]).mean()
+                on_base_frames = out
+                if self._kl_on_clean_frames:  # the same actions on the clean frames: one more forward pass
+                    on_base_frames = self.policy.evaluate(rollout.clean_observations(idx), actions)
+                kl = kl_k3(on_base_frames.log_prob, batch.ref_log_probs[idx]).mean()
                 terms["kl_to_base"] = cfg.kl_to_base * kl
                 stats["loss/kl_to_base"] = kl
             if jac_cfg.weight > 0:

@@ -214,6 +214,47 @@ def test_kl_to_base_is_zero_at_the_first_update_and_matches_a_recomputation_with
     assert [row["policy/kl_to_base"] for row in lines] == measured
 
 
+def test_kl_to_base_on_clean_frames_compares_the_policy_and_the_base_on_the_frames_before_perturbation(tiny_cfg):
+    from rvla_peft.config import PerturbationSpec
+
+    tiny_cfg.kl_to_base, tiny_cfg.kl_to_base_frames = 0.1, "clean"
+    tiny_cfg.perturb.train = [PerturbationSpec(name="pixel_noise", severity=0.5)]
+    tiny_cfg.perturb.sample_per_episode = False
+    trainer = RobustPPOTrainer(tiny_cfg)
+    seen = {}
+    original = trainer.update
+    trainer.update = lambda rollout: original(seen.setdefault("rollout", rollout))
+    trainer.train()
+    rollout, policy = seen["rollout"], trainer.policy.eval()  # eval: no dropout, values compared exactly
+    idx = torch.arange(rollout.log_probs.numel())
+    actions = trainer._flat(rollout, rollout.actions)
+    with torch.no_grad(), policy.peft_model.disable_adapter():
+        base_clean = policy.evaluate(rollout.clean_observations(idx), actions).log_prob
+        base_seen = policy.evaluate(rollout.observations(idx), actions).log_prob
+    torch.testing.assert_close(trainer._flat(rollout, rollout.ref_log_probs_clean), base_clean)
+    assert (base_clean - base_seen).abs().max() > 1e-3, "the noise changed the base's log-probs"
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an adapter off the base, so the penalty is not 0
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    batch = trainer._batch(rollout)
+    mb = idx[:4]
+    losses = trainer._losses(rollout, mb, batch, batch.advantages[mb])
+    with torch.no_grad():
+        current_clean = policy.evaluate(rollout.clean_observations(mb), actions[mb]).log_prob
+    expected = kl_k3(current_clean, base_clean[mb]).mean()
+    assert expected > 1e-3
+    torch.testing.assert_close(losses.stats["loss/kl_to_base"], expected)
+    torch.testing.assert_close(losses.terms["kl_to_base"], 0.1 * expected)
+
+
+def test_kl_to_base_on_clean_frames_needs_ppo():
+    with pytest.raises(ConfigError, match="kl_to_base_frames: 'clean' needs algorithm=ppo"):
+        load_config(RECIPES / "tiny_cpu.yaml", ["algorithm=rloo", "kl_to_base=0.1", "kl_to_base_frames=clean"])
+
+
 def test_argmax_changed_is_zero_before_the_first_step_and_counts_changed_tokens(tiny_cfg):
     trainer = RobustPPOTrainer(tiny_cfg)
     policy = trainer.policy.eval()

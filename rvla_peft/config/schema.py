@@ -440,6 +440,17 @@ class TrainConfig:
             "second copy), k3 estimator per sample. policy/kl_to_base is logged whatever the weight."
         },
     )
+    kl_to_base_frames: Literal["rollout", "clean"] = field(
+        default="rollout",
+        metadata={
+            "help": "Where the kl_to_base penalty looks. 'rollout': the frames the policy acted on (perturbed ones "
+            "included), so it also holds the policy to the base's behaviour under the perturbation. 'clean': the "
+            "clean frames of the same steps (rendered before the observation perturbations, kept by the rollout; "
+            "algorithm=ppo), so it anchors only the behaviour where the base is good and leaves the perturbed frames "
+            "free to move (toward the base's clean actions, with regularizers.invariance.target=base). "
+            "policy/kl_to_base is logged on the rollout's frames either way."
+        },
+    )
     eval_sampled: bool = field(
         default=False,
         metadata={
@@ -510,6 +521,11 @@ class TrainConfig:
         )
         check(ppo.critic_warmup_updates >= 0, "ppo.critic_warmup_updates", "must be >= 0")
         check(self.kl_to_base >= 0, "kl_to_base", "must be >= 0")
+        check(
+            self.kl_to_base_frames == "rollout" or self.algorithm == "ppo",
+            "kl_to_base_frames",
+            "'clean' needs algorithm=ppo (group rollouts do not keep the clean frames)",
+        )
         check(self.probe_frames >= 0, "probe_frames", "must be >= 0")
         group = self.group
         check(group.size >= 2, "group.size", "must be >= 2: an advantage compares an episode with its group")
