@@ -53,6 +53,7 @@ format: setup
 bench: setup
 	$(PY) bench/bench_iteration.py
 	$(PY) bench/bench_env.py
+	$(PY) bench/bench_eval.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

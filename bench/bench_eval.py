@@ -1,0 +1,114 @@
+"""Evaluation episodes per minute: the settings of the throughput issue (full render detail, 2 envs) against today's,
+in one run.
+
+python bench/bench_eval.py [RECIPE] [--episodes 8] [--rounds 2] [--configs full:2 fast:2 fast:4] [key=value ...]
+
+Each configuration ``DETAIL:NUM_ENVS[:VECTORIZATION]`` (``env.render_detail``, ``env.num_envs``, ``sync`` or
+``async``; default the recipe's) evaluates the recipe's base policy as ``python -m rvla_peft.eval`` does
+(``run_episodes``: argmax actions, the same reset seeds and perturbation draws for every configuration), clean and
+under each ``--perturb`` setting. The configurations alternate in rounds, so that load on the machine drifts the same
+way for all; the best round of each is kept. Printed per configuration: episodes per minute, the share of env steps
+spent on envs whose episode had already ended (a batch runs until its slowest episode ends), the successes, and the
+speed ratio to the first configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from rvla_peft.config import load_config  # noqa: E402
+from rvla_peft.envs import PerturbedEnv, make_envs  # noqa: E402
+from rvla_peft.perturbations import suite_grid  # noqa: E402
+from rvla_peft.policies.registry import build_policy  # noqa: E402
+from rvla_peft.rollout import run_episodes  # noqa: E402
+
+
+class _CountingSteps:
+    """The env, counting its (batched) steps."""
+
+    def __init__(self, env) -> None:
+        self.env, self.steps = env, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.env, name)
+
+    def step(self, action):
+        self.steps += 1
+        return self.env.step(action)
+
+
+def one_round(policy, env, settings: dict, episodes: int, max_steps: int) -> dict:
+    """Seconds, env steps taken, episode steps that counted, and successes, over every setting."""
+    taken = useful = 0
+    successes = {}
+    start = time.perf_counter()
+    for label, specs in settings.items():
+        counting = _CountingSteps(PerturbedEnv(env, specs, seed=0))
+        out = run_episodes(policy, counting, episodes, seed=0, max_steps=max_steps)
+        taken += counting.steps * env.num_envs
+        useful += int(out.lengths.sum())
+        successes[label] = int(out.success.sum())
+    return {"seconds": time.perf_counter() - start, "taken": taken, "useful": useful, "successes": successes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", nargs="?", default="recipes/tiny_cpu.yaml")
+    parser.add_argument("--episodes", type=int, default=8, help="episodes per setting and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--configs", nargs="+", default=["full:2", "fast:2", "fast:4"], help="DETAIL:NUM_ENVS[:VECTORIZATION]"
+    )
+    parser.add_argument("--perturb", action="append", default=None, help="NAME@SEVERITY (default: shift@0.5)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args()
+    cfg = load_config(args.recipe, args.overrides)
+    device = "cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"
+    settings = {s.name: s.specs for s in suite_grid(None, args.perturb or ["shift@0.5"])}  # clean first
+    configs = []
+    for text in args.configs:
+        detail, n, *mode = text.split(":")
+        vectorization = mode[0] if mode else cfg.env.vectorization
+        configs.append(
+            (text, dataclasses.replace(cfg.env, render_detail=detail, num_envs=int(n), vectorization=vectorization))
+        )
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"task={cfg.env.task} image={cfg.env.image_size} device={device} vectorization={cfg.env.vectorization} "
+        f"model={cfg.model.name_or_path} episodes={args.episodes} x {len(settings)} settings "
+        f"torch_threads={torch.get_num_threads()} load={load:.1f}"
+    )
+    policy = build_policy(cfg, device=device).eval()
+    envs = {label: make_envs(env_cfg, device) for label, env_cfg in configs}
+    try:
+        for env in envs.values():  # warm-up: first render, first forward
+            run_episodes(policy, env, env.num_envs, seed=0, max_steps=cfg.env.max_episode_steps)
+        rounds = {label: [] for label in envs}
+        for _ in range(args.rounds):
+            for label, env in envs.items():
+                rounds[label].append(one_round(policy, env, settings, args.episodes, cfg.env.max_episode_steps))
+    finally:
+        for env in envs.values():
+            env.close()
+    reference = None
+    for label, runs in rounds.items():
+        best = min(runs, key=lambda r: r["seconds"])
+        per_min = 60 * args.episodes * len(settings) / best["seconds"]
+        reference = reference or per_min
+        idle = 1 - best["useful"] / best["taken"]
+        wins = ", ".join(f"{k} {v}/{args.episodes}" for k, v in best["successes"].items())
+        print(
+            f"  {label:<14} {per_min:6.1f} episodes/min  x{per_min / reference:.2f}   idle env-steps {idle:5.1%}   "
+            f"successes: {wins}"
+        )
+
+
+if __name__ == "__main__":
+    main()
