@@ -49,7 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--perturb", action="append", default=[], metavar="NAME@SEVERITY", help="add a setting")
     parser.add_argument("--episodes", type=int, default=50, help="episodes per policy and setting")
     parser.add_argument("--seed", type=int, default=0, help="episode e starts from reset seed SEED + e")
-    parser.add_argument("--num-envs", type=int, help="parallel envs (default: the recipe's env.num_envs)")
+    parser.add_argument(
+        "--num-envs",
+        type=int,
+        help="parallel envs (default: the recipe's env.num_envs); the perturbation draws depend on it, so reports "
+        "pair episode for episode only at the same number",
+    )
     parser.add_argument("--sample", action="store_true", help="sample actions instead of taking the most likely")
     parser.add_argument("--out", default="report", help="output folder for report.json, report.md, robustness.png")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
