@@ -24,7 +24,10 @@ $(STAMP): pyproject.toml Makefile rvla_peft/renderer.py
 # The demo: robust LoRA post-training of the shipped pretrained base (builtin:tiny-vla-maniskill) on PushCube, then
 # the base ("before") and the adapter ("after") evaluated on the same episodes, clean and perturbed:
 # outputs/tiny_cpu/report/report.md.
-DEMO_EVAL ?= --suite none --perturb shift@0.5 --perturb rotation@0.5 --perturb color_jitter@0.5 --episodes 20
+# 10 envs: a batched action costs about the same for 2 and for 10 envs (bench/bench_eval.py), and 20 episodes are
+# 2 full batches.
+DEMO_EVAL ?= --suite none --perturb shift@0.5 --perturb rotation@0.5 --perturb color_jitter@0.5 --episodes 20 \
+	--num-envs 10
 # One torch thread: the tiny model gains nothing from two, and OpenMP workers spinning beside the simulator and the
 # software renderer made each update 5-10x slower whenever anything else used the other core.
 demo: export OMP_NUM_THREADS ?= 1
