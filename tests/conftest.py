@@ -84,3 +84,18 @@ def tmpfs(tmp_path):
     yield mount
     for point in mounted:
         subprocess.run(["umount", str(point)], check=False)
+
+
+def train_under_pixel_noise(cfg: TrainConfig):
+    """Train ``cfg`` under pixel noise (every step, no per-episode choice): (trainer, final metrics, first rollout)."""
+    from rvla_peft.config import PerturbationSpec
+    from rvla_peft.trainer import RobustPPOTrainer
+
+    cfg.perturb.train = [PerturbationSpec(name="pixel_noise", severity=0.5)]
+    cfg.perturb.sample_per_episode = False
+    trainer = RobustPPOTrainer(cfg)
+    seen = {}
+    original = trainer.update
+    trainer.update = lambda rollout: original(seen.setdefault("rollout", rollout))
+    metrics = trainer.train()
+    return trainer, metrics, seen["rollout"]

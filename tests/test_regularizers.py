@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import train_under_pixel_noise
 
 from rvla_peft.regularizers import (
     exact_jacobian_sq_norm,
@@ -269,19 +270,9 @@ def test_exact_token_invariance_is_the_per_slot_kl_and_the_sampled_gradient_in_e
 
 def _train_under_pixel_noise(cfg, **invariance):
     """One update of the tiny trainer with the invariance term on, under pixel noise: (trainer, metrics, rollout)."""
-    from rvla_peft.config import PerturbationSpec
-    from rvla_peft.trainer import RobustPPOTrainer
-
     for key, value in {"weight": 1.0, **invariance}.items():
         setattr(cfg.regularizers.invariance, key, value)
-    cfg.perturb.train = [PerturbationSpec(name="pixel_noise", severity=0.5)]
-    cfg.perturb.sample_per_episode = False
-    trainer = RobustPPOTrainer(cfg)
-    seen = {}
-    original = trainer.update
-    trainer.update = lambda rollout: original(seen.setdefault("rollout", rollout))
-    metrics = trainer.train()
-    return trainer, metrics, seen["rollout"]
+    return train_under_pixel_noise(cfg)
 
 
 @pytest.mark.parametrize("form", ["sampled", "exact"])

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_under_pixel_noise
 
 from rvla_peft.algorithms import kl_k3, rloo_advantages
 from rvla_peft.config import ConfigError, load_config
@@ -215,17 +216,9 @@ def test_kl_to_base_is_zero_at_the_first_update_and_matches_a_recomputation_with
 
 
 def test_kl_to_base_on_clean_frames_compares_the_policy_and_the_base_on_the_frames_before_perturbation(tiny_cfg):
-    from rvla_peft.config import PerturbationSpec
-
     tiny_cfg.kl_to_base, tiny_cfg.kl_to_base_frames = 0.1, "clean"
-    tiny_cfg.perturb.train = [PerturbationSpec(name="pixel_noise", severity=0.5)]
-    tiny_cfg.perturb.sample_per_episode = False
-    trainer = RobustPPOTrainer(tiny_cfg)
-    seen = {}
-    original = trainer.update
-    trainer.update = lambda rollout: original(seen.setdefault("rollout", rollout))
-    trainer.train()
-    rollout, policy = seen["rollout"], trainer.policy.eval()  # eval: no dropout, values compared exactly
+    trainer, _, rollout = train_under_pixel_noise(tiny_cfg)
+    policy = trainer.policy.eval()  # no dropout: values compared exactly
     idx = torch.arange(rollout.log_probs.numel())
     actions = trainer._flat(rollout, rollout.actions)
     with torch.no_grad(), policy.peft_model.disable_adapter():
