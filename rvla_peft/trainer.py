@@ -152,7 +152,7 @@ class _Batch:
     advantages: torch.Tensor
     returns: torch.Tensor | None
     means: torch.Tensor
-    ref_log_probs: torch.Tensor | None  # base policy's log-probs of the actions (kl_to_base > 0), on its frames
+    ref_log_probs: torch.Tensor | None  # base's log-probs of the actions (kl_to_base > 0), on the kl_to_base_frames
 
     def __len__(self) -> int:
         return self.actions.shape[0]
