@@ -3,16 +3,18 @@ variant (RobustVLA-C), each trained from the same base with several seeds, evalu
 
     python bench/reproduce_paper.py                                  # recipes/tiny_cpu.yaml, seeds 0 1 2
     python bench/reproduce_paper.py --seeds 0 --total-updates 4 --episodes 10    # a quick look
+    python bench/reproduce_paper.py --jobs 3 --eval-num-envs 20 --eval-override env.vectorization=async
     python bench/reproduce_paper.py --recipe recipes/openvla_maniskill.yaml       # on a GPU
 
 Every variant trains under the recipe's training perturbations; they differ only in the penalties and the severity
-schedule. For each training seed, the base and the three adapters are evaluated together by ``rvla_peft.eval``
-on the fixed evaluation episodes (``--seed 0``: reset seeds 0 to episodes-1, the same perturbation draws for every
-policy and every training seed: paired). Finished runs and reports are kept, so an interrupted reproduction resumes
-where it stopped. Writes ``OUT/summary.md``, ``OUT/summary.json`` and ``OUT/summary.png``: per setting, each
-variant's success per training seed and its mean with a 95% Student-t interval over training seeds, and the paired
-difference against PPO per seed with its t interval; the interval pooled over all (seed, episode) units (Wilson for
-rates, normal for differences) is shown too, labelled as such.
+schedule (``VARIANTS``; ``--jobs`` trainings at once). Then ``rvla_peft.eval`` evaluates the base once and each
+adapter on the fixed evaluation episodes (``--seed 0``: reset seeds 0 to episodes-1, the same perturbation draws for
+every policy and every training seed: paired; the base's results, which no training seed changes, are shared by
+every seed). Finished runs and reports are kept, so an interrupted reproduction resumes where it stopped, and a
+variant added later trains and evaluates alone. Writes ``OUT/summary.md``, ``OUT/summary.json`` and
+``OUT/summary.png``: per setting, each variant's success per training seed and its mean with a 95% Student-t
+interval over training seeds, and the paired difference against PPO per seed with its t interval; the interval
+pooled over all (seed, episode) units (Wilson for rates, normal for differences) is shown too, labelled as such.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import math
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,12 +32,29 @@ sys.path.insert(0, str(ROOT))
 
 from rvla_peft.stats import Z95, t_interval, wilson_interval  # noqa: E402
 
+NO_PENALTIES = ["regularizers.jacobian.weight=0", "regularizers.smoothness.weight=0"]
+# The weights that put each penalty at 20% of the gradient on recipes/tiny_cpu.yaml
+# (`python bench/calibrate_penalties.py recipes/tiny_cpu.yaml --updates 4 --share 0.2`; README, Algorithms).
+CALIBRATED = ["regularizers.jacobian.weight=0.066", "regularizers.smoothness.weight=72.5"]
+# The invariance penalty to the base in its exact form, with the KL to the base on the clean frames: the form that
+# helped under shift@0.5 (README, "Does RL improve the shipped base?").
+INVARIANCE = [
+    "regularizers.invariance.weight=1.0",
+    "regularizers.invariance.form=exact",
+    "regularizers.invariance.fraction=0.5",
+    "regularizers.invariance.target=base",
+    "kl_to_base_frames=clean",
+]
+
 # Overrides on top of the recipe: the variants differ only here.
 VARIANTS: dict[str, list[str]] = {
-    "ppo": ["regularizers.jacobian.weight=0", "regularizers.smoothness.weight=0", "perturb.curriculum.schedule=none"],
-    "robustvla": ["perturb.curriculum.schedule=none"],
-    "robustvla_c": ["perturb.curriculum.schedule=linear", "perturb.curriculum.start=0.0"],
+    "ppo": [*NO_PENALTIES, "perturb.curriculum.schedule=none"],
+    "robustvla": [*CALIBRATED, "perturb.curriculum.schedule=none"],
+    "robustvla_c": [*CALIBRATED, "perturb.curriculum.schedule=linear", "perturb.curriculum.start=0.0"],
+    "invariance": [*NO_PENALTIES, *INVARIANCE, "perturb.curriculum.schedule=none"],
 }
+DEFAULT_VARIANTS = ["ppo", "robustvla", "robustvla_c"]
+BASE = "base"
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -58,14 +78,29 @@ def train(args, variant: str, seed: int) -> Path:
     return out / "adapter"
 
 
-def evaluate(args, seed: int, adapters: dict[str, Path]) -> dict:
-    out = args.out / f"report-seed{seed}"
+def evaluate(args, name: str, adapter: Path | None) -> dict:
+    """The report of the base (``adapter`` None) or of one adapter alone, on the fixed evaluation episodes."""
+    out = args.out / f"report-{name}"
     if not (out / "report.json").exists():
+        policy = ["--no-base", f"--adapter={name.rpartition('-seed')[0]}={adapter}"] if adapter else []
+        eval_envs = ["--num-envs", str(args.eval_num_envs)] if args.eval_num_envs else []
         cmd = [sys.executable, "-m", "rvla_peft.eval", "--recipe", str(args.recipe), "--suite", args.suite,
-               "--episodes", str(args.episodes), "--seed", "0", "--out", str(out), "--overwrite",
-               *[f"--adapter={name}={path}" for name, path in adapters.items()], *args.overrides]  # fmt: skip
-        run(cmd, args.out / f"report-seed{seed}.log")
+               "--episodes", str(args.episodes), "--seed", "0", *eval_envs, "--out", str(out), "--overwrite",
+               *policy, *args.overrides, *args.eval_override]  # fmt: skip
+        run(cmd, args.out / f"report-{name}.log")
     return json.loads((out / "report.json").read_text())
+
+
+def seed_report(base: dict, adapters: list[dict]) -> dict:
+    """One training seed's report: the base's results and its adapters', evaluated on the same episodes."""
+    for report in adapters:
+        if report["settings"] != base["settings"] or report["episodes"] != base["episodes"]:
+            sys.exit(f"{report['policies'][0]['name']}: evaluated on other settings or episodes than the base")
+    return {
+        "settings": base["settings"],
+        "policies": [p for report in [base, *adapters] for p in report["policies"]],
+        "results": [r for report in [base, *adapters] for r in report["results"]],
+    }
 
 
 MEAN = "mean perturbed"
@@ -200,18 +235,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "tiny_cpu.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--total-updates", type=int, default=20)
     parser.add_argument("--episodes", type=int, default=100, help="evaluation episodes per cell and seed (0-N)")
     parser.add_argument("--suite", default="paper")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings run at once (one CPU core or so each)")
+    parser.add_argument("--eval-num-envs", type=int, help="envs per evaluation (default: the recipe's)")
+    parser.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for the evaluations only, e.g. env.vectorization=async")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. env.num_envs=4")
     args = parser.parse_intermixed_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    runs = [(variant, seed) for seed in args.seeds for variant in args.variants]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        adapters = dict(zip(runs, pool.map(lambda run: train(args, *run), runs), strict=True))
+    base = evaluate(args, BASE, None)
     reports = []
     for seed in args.seeds:
-        adapters = {variant: train(args, variant, seed) for variant in args.variants}
-        reports.append(evaluate(args, seed, adapters))
+        trained = [evaluate(args, f"{variant}-seed{seed}", adapters[variant, seed]) for variant in args.variants]
+        reports.append(seed_report(base, trained))
     summary = aggregate(reports)
     summary["command"] = "python bench/reproduce_paper.py " + " ".join(sys.argv[1:])
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
