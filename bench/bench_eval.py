@@ -1,12 +1,14 @@
 """Evaluation episodes per minute: the settings of the throughput issue (full render detail, 2 envs) against today's,
 in one run.
 
-python bench/bench_eval.py [RECIPE] [--episodes 8] [--rounds 2] [--configs full:2 fast:2 fast:4] [key=value ...]
+python bench/bench_eval.py [RECIPE] [--episodes 8] [--rounds 2] [--configs full:2:sync:on fast:4] [key=value ...]
 
-Each configuration ``DETAIL:NUM_ENVS[:VECTORIZATION]`` (``env.render_detail``, ``env.num_envs``, ``sync`` or
-``async``; default the recipe's) evaluates the recipe's base policy as ``python -m rvla_peft.eval`` does
-(``run_episodes``: argmax actions, the same reset seeds and perturbation draws for every configuration), clean and
-under each ``--perturb`` setting. The configurations alternate in rounds, so that load on the machine drifts the same
+Each configuration ``DETAIL:NUM_ENVS[:VECTORIZATION[:ADAPTER]]`` (``env.render_detail``, ``env.num_envs``, ``sync``
+or ``async``, default the recipe's; ``on`` runs the base with its fresh LoRA adapter active, as the evaluation did
+before it switched it off, ``off``, the default, as ``python -m rvla_peft.eval`` runs the base now: the same bits)
+evaluates the recipe's base policy as ``python -m rvla_peft.eval`` does (``run_episodes``: argmax actions, the same
+reset seeds and perturbation draws for every configuration), clean and under each ``--perturb`` setting.
+The configurations alternate in rounds, so that load on the machine drifts the same
 way for all; the best round of each is kept. Printed per configuration: episodes per minute, the share of env steps
 spent on envs whose episode had already ended (a batch runs until its slowest episode ends), the successes, and the
 speed ratio to the first configuration.
@@ -15,6 +17,7 @@ speed ratio to the first configuration.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import time
@@ -44,14 +47,15 @@ class _CountingSteps:
         return self.env.step(action)
 
 
-def one_round(policy, env, settings: dict, episodes: int, max_steps: int) -> dict:
+def one_round(policy, env, settings: dict, episodes: int, max_steps: int, adapter: bool) -> dict:
     """Seconds, env steps taken, episode steps that counted, and successes, over every setting."""
     taken = useful = 0
     successes = {}
     start = time.perf_counter()
     for label, specs in settings.items():
         counting = _CountingSteps(PerturbedEnv(env, specs, seed=0))
-        out = run_episodes(policy, counting, episodes, seed=0, max_steps=max_steps)
+        with contextlib.nullcontext() if adapter else policy.peft_model.disable_adapter():
+            out = run_episodes(policy, counting, episodes, seed=0, max_steps=max_steps)
         taken += counting.steps * env.num_envs
         useful += int(out.lengths.sum())
         successes[label] = int(out.success.sum())
@@ -64,7 +68,10 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=8, help="episodes per setting and round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
-        "--configs", nargs="+", default=["full:2", "fast:2", "fast:4"], help="DETAIL:NUM_ENVS[:VECTORIZATION]"
+        "--configs",
+        nargs="+",
+        default=["full:2:sync:on", "fast:2", "fast:4"],
+        help="DETAIL:NUM_ENVS[:VECTORIZATION[:ADAPTER]]",
     )
     parser.add_argument("--perturb", action="append", default=None, help="NAME@SEVERITY (default: shift@0.5)")
     parser.add_argument("overrides", nargs="*")
@@ -72,10 +79,13 @@ def main() -> None:
     cfg = load_config(args.recipe, args.overrides)
     device = "cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"
     settings = {s.name: s.specs for s in suite_grid(None, args.perturb or ["shift@0.5"])}  # clean first
-    configs = []
+    configs, adapter = [], {}
     for text in args.configs:
-        detail, n, *mode = text.split(":")
-        vectorization = mode[0] if mode else cfg.env.vectorization
+        detail, n, *rest = text.split(":")
+        vectorization = rest[0] if rest else cfg.env.vectorization
+        if len(rest) > 1 and rest[1] not in ("on", "off"):
+            parser.error(f"{text}: the adapter field is 'on' or 'off', got {rest[1]!r}")
+        adapter[text] = len(rest) > 1 and rest[1] == "on"
         configs.append(
             (text, dataclasses.replace(cfg.env, render_detail=detail, num_envs=int(n), vectorization=vectorization))
         )
@@ -93,7 +103,9 @@ def main() -> None:
         rounds = {label: [] for label in envs}
         for _ in range(args.rounds):
             for label, env in envs.items():
-                rounds[label].append(one_round(policy, env, settings, args.episodes, cfg.env.max_episode_steps))
+                rounds[label].append(
+                    one_round(policy, env, settings, args.episodes, cfg.env.max_episode_steps, adapter[label])
+                )
     finally:
         for env in envs.values():
             env.close()

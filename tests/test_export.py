@@ -156,6 +156,24 @@ def test_merged_export_acts_as_the_adapter_policy(family, tmp_path):
         assert ACTION_HEADS_FILE not in names
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_fresh_adapter_switched_off_acts_bit_for_bit_as_switched_on(family, tmp_path):
+    """python -m rvla_peft.eval runs the base with its fresh adapter switched off (faster): the same bits."""
+    import rvla_peft.models.openvla  # noqa: F401  registers model_type "openvla" with the Auto classes
+
+    torch.manual_seed(0)
+    policy = build_policy(family_cfg(family, tmp_path)).eval()
+    obs = fixed_obs(batch=2, seed=3)
+    for deterministic in (True, False):
+        torch.manual_seed(1)
+        on = policy.act(obs, deterministic=deterministic)
+        with policy.peft_model.disable_adapter():
+            torch.manual_seed(1)
+            off = policy.act(obs, deterministic=deterministic)
+        for field in ("action", "env_action", "log_prob", "mean"):
+            assert torch.equal(getattr(on, field), getattr(off, field)), (deterministic, field)
+
+
 def test_a_quantized_base_is_refused_before_any_model_loads_and_dequantized_on_request(tmp_path, caplog):
     run, adapter_policy = train_like_run("action_tokens", tmp_path)
     recipe = run / RECIPE_FILE
