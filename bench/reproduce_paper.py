@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +162,56 @@ def aggregate(reports: list[dict]) -> dict:
     return {"settings": settings, "variants": variants, "cells": cells, "paired": paired}
 
 
+def targets(summary: dict) -> list[dict]:
+    """The issue's targets for the reproduction, fixed before its runs, over training seeds (means of per-seed
+    rates, Student-t intervals over seeds), for every arm with penalties (each variant but the base and ``ppo``):
+
+    - beats the base on mean perturbed success by >= 10 points, its interval above 0;
+    - beats plain RL (``ppo``) on mean perturbed success, the paired interval above 0;
+    - clean success >= 95% (also checked for ``ppo``);
+    - robustness gap (clean minus mean perturbed) cut by >= 30% against the base's.
+    """
+    cells, paired, variants = summary["cells"], summary["paired"], summary["variants"]
+    if BASE not in variants:
+        return []
+
+    def per_seed(v: str, s: str) -> list[float]:
+        return cells[f"{v}|{s}"]["per_seed"]
+
+    def gap(v: str) -> float:
+        return statistics.mean(per_seed(v, "clean")) - statistics.mean(per_seed(v, MEAN))
+
+    rows = []
+    for v in variants:
+        if v == BASE:
+            continue
+        if v != "ppo":
+            diffs = [a - b for a, b in zip(per_seed(v, MEAN), per_seed(BASE, MEAN), strict=True)]
+            d, lo, hi = t_interval(diffs)
+            rows.append({"arm": v, "target": "mean perturbed minus base >= +10, interval above 0",
+                         "value": d, "t95": [lo, hi], "met": d >= 0.10 and lo > 0})  # fmt: skip
+            if "ppo" in variants:
+                d = paired[f"{v}|{MEAN}"]
+                rows.append({"arm": v, "target": "mean perturbed minus ppo (paired), interval above 0",
+                             "value": d["difference"], "t95": d["t95"], "met": d["t95"][0] > 0})  # fmt: skip
+            cut = 1 - gap(v) / gap(BASE) if gap(BASE) > 0 else float("nan")
+            rows.append({"arm": v, "target": "robustness gap cut >= 30% against the base", "value": cut,
+                         "t95": None, "met": cut >= 0.30})  # fmt: skip
+        clean = statistics.mean(per_seed(v, "clean"))
+        rows.append({"arm": v, "target": "clean >= 95%", "value": clean, "t95": None, "met": clean >= 0.95})
+    return rows
+
+
+def targets_markdown(rows: list[dict]) -> str:
+    lines = ["| arm | target | measured | met |", "|---|---|---|---|"]
+    for r in rows:
+        value = f"{100 * r['value']:.1f}" + ("%" if "cut" in r["target"] or "clean" in r["target"] else "")
+        if r["t95"] is not None:
+            value = _t(r["value"], r["t95"], "+")
+        lines.append(f"| {r['arm']} | {r['target']} | {value} | {'yes' if r['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: dict, args) -> str:
     variants, settings = summary["variants"], summary["settings"]
     lines = [
@@ -256,9 +307,12 @@ def main() -> None:
         trained = [evaluate(args, f"{variant}-seed{seed}", adapters[variant, seed]) for variant in args.variants]
         reports.append(seed_report(base, trained))
     summary = aggregate(reports)
+    summary["targets"] = targets(summary)
     summary["command"] = "python bench/reproduce_paper.py " + " ".join(sys.argv[1:])
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = markdown(summary, args)
+    if summary["targets"]:
+        table += "\nThe targets, over training seeds (t95):\n\n" + targets_markdown(summary["targets"])
     (args.out / "summary.md").write_text(table)
     plot(summary, args.out / "summary.png")
     print(table)

@@ -73,3 +73,39 @@ def test_markdown_and_plot(reproduce, tmp_path):
     assert "Over training seeds" in table and "| mean perturbed | 25/12: 18.8 [" in table
     reproduce.plot(summary, tmp_path / "summary.png")
     assert (tmp_path / "summary.png").stat().st_size > 1000
+
+
+def test_targets_are_checked_over_training_seeds_against_the_base_and_ppo(reproduce):
+    base = {"clean": [1, 1, 1, 1], "a": [0, 0, 0, 0], "b": [1, 0, 0, 0]}  # mean perturbed 1/8, gap 7/8
+    strong = {"clean": [1, 1, 1, 1], "a": [1, 1, 1, 0], "b": [1, 1, 0, 1]}  # mean perturbed 6/8 on both seeds
+    seeds = [{"base": base, **seed, "strong": strong} for seed in (SEED0, SEED1)]
+    summary = reproduce.aggregate([report(s) for s in seeds])
+    short = {
+        "mean perturbed minus base": "base",
+        "mean perturbed minus ppo": "ppo",
+        "robustness gap": "gap",
+        "clean": "clean",
+    }
+    rows = {}
+    for r in reproduce.targets(summary):
+        rows[r["arm"], next(v for k, v in short.items() if r["target"].startswith(k))] = r
+    assert {arm for arm, _ in rows} == {"ppo", "robustvla", "strong"}
+
+    # robustvla: 4/8 and 2/8 perturbed, so +3/8 and +1/8 over the base: mean +1/4, a t interval over 2 seeds
+    r = rows["robustvla", "base"]
+    half = t975(1) * statistics.stdev([3 / 8, 1 / 8]) / math.sqrt(2)
+    assert r["value"] == pytest.approx(1 / 4) and r["t95"] == pytest.approx([1 / 4 - half, 1 / 4 + half])
+    assert not r["met"]  # +25 points, but the interval over 2 seeds reaches below 0
+    assert rows["strong", "base"]["value"] == pytest.approx(5 / 8) and rows["strong", "base"]["met"]
+    # against ppo: the paired per-seed differences of aggregate(), interval above 0 or not
+    assert rows["robustvla", "ppo"]["value"] == pytest.approx(3 / 16)
+    assert rows["robustvla", "ppo"]["met"] is False
+    # the gap: base 1 - 1/8; robustvla (clean 1 and 1/2 over the seeds) 3/4 - 3/8, cut 1 - (3/8) / (7/8) = 4/7
+    assert rows["robustvla", "gap"]["value"] == pytest.approx(4 / 7) and rows["robustvla", "gap"]["met"]
+    assert rows["strong", "gap"]["value"] == pytest.approx(1 - (1 / 4) / (7 / 8))
+    # clean: ppo 0.75 and 0.5 over the seeds, below 95%; strong 100%
+    assert rows["ppo", "clean"]["value"] == 0.625 and not rows["ppo", "clean"]["met"]
+    assert rows["strong", "clean"]["met"]
+    assert ("ppo", "base") not in rows  # plain RL is the comparison, not an arm with penalties
+    table = reproduce.targets_markdown(reproduce.targets(summary))
+    assert "| robustvla | robustness gap cut >= 30% against the base | 57.1% | yes |" in table
