@@ -1,17 +1,17 @@
 """Evaluation episodes per minute: the settings of the throughput issue (full render detail, 2 envs) against today's,
 in one run.
 
-python bench/bench_eval.py [RECIPE] [--episodes 8] [--rounds 2] [--configs full:2:sync:on fast:4] [key=value ...]
+python bench/bench_eval.py [RECIPE] [--episodes 8] [--rounds 2] [--configs full:2:on fast:8:stream] [key=value ...]
 
-Each configuration ``DETAIL:NUM_ENVS[:VECTORIZATION[:ADAPTER]]`` (``env.render_detail``, ``env.num_envs``, ``sync``
-or ``async``, default the recipe's; ``on`` runs the base with its fresh LoRA adapter active, as the evaluation did
-before it switched it off, ``off``, the default, as ``python -m rvla_peft.eval`` runs the base now: the same bits)
-evaluates the recipe's base policy as ``python -m rvla_peft.eval`` does (``run_episodes``: argmax actions, the same
-reset seeds and perturbation draws for every configuration), clean and under each ``--perturb`` setting.
-The configurations alternate in rounds, so that load on the machine drifts the same
-way for all; the best round of each is kept. Printed per configuration: episodes per minute, the share of env steps
-spent on envs whose episode had already ended (a batch runs until its slowest episode ends), the successes, and the
-speed ratio to the first configuration.
+Each configuration is ``DETAIL:NUM_ENVS[:OPTION...]``: ``env.render_detail`` and ``env.num_envs``, then any of
+``sync`` / ``async`` (``env.vectorization``; default the recipe's), ``on`` / ``off`` (the base's fresh LoRA adapter
+active, as the evaluation ran the base before it switched it off, or off, the default, as ``python -m rvla_peft.eval``
+runs it now: the same bits) and ``batch`` / ``stream`` (``run_episodes``' schedule; default ``batch``). Each evaluates
+the recipe's base policy as ``python -m rvla_peft.eval`` does (argmax actions, episode e from reset seed e), clean and
+under each ``--perturb`` setting. The configurations alternate in rounds, so that load on the machine drifts the
+same way for all; the best round of each is kept. Printed per configuration: episodes per minute, the share of env
+steps spent on envs whose episode had already ended (a batch runs until its slowest episode ends), the successes,
+and the speed ratio to the first configuration.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from rvla_peft.perturbations import suite_grid  # noqa: E402
 from rvla_peft.policies.registry import build_policy  # noqa: E402
 from rvla_peft.rollout import run_episodes  # noqa: E402
 
+OPTIONS = {"sync": "vectorization", "async": "vectorization", "on": "adapter", "off": "adapter",
+           "batch": "schedule", "stream": "schedule"}  # fmt: skip
+
 
 class _CountingSteps:
     """The env, counting its (batched) steps."""
@@ -47,15 +50,16 @@ class _CountingSteps:
         return self.env.step(action)
 
 
-def one_round(policy, env, settings: dict, episodes: int, max_steps: int, adapter: bool) -> dict:
+def one_round(policy, env, settings: dict, episodes: int, max_steps: int, options: dict) -> dict:
     """Seconds, env steps taken, episode steps that counted, and successes, over every setting."""
     taken = useful = 0
     successes = {}
     start = time.perf_counter()
+    stream = options["schedule"] == "stream"
     for label, specs in settings.items():
-        counting = _CountingSteps(PerturbedEnv(env, specs, seed=0))
-        with contextlib.nullcontext() if adapter else policy.peft_model.disable_adapter():
-            out = run_episodes(policy, counting, episodes, seed=0, max_steps=max_steps)
+        counting = _CountingSteps(PerturbedEnv(env, specs, seed=0, keyed=stream))
+        with contextlib.nullcontext() if options["adapter"] == "on" else policy.peft_model.disable_adapter():
+            out = run_episodes(policy, counting, episodes, seed=0, max_steps=max_steps, schedule=options["schedule"])
         taken += counting.steps * env.num_envs
         useful += int(out.lengths.sum())
         successes[label] = int(out.success.sum())
@@ -70,8 +74,8 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         nargs="+",
-        default=["full:2:sync:on", "fast:2", "fast:4"],
-        help="DETAIL:NUM_ENVS[:VECTORIZATION[:ADAPTER]]",
+        default=["full:2:sync:on", "fast:2", "fast:8:async", "fast:8:async:stream"],
+        help="DETAIL:NUM_ENVS[:OPTION...], options sync|async, on|off (the base's adapter), batch|stream",
     )
     parser.add_argument("--perturb", action="append", default=None, help="NAME@SEVERITY (default: shift@0.5)")
     parser.add_argument("overrides", nargs="*")
@@ -79,16 +83,19 @@ def main() -> None:
     cfg = load_config(args.recipe, args.overrides)
     device = "cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"
     settings = {s.name: s.specs for s in suite_grid(None, args.perturb or ["shift@0.5"])}  # clean first
-    configs, adapter = [], {}
+    configs, options = [], {}
     for text in args.configs:
         detail, n, *rest = text.split(":")
-        vectorization = rest[0] if rest else cfg.env.vectorization
-        if len(rest) > 1 and rest[1] not in ("on", "off"):
-            parser.error(f"{text}: the adapter field is 'on' or 'off', got {rest[1]!r}")
-        adapter[text] = len(rest) > 1 and rest[1] == "on"
-        configs.append(
-            (text, dataclasses.replace(cfg.env, render_detail=detail, num_envs=int(n), vectorization=vectorization))
+        chosen = {"vectorization": cfg.env.vectorization, "adapter": "off", "schedule": "batch"}
+        for option in rest:
+            if option not in OPTIONS:
+                parser.error(f"{text}: unknown option {option!r}; options: {', '.join(OPTIONS)}")
+            chosen[OPTIONS[option]] = option
+        options[text] = chosen
+        env_cfg = dataclasses.replace(
+            cfg.env, render_detail=detail, num_envs=int(n), vectorization=chosen["vectorization"]
         )
+        configs.append((text, env_cfg))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"task={cfg.env.task} image={cfg.env.image_size} device={device} vectorization={cfg.env.vectorization} "
@@ -104,7 +111,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for label, env in envs.items():
                 rounds[label].append(
-                    one_round(policy, env, settings, args.episodes, cfg.env.max_episode_steps, adapter[label])
+                    one_round(policy, env, settings, args.episodes, cfg.env.max_episode_steps, options[label])
                 )
     finally:
         for env in envs.values():

@@ -24,6 +24,7 @@ from rvla_peft.evaluation import build_report, evaluate_grid
 from rvla_peft.perturbations import Setting, suite_grid
 from rvla_peft.policies.registry import base_model_id, build_policy, load_policy
 from rvla_peft.report import render_markdown, write_report
+from rvla_peft.rollout import SCHEDULES, ScheduleError
 from rvla_peft.utils.constants import RECIPE_FILE, REPORT_JSON, REPORT_MD, REPORT_PNG
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -55,6 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="parallel envs (default: the recipe's env.num_envs); the perturbation draws depend on it, so reports "
         "pair episode for episode only at the same number",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="batch",
+        help="batch: the envs play their episodes in lockstep batches (the draws depend on --num-envs); stream: "
+        "each env starts the next episode as soon as it finishes one (no idle envs; the draws follow each "
+        "episode's seed, so reports pair at any --num-envs; CPU envs and one action per step)",
     )
     parser.add_argument("--sample", action="store_true", help="sample actions instead of taking the most likely")
     parser.add_argument("--out", default="report", help="output folder for report.json, report.md, robustness.png")
@@ -117,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             check_base_match(path, base_model_id(cfg.model), allow=args.allow_base_mismatch, adapter_name=given)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         env = make_envs(cfg.env, device=device)  # before any model loads: a bad task fails in seconds
+        if args.schedule == "stream" and not env.can_queue_episodes:
+            env.close()
+            raise ValueError("--schedule stream needs CPU envs (env.sim_backend=physx_cpu); GPU envs use batch")
     except (ConfigError, ValueError, HubError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -126,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except EnvWorkerError as e:  # a dead env worker (env.restart_dead_workers=false): one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ScheduleError as e:  # --schedule stream with a policy acting in chunks
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         env.close()
     write_report(report, out)
@@ -156,7 +171,15 @@ def run(cfg, env, named: list[tuple[str, str]], local: list[Path], settings: lis
             stack.enter_context(policies["base"].peft_model.disable_adapter())
         with tqdm(total=len(policies) * len(settings) * args.episodes, desc="episodes", unit="ep") as bar:
             results = evaluate_grid(
-                policies, env, settings, args.episodes, args.seed, cfg.env.max_episode_steps, deterministic, bar.update
+                policies,
+                env,
+                settings,
+                args.episodes,
+                args.seed,
+                cfg.env.max_episode_steps,
+                deterministic,
+                bar.update,
+                schedule=args.schedule,
             )
     return build_report(
         results,
@@ -168,6 +191,7 @@ def run(cfg, env, named: list[tuple[str, str]], local: list[Path], settings: lis
         seed=args.seed,
         deterministic=deterministic,
         command=command,
+        schedule=args.schedule,
     )
 
 

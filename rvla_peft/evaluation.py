@@ -8,7 +8,7 @@ policy, so two policies see the same initial states and the same perturbation dr
 report.json, schema_version 1::
 
     {"schema_version", "command", "created", "versions", "task", "suite", "episodes", "seed", "deterministic",
-     "policies": [{"name", "base", "adapter"}],
+     "schedule", "policies": [{"name", "base", "adapter"}],
      "settings": [{"name", "perturbation", "severity", "specs": [{"name", "severity", "resample"}]}],
      "results": [{"policy", "setting", "success_rate", "ci95", "mean_return", "episodes", "successes"}],
      "summary": {policy: {"clean_success_rate", "mean_perturbed_success_rate", "robustness_gap",
@@ -17,6 +17,9 @@ report.json, schema_version 1::
 
 ``resample`` (added in version 1, absent from older reports): when each spec's random parameters were drawn,
 "episode" (held per episode) or "step" (redrawn every step), per component joined by "+" for a combination.
+``schedule`` (added in version 1; absent means "batch"): how the episodes ran (``run_episodes``). "batch": the
+perturbation draws depend on the number of envs too, so two reports pair episode for episode only at the same
+number; "stream": on the episodes' reset seeds alone.
 """
 
 from __future__ import annotations
@@ -71,17 +74,21 @@ def evaluate_grid(
     max_steps: int,
     deterministic: bool = True,
     progress: Callable[[int], None] | None = None,
+    schedule: str = "batch",
 ) -> list[CellResult]:
-    """Run every policy on every setting over the same ``episodes`` (common random numbers); one shared env."""
+    """Run every policy on every setting over the same ``episodes`` (common random numbers); one shared env.
+    ``schedule``: ``run_episodes``'s."""
     results = []
     for setting in settings:
         for name, policy in policies.items():
-            perturbed = PerturbedEnv(env, setting.specs, seed=seed)
+            perturbed = PerturbedEnv(env, setting.specs, seed=seed, keyed=schedule == "stream")
             # Sampled actions draw from torch's global RNG: seed it per cell (and restore it after).
             devices = [env.device] if env.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
-                out = run_episodes(policy, perturbed, episodes, seed, max_steps, deterministic, on_batch=progress)
+                out = run_episodes(
+                    policy, perturbed, episodes, seed, max_steps, deterministic, on_batch=progress, schedule=schedule
+                )
             results.append(CellResult(name, setting.name, out.success.cpu().tolist(), out.returns.cpu().tolist()))
     return results
 
@@ -181,6 +188,7 @@ def build_report(
     seed: int,
     deterministic: bool,
     command: str,
+    schedule: str = "batch",
 ) -> dict:
     baseline = policies[0]["name"] if len(policies) > 1 else None
     summary, paired = summarize(results, settings, baseline)
@@ -195,6 +203,7 @@ def build_report(
         "episodes": episodes,
         "seed": seed,
         "deterministic": deterministic,
+        "schedule": schedule,
         "policies": policies,
         "settings": [{**asdict(s), "specs": spec_records(s.specs)} for s in settings],
         "results": [r.as_dict() for r in results],

@@ -27,7 +27,8 @@ def render_markdown(report: dict) -> str:
         f"# Robustness report: {report['task']}",
         "",
         f"Suite `{report['suite']}`, {report['episodes']} episodes per cell, seed {report['seed']}, "
-        f"{'deterministic' if report['deterministic'] else 'sampled'} actions. Success rate in % "
+        f"{'deterministic' if report['deterministic'] else 'sampled'} actions, "
+        f"{report.get('schedule', 'batch')} schedule. Success rate in % "
         "with its 95% Wilson interval; every policy saw the same initial states and perturbation draws."
         + (" Random parameters: held per episode, or redrawn every step." if drawn else ""),
         "",

@@ -392,6 +392,13 @@ class EpisodeOutcomes:
         return self.success.float().mean().item()
 
 
+SCHEDULES = ("batch", "stream")
+
+
+class ScheduleError(ValueError):
+    """The ``stream`` schedule asked of an env or a policy that cannot run it."""
+
+
 @torch.no_grad()
 def run_episodes(
     policy: Policy,
@@ -401,15 +408,27 @@ def run_episodes(
     max_steps: int,
     deterministic: bool = True,
     on_batch=None,
+    schedule: str = "batch",
 ) -> EpisodeOutcomes:
-    """The first episode of each env, in batches of ``env.num_envs``; batch b resets with ``seed + b * num_envs``.
+    """Play ``episodes`` episodes, episode e from reset seed ``seed + e`` whatever the number of envs N.
 
-    Env i of batch b then starts from seed ``seed + b * N + i``, i.e. episode e from ``seed + e`` whatever N is,
-    and a seeded :class:`~rvla_peft.envs.PerturbedEnv` replays the same perturbation draws for every policy
-    (common random numbers). Episodes that auto-reset within a batch are ignored: each batch runs until every env
-    has finished one episode (at most ``max_steps`` steps, the env's time limit). ``on_batch(k)`` is called with the
-    number of episodes each finished batch adds (for a progress bar).
+    ``schedule="batch"``: the first episode of each env, in batches of N; batch b resets with ``seed + b * N``,
+    so env i of batch b starts from seed ``seed + b * N + i``. Episodes that auto-reset within a batch are ignored:
+    each batch runs until every env has finished one episode (at most ``max_steps`` steps, the env's time limit),
+    the envs done early idling. A seeded :class:`~rvla_peft.envs.PerturbedEnv` replays the same perturbation
+    draws for every policy (common random numbers) at the same N.
+
+    ``schedule="stream"``: the envs play the episodes in order, each starting the next one as soon as it finishes
+    its own (``VecEnv.queue_episodes``), so none idles until the last N episodes; the env must be a
+    ``PerturbedEnv(keyed=True)`` (its draws follow each episode's reset seed, so they are common to every policy and
+    every N) over CPU envs, and the policy must act one step at a time (no action chunks).
+
+    ``on_batch(k)`` is called with the number of episodes finished since its last call (for a progress bar).
     """
+    if schedule == "stream":
+        return _stream_episodes(policy, env, episodes, seed, max_steps, deterministic, on_batch)
+    if schedule != "batch":
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     n = env.num_envs
     success, returns, lengths = [], [], []
     for start in range(0, episodes, n):
@@ -438,3 +457,39 @@ def run_episodes(
         if on_batch is not None:
             on_batch(k)
     return EpisodeOutcomes(torch.cat(success), torch.cat(returns), torch.cat(lengths))
+
+
+def _stream_episodes(policy, env, episodes, seed, max_steps, deterministic, on_finished) -> EpisodeOutcomes:
+    if not getattr(env, "keyed", False):
+        raise ScheduleError("schedule 'stream' needs PerturbedEnv(keyed=True): its draws follow each episode's seed")
+    n = env.num_envs
+    obs = env.reset(seed=seed)  # env i plays episode i
+    env.queue_episodes([seed + e for e in range(n, episodes)])
+    playing = torch.arange(n)  # the episode each env plays; -1 once it is past the last one (its steps are ignored)
+    playing[episodes:] = -1
+    success = torch.zeros(episodes, dtype=torch.bool)
+    returns = torch.zeros(episodes, dtype=torch.float32)
+    lengths = torch.zeros(episodes, dtype=torch.int64)
+    left, age = episodes, torch.zeros(n, dtype=torch.int64)
+    while left:
+        sample = policy.act(with_instructions(obs, env), deterministic=deterministic)
+        if sample.env_action.dim() != 2:
+            raise ScheduleError("schedule 'stream' runs one action per step; a policy acting in chunks needs 'batch'")
+        step = env.step(sample.env_action)
+        if step.dropped is not None:
+            raise RuntimeError("an env worker died and its episodes were lost: evaluate again")
+        age += 1
+        ends = ((step.terminated | step.truncated).cpu() & (playing >= 0)).nonzero().flatten()
+        if (age[playing >= 0] > max_steps).any():
+            raise RuntimeError(f"an episode did not end within max_steps={max_steps}: is it the env's time limit?")
+        for i in ends.tolist():
+            e = int(playing[i])
+            success[e], returns[e] = step.episode_success[i], step.episode_return[i]
+            lengths[e] = step.episode_length[i]
+            started = -1 if step.reset_seeds is None else int(step.reset_seeds[i])
+            playing[i], age[i] = (started - seed if started >= 0 else -1), 0
+        left -= len(ends)
+        if on_finished is not None and len(ends):
+            on_finished(len(ends))
+        obs = step.obs
+    return EpisodeOutcomes(success, returns, lengths)

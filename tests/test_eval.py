@@ -9,7 +9,8 @@ from helpers import Recording
 
 from rvla_peft import eval as rvla_eval
 from rvla_peft.config import PerturbationSpec
-from rvla_peft.envs import make_envs
+from rvla_peft.envs import PerturbedEnv, make_envs
+from rvla_peft.envs.maniskill import VecEnv
 from rvla_peft.evaluation import CellResult, evaluate_grid, summarize
 from rvla_peft.perturbations import CLEAN, Setting, Spec, suite_grid
 from rvla_peft.policies.base import ActionSample
@@ -164,6 +165,89 @@ def test_two_policies_see_the_same_perturbation_draws(env_cfg):
     assert 0.05 < torch.stack(noise_a).std().item() < 0.3  # it is noise: std 0.15
 
 
+class SeededEpisodes(VecEnv):
+    """A VecEnv without physics: the episode from reset seed s lasts 3 + s % 5 steps; its frame shows s, its reward
+    is the executed action's sum (so it carries the action noise), and it succeeds if its return is above 0.
+    Auto-reset episodes take seeds 1000, 1001, ...; ``steps`` counts env-steps taken (idle ones too)."""
+
+    def __init__(self, num_envs: int) -> None:
+        super().__init__(num_envs, torch.device("cpu"), 7, ["task"] * num_envs)
+        self.steps, self._auto = 0, 1000
+
+    def _obs(self) -> dict[str, torch.Tensor]:
+        rgb = (self.seed % 200).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 8, 8, 3).clone()
+        return {"rgb": rgb, "state": torch.stack([self.seed, self.t], 1).float()}
+
+    def _reset(self, seed: int | None) -> dict[str, torch.Tensor]:
+        self.seed, self.t = torch.arange(seed, seed + self.num_envs), torch.zeros(self.num_envs, dtype=torch.long)
+        self._return = torch.zeros(self.num_envs)
+        return self._obs()
+
+    def _reset_envs(self, mask: torch.Tensor, seeds: list[int]) -> dict[str, torch.Tensor]:
+        self.seed = torch.where(mask, torch.tensor(seeds), self.seed)
+        self.t, self._return = self.t.masked_fill(mask, 0), self._return.masked_fill(mask, 0)
+        return self._obs()
+
+    def _step(self, action: torch.Tensor):
+        self.steps += self.num_envs
+        reward = action.sum(1)
+        self.t, self._return = self.t + 1, self._return + reward
+        done = self.t >= 3 + self.seed % 5
+        success = done & (self._return > 0)
+        final = self._obs() if bool(done.any()) else None
+        for i in done.nonzero().flatten().tolist():  # same-step auto-reset
+            self.seed[i], self._auto = self._auto, self._auto + 1
+        self.t, self._return = self.t.masked_fill(done, 0), self._return.masked_fill(done, 0)
+        return self._obs(), reward, success, done & ~success, final, success
+
+
+def test_the_stream_schedule_plays_each_episode_as_alone_at_any_number_of_envs():
+    """schedule="stream": an env starts the next episode the moment it finishes one, and each episode's draws follow
+    its reset seed. Episodes of different lengths under action noise (per step) and a shift (per episode: it draws
+    too, so it would misalign the action noise if the draws did): 2 and 3 envs give exactly the outcomes of the
+    batch schedule with 1 env, and with 3 envs no env idles until the last episodes."""
+    from rvla_peft.rollout import ScheduleError
+
+    specs = [Spec("action_noise", 1.0), Spec("shift", 0.5)]
+    outcomes, steps = {}, {}
+    for label, n, schedule in [("alone", 1, "batch"), (2, 2, "stream"), (3, 3, "stream"), ("batch3", 3, "batch")]:
+        env = SeededEpisodes(n)
+        perturbed = PerturbedEnv(env, specs, seed=4, keyed=schedule == "stream")
+        outcomes[label] = run_episodes(ConstantPolicy(0.0), perturbed, 11, seed=10, max_steps=8, schedule=schedule)
+        steps[label] = env.steps
+    alone = outcomes["alone"]
+    assert alone.lengths.tolist() == [3 + (10 + e) % 5 for e in range(11)]
+    assert 0 < int(alone.success.sum()) < 11  # the noise decides
+    for n in (2, 3):
+        assert torch.equal(outcomes[n].lengths, alone.lengths), n
+        assert torch.equal(outcomes[n].success, alone.success), n
+        assert torch.equal(outcomes[n].returns, alone.returns), n
+    useful = int(alone.lengths.sum())
+    assert steps[3] < steps["batch3"], steps  # the batch schedule's idle tails (and its check every 10 steps)
+    assert steps[3] - useful <= 2 * 7, steps  # idle only while the last episodes end
+    with pytest.raises(ScheduleError, match="keyed=True"):
+        run_episodes(ConstantPolicy(0.0), PerturbedEnv(SeededEpisodes(2), specs), 2, 0, 8, schedule="stream")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        run_episodes(ConstantPolicy(0.0), SeededEpisodes(2), 2, 0, 8, schedule="lockstep")
+
+
+def test_queued_episodes_start_from_their_seeds_on_real_envs(env_cfg):
+    """CpuVecEnv.queue_episodes: envs that finish start the queued seeds (in env order), the same initial states as
+    a reset with those seeds; once the queue is empty they auto-reset as before."""
+    env_cfg.max_episode_steps = 2
+    with make_envs(env_cfg) as env:
+        env.reset(seed=0)
+        env.queue_episodes([7])
+        action = torch.zeros(2, env.action_dim)
+        env.step(action)
+        step = env.step(action)
+        assert step.reset_seeds.tolist() == [7, -1]  # env 0 takes the one queued seed, env 1 auto-resets
+        expected = env.reset(seed=7)["state"][0]  # env 0 of a reset with seed 7 starts from seed 7
+        assert torch.equal(step.obs["state"][0], expected)
+        assert not torch.equal(step.obs["state"][1], expected)
+        assert env.step(action).reset_seeds is None and env.step(action).reset_seeds is None
+
+
 def test_sampled_evaluations_repeat_exactly(env_cfg, tiny_policy):
     with make_envs(env_cfg) as env:
         runs = [
@@ -218,14 +302,15 @@ def test_cli_refuses_an_adapter_trained_on_another_base(tmp_path, capsys, tiny_p
     assert "was trained on base 'someone/another-base'" in capsys.readouterr().err
 
 
-def test_cli_writes_the_report_and_keeps_an_existing_one(tmp_path, capsys, tiny_policy):
+@pytest.mark.parametrize("schedule", ["batch", "stream"])
+def test_cli_writes_the_report_and_keeps_an_existing_one(tmp_path, capsys, tiny_policy, schedule):
     adapter = tmp_path / "robust" / "adapter"
     tiny_policy.save_pretrained(adapter, base_model_id="builtin:tiny-llava")
     args = _cli(tmp_path, "--suite", "none", "--perturb", "action_noise@1", "--adapter", str(adapter))
-    assert rvla_eval.main(args) == 0
+    assert rvla_eval.main([*args, "--schedule", schedule]) == 0
     out = tmp_path / "report"
     report = json.loads((out / "report.json").read_text())
-    assert report["schema_version"] == 1 and report["task"] == "PickCube-v1"
+    assert report["schema_version"] == 1 and report["task"] == "PickCube-v1" and report["schedule"] == schedule
     assert [p["name"] for p in report["policies"]] == ["base", "robust"]
     assert [s["name"] for s in report["settings"]] == ["clean", "action_noise@1"]
     assert len(report["results"]) == 4 and all(r["episodes"] == 2 for r in report["results"])

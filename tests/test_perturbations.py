@@ -137,6 +137,22 @@ def test_batched_equals_env_by_env_with_the_same_draws(name: str) -> None:
     assert _equal(p.apply(x, _gen(3)), batched), "apply must be transform(sample) with the same draws"
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_one_generator_per_env_gives_each_env_the_draws_it_gets_alone(name: str) -> None:
+    """A list of generators (PerturbedEnv(keyed=True)): over several steps, env i's outputs are those of a batch of
+    env i alone with generator i (held and per-step draws, histories)."""
+    steps = [_input(name, t) for t in range(4)]
+    together = PERTURBATIONS[name](0.7)
+    together.reset(torch.ones(N, dtype=torch.bool))
+    generators = [_gen(10 + i) for i in range(N)]
+    outputs = [together.apply(x, generators) for x in steps]
+    for i in range(N):
+        alone, g = PERTURBATIONS[name](0.7), _gen(10 + i)
+        alone.reset(torch.ones(1, dtype=torch.bool))
+        for x, y in zip(steps, outputs, strict=True):
+            assert _equal(alone.apply(_rows(x, i), g), _rows(y, i))
+
+
 @pytest.mark.parametrize("name", sorted(n for n in NAMES if issubclass(PERTURBATIONS[n], ObservationPerturbation)))
 def test_several_cameras_each_perturbed(name: str) -> None:
     """rgb [N, C, H, W, 3]: shape kept; image perturbations change every camera, with a draw of its own."""

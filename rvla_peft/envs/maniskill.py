@@ -70,6 +70,9 @@ class Step:
     # [N] bool: the episode ended because its env worker died and was restarted, not in the task (a rollout should
     # not count it as an outcome); such rows are also marked truncated. None: no row was dropped.
     dropped: torch.Tensor | None = field(default=None)
+    # [N] int64 on the CPU: the reset seed of the queued episode (VecEnv.queue_episodes) that env i starts at this
+    # step, -1 where none. None: no queued episode started.
+    reset_seeds: torch.Tensor | None = field(default=None)
 
 
 class EnvWorkerError(RuntimeError):
@@ -94,6 +97,7 @@ class VecEnv:
         self.dropped_episodes = 0  # episodes cut short by a dead env worker (restart_dead_workers), for the logs
         self._rebuild = False  # read by a backend's _reset: reset(rebuild=True) is in progress
         self._dropped: torch.Tensor | None = None  # set by a backend's _step when it dropped episodes
+        self._queue: list[int] = []  # reset seeds of the episodes to start next (queue_episodes)
 
     def reset(self, seed: int | None = None, rebuild: bool = False) -> Obs:
         """Reset every env; env i gets ``seed + i``, so the same seed gives the same initial states.
@@ -103,19 +107,36 @@ class VecEnv:
         checkpoint then continues exactly as the uninterrupted run, which rebuilt at the same update."""
         self._returns.zero_()
         self._lengths.zero_()
+        self._queue = []
         self._rebuild = rebuild
         try:
             return self._reset(seed)
         finally:
             self._rebuild = False
 
+    def queue_episodes(self, seeds: list[int]) -> None:
+        """Episodes to play next, by reset seed: as envs finish an episode (in env order within a step), each starts
+        the next queued one instead of the episode its auto-reset drew, and ``Step.reset_seeds`` says which. Once
+        the queue is empty, finished envs auto-reset as before. ``reset`` empties it. The evaluation's ``stream``
+        schedule (``run_episodes``): no env waits for the others at the end of a batch."""
+        if not self.can_queue_episodes:
+            raise NotImplementedError(f"{type(self).__name__} cannot reset single envs: queued episodes need CPU envs")
+        self._queue = list(seeds)
+
+    @property
+    def can_queue_episodes(self) -> bool:
+        return type(self)._reset_envs is not VecEnv._reset_envs
+
     def step(self, action: torch.Tensor) -> Step:
         if action.shape != (self.num_envs, self.action_dim):
             raise ValueError(f"action must have shape {(self.num_envs, self.action_dim)}, got {tuple(action.shape)}")
         obs, reward, terminated, truncated, final_obs, final_success = self._step(action)
-        dropped, self._dropped = self._dropped, None
         truncated = truncated & ~terminated
         done = terminated | truncated
+        reset_seeds = None
+        if self._queue and self._dropped is None and bool(done.any()):
+            obs, reset_seeds = self._start_queued(done)
+        dropped, self._dropped = self._dropped, None
         episode_return = self._returns + reward
         episode_length = self._lengths + 1
         # New tensors rather than in-place updates: the returned episode_* stay valid after the next step.
@@ -131,12 +152,24 @@ class VecEnv:
             episode_return=episode_return,
             episode_length=episode_length,
             dropped=dropped,
+            reset_seeds=reset_seeds,
         )
+
+    def _start_queued(self, done: torch.Tensor) -> tuple[Obs, torch.Tensor]:
+        """Reset the first finished envs with the next queued seeds; the batch's observations after it."""
+        seeds = torch.full((self.num_envs,), -1, dtype=torch.int64)
+        for i in done.nonzero().flatten().tolist()[: len(self._queue)]:
+            seeds[i] = self._queue.pop(0)
+        return self._reset_envs(seeds >= 0, seeds.tolist()), seeds
 
     def close(self) -> None:
         raise NotImplementedError
 
     def _reset(self, seed: int | None) -> Obs:
+        raise NotImplementedError
+
+    def _reset_envs(self, mask: torch.Tensor, seeds: list[int]) -> Obs:
+        """Backend: reset env i where ``mask`` ([N] bool, CPU) from ``seeds[i]``; every env's observations after."""
         raise NotImplementedError
 
     def _step(
@@ -541,6 +574,18 @@ class CpuVecEnv(VecEnv):
             obs, _ = self._vec.reset(seed=seed, options=options)  # gymnasium seeds env i with seed + i
         except WORKER_DEATH as e:
             return self._on_worker_death(e, in_flight=0)  # a reset ends the episodes anyway
+        return self._obs(obs)
+
+    def _reset_envs(self, mask: torch.Tensor, seeds: list[int]) -> Obs:
+        rows = mask.numpy()
+        try:
+            obs, _ = self._vec.reset(
+                seed=[s if m else None for s, m in zip(seeds, rows, strict=True)], options={"reset_mask": rows}
+            )
+        except WORKER_DEATH as e:  # every episode in flight is lost with the restart: the caller sees them dropped
+            new_obs = self._on_worker_death(e, in_flight=self.num_envs)
+            self._dropped = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+            return new_obs
         return self._obs(obs)
 
     def _step(

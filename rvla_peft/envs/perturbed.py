@@ -67,9 +67,21 @@ class PerturbedEnv:
     ``sample_per_episode``: instead of every spec applying to every env, each env draws one spec (a combination
     counts as one) at each episode start, uniformly; every spec runs on the whole batch and ``torch.where``
     selects per env. ``set_severity_scale(s)`` multiplies every severity by s (a curriculum).
+
+    ``keyed``: each env draws from its own generator, seeded from ``(seed, r)`` where r is the reset seed of its
+    episode (``seed + i`` for env i after ``reset(seed)``, a queued episode's seed after that: ``Step.reset_seeds``).
+    An episode's draws then depend on its reset seed alone, not on the env it runs in, the number of envs or when
+    the other envs' episodes end (the evaluation's ``stream`` schedule). Every episode must start from a seed.
     """
 
-    def __init__(self, env: VecEnv, specs: list[SpecLike], seed: int = 0, sample_per_episode: bool = False) -> None:
+    def __init__(
+        self,
+        env: VecEnv,
+        specs: list[SpecLike],
+        seed: int = 0,
+        sample_per_episode: bool = False,
+        keyed: bool = False,
+    ) -> None:
         self.env = env
         self.seed = seed
         self.groups = [build_perturbations([spec]) for spec in specs]
@@ -80,6 +92,8 @@ class PerturbedEnv:
         self.severity_scale = 1.0
         self.generator = torch.Generator(device=env.device)
         self.generator.manual_seed(seed)
+        self.keyed = keyed
+        self._generators = [torch.Generator(device=env.device) for _ in range(env.num_envs)] if keyed else []
         # Also return each frame as rendered, before the observation perturbations, as obs["rgb_clean"] (the
         # invariance penalty compares the policy on both).
         self.keep_clean = False
@@ -117,6 +131,10 @@ class PerturbedEnv:
         if seed is not None:
             # hash of a tuple of ints is stable across processes (no hash randomisation for ints).
             self.generator.manual_seed(hash((self.seed, seed)))
+            for i, generator in enumerate(self._generators):
+                generator.manual_seed(hash((self.seed, seed + i)))
+        elif self.keyed:
+            raise ValueError("PerturbedEnv(keyed=True) draws from each episode's reset seed: reset it with a seed")
         obs = self.env.reset(seed=seed, rebuild=rebuild)
         self._start_episodes(torch.ones(self.num_envs, dtype=torch.bool, device=self.device))
         return self._perturb_obs(obs)
@@ -128,11 +146,20 @@ class PerturbedEnv:
         final_obs = None
         if step.final_obs is not None:  # some episode ended (known without a device sync)
             # The generator's state is a host-side (seed, offset) on CUDA too: saving it costs no sync.
-            state = self.generator.get_state()
+            generators = [self.generator, *self._generators]
+            states = [g.get_state() for g in generators]
             final_obs = self._perturb_obs(step.final_obs, peek=True)
-            self.generator.set_state(state)
+            for g, state in zip(generators, states, strict=True):
+                g.set_state(state)
+            if self.keyed and step.reset_seeds is not None:
+                for i in (step.reset_seeds >= 0).nonzero().flatten().tolist():
+                    self._generators[i].manual_seed(hash((self.seed, int(step.reset_seeds[i]))))
             self._start_episodes(step.terminated | step.truncated)
         return dataclasses.replace(step, obs=self._perturb_obs(step.obs), final_obs=final_obs)
+
+    def queue_episodes(self, seeds: list[int]) -> None:
+        """The inner env's :meth:`~rvla_peft.envs.maniskill.VecEnv.queue_episodes`."""
+        self.env.queue_episodes(seeds)
 
     def close(self) -> None:
         self.env.close()
@@ -140,9 +167,21 @@ class PerturbedEnv:
     def _start_episodes(self, done: torch.Tensor) -> None:
         for p in self.perturbations:
             p.reset(done)
-        if self.sample_per_episode:
+        if not self.sample_per_episode:
+            return
+        if self.keyed:  # only the starting envs draw, each from its own generator
+            new = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
+            if self._choice is not None:
+                new.copy_(self._choice)
+            for i in done.nonzero().flatten().tolist():
+                new[i] = torch.randint(len(self.groups), (1,), generator=self._generators[i], device=self.device)
+        else:
             new = torch.randint(len(self.groups), (self.num_envs,), generator=self.generator, device=self.device)
-            self._choice = new if self._choice is None else torch.where(done, new, self._choice)
+        self._choice = new if self._choice is None else torch.where(done, new, self._choice)
+
+    @property
+    def _draw_from(self) -> torch.Generator | list[torch.Generator]:
+        return self._generators if self.keyed else self.generator
 
     def _chosen(self) -> list[tuple[torch.Tensor | None, list[Perturbation]]]:
         """(env mask or None for all envs, perturbations) pairs to run."""
@@ -159,7 +198,7 @@ class PerturbedEnv:
                     continue
                 y = obs
                 for p in chain:
-                    y = p.peek(y, self.generator) if peek else p.apply(y, self.generator)
+                    y = p.peek(y, self._draw_from) if peek else p.apply(y, self._draw_from)
                 out = y if mask is None else _where_obs(mask, y, out)
         return {**out, "rgb_clean": obs["rgb"]} if self.keep_clean else out
 
@@ -172,6 +211,6 @@ class PerturbedEnv:
                     continue
                 y = action
                 for p in chain:
-                    y = p.apply(y, self.generator)
+                    y = p.apply(y, self._draw_from)
                 out = y if mask is None else torch.where(mask[:, None], y, out)
         return out

@@ -51,6 +51,7 @@ import torch
 Obs = dict[str, torch.Tensor]
 Params = dict[str, torch.Tensor]
 Resample = Literal["episode", "step"]
+Generators = torch.Generator | list[torch.Generator]  # one for the batch, or one per env
 RESAMPLE_MODES: tuple[str, ...] = get_args(Resample)
 
 GRIPPER = -1  # index of the gripper command in the action (Panda pd_ee_delta_pose: -1 closed, +1 open)
@@ -138,14 +139,15 @@ class Perturbation:
         """Apply with the given parameters: deterministic and row by row, so any slice of rows gives the same rows."""
         raise NotImplementedError
 
-    def draws(self, x: Any, generator: torch.Generator, commit: bool = True) -> Params:
+    def draws(self, x: Any, generator: Generators, commit: bool = True) -> Params:
         """This step's unit draws: fresh ("step"), or each env's for its episode ("episode"); ``commit=False``
-        leaves the held ones alone.
+        leaves the held ones alone. ``generator`` may be a list, one per env: row i then draws from the i-th
+        (``PerturbedEnv(keyed=True)``).
 
         Always draws a full batch, also for "episode" (only the envs starting an episode keep the new rows), so the
         generator advances the same way at every step, whatever the episode lengths and the severity.
         """
-        fresh = self.draw(x, generator)
+        fresh = self.draw(x, generator) if isinstance(generator, torch.Generator) else _draw_rows(self, x, generator)
         if self.mode == "step":
             return fresh
         held = self._held
@@ -157,7 +159,7 @@ class Perturbation:
             self._held, self._redraw = held, None
         return held
 
-    def _perturb(self, x: Any, generator: torch.Generator, commit: bool) -> Any:
+    def _perturb(self, x: Any, generator: Generators, commit: bool) -> Any:
         draws = self.draws(x, generator, commit)  # drawn at severity 0 too: the curriculum never shifts the draws
         return x if self.severity == 0 else self.transform(x, self.parameters(x, draws))
 
@@ -217,6 +219,18 @@ def register(cls: type[Perturbation]) -> type[Perturbation]:
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _draw_rows(perturbation: Perturbation, x: Any, generators: list[torch.Generator]) -> Params:
+    """``perturbation.draw`` row by row, row i from ``generators[i]``: each env's draws depend on its generator only,
+    not on the batch around it."""
+    rows = [perturbation.draw(_row(x, i), g) for i, g in enumerate(generators)]
+    return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+
+def _row(x: Any, i: int) -> Any:
+    """Row i of a batch (a tensor or a dict of tensors), keeping the batch dim."""
+    return {k: v[i : i + 1] for k, v in x.items()} if isinstance(x, dict) else x[i : i + 1]
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
