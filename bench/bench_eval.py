@@ -103,9 +103,13 @@ def main() -> None:
         f"torch_threads={torch.get_num_threads()} load={load:.1f}"
     )
     policy = build_policy(cfg, device=device).eval()
-    envs = {label: make_envs(env_cfg, device) for label, env_cfg in configs}
+    # Configurations that differ only in adapter or schedule share their envs: every env is a simulator process or
+    # an in-process simulator, and holding all of them at once cost enough memory to wake the OOM killer.
+    shared = {repr(env_cfg): env_cfg for _, env_cfg in configs}
+    built = {key: make_envs(env_cfg, device) for key, env_cfg in shared.items()}
+    envs = {label: built[repr(env_cfg)] for label, env_cfg in configs}
     try:
-        for env in envs.values():  # warm-up: first render, first forward
+        for env in built.values():  # warm-up: first render, first forward
             run_episodes(policy, env, env.num_envs, seed=0, max_steps=cfg.env.max_episode_steps)
         rounds = {label: [] for label in envs}
         for _ in range(args.rounds):
@@ -114,7 +118,7 @@ def main() -> None:
                     one_round(policy, env, settings, args.episodes, cfg.env.max_episode_steps, options[label])
                 )
     finally:
-        for env in envs.values():
+        for env in built.values():
             env.close()
     reference = None
     for label, runs in rounds.items():
