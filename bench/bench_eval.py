@@ -54,6 +54,9 @@ def one_round(policy, env, settings: dict, episodes: int, max_steps: int, option
     """Seconds, env steps taken, episode steps that counted, and successes, over every setting."""
     taken = useful = 0
     successes = {}
+    # A fresh scene: the simulator's solver warm-starts from an env's earlier episodes, so configurations sharing an
+    # env would otherwise play slightly different trajectories (and episode lengths).
+    env.reset(seed=0, rebuild=True)
     start = time.perf_counter()
     stream = options["schedule"] == "stream"
     for label, specs in settings.items():
@@ -103,8 +106,8 @@ def main() -> None:
         f"torch_threads={torch.get_num_threads()} load={load:.1f}"
     )
     policy = build_policy(cfg, device=device).eval()
-    # Configurations that differ only in adapter or schedule share their envs: every env is a simulator process or
-    # an in-process simulator, and holding all of them at once cost enough memory to wake the OOM killer.
+    # Configurations that differ only in adapter or schedule share their envs (rebuilt at each round): every env is a
+    # simulator process or an in-process simulator, and holding all of them at once woke the OOM killer.
     shared = {repr(env_cfg): env_cfg for _, env_cfg in configs}
     built = {key: make_envs(env_cfg, device) for key, env_cfg in shared.items()}
     envs = {label: built[repr(env_cfg)] for label, env_cfg in configs}
