@@ -54,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--num-envs",
         type=int,
-        help="parallel envs (default: the recipe's env.num_envs); the perturbation draws depend on it, so reports "
-        "pair episode for episode only at the same number",
+        help="parallel envs (default: the recipe's env.num_envs); with --schedule batch the perturbation draws "
+        "depend on it, so reports pair episode for episode only at the same number",
     )
     parser.add_argument(
         "--schedule",
