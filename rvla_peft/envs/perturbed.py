@@ -11,6 +11,7 @@ import torch
 from rvla_peft.envs.maniskill import Step, VecEnv
 from rvla_peft.perturbations.base import (
     ActionPerturbation,
+    Generators,
     Obs,
     ObservationPerturbation,
     Perturbation,
@@ -180,7 +181,7 @@ class PerturbedEnv:
         self._choice = new if self._choice is None else torch.where(done, new, self._choice)
 
     @property
-    def _draw_from(self) -> torch.Generator | list[torch.Generator]:
+    def _draw_from(self) -> Generators:
         return self._generators if self.keyed else self.generator
 
     def _chosen(self) -> list[tuple[torch.Tensor | None, list[Perturbation]]]:
