@@ -79,11 +79,12 @@ def train(args, variant: str, seed: int) -> Path:
     return out / "adapter"
 
 
-def evaluate(args, name: str, adapter: Path | None) -> dict:
-    """The report of the base (``adapter`` None) or of one adapter alone, on the fixed evaluation episodes."""
+def evaluate(args, name: str, adapter: Path | None = None, label: str = BASE) -> dict:
+    """The report of the base (``adapter`` None) or of one adapter alone, named ``label`` in it, on the fixed
+    evaluation episodes; ``name`` names its folder."""
     out = args.out / f"report-{name}"
     if not (out / "report.json").exists():
-        policy = ["--no-base", f"--adapter={name.rpartition('-seed')[0]}={adapter}"] if adapter else []
+        policy = ["--no-base", f"--adapter={label}={adapter}"] if adapter else []
         eval_envs = ["--num-envs", str(args.eval_num_envs)] if args.eval_num_envs else []
         cmd = [sys.executable, "-m", "rvla_peft.eval", "--recipe", str(args.recipe), "--suite", args.suite,
                "--episodes", str(args.episodes), "--seed", "0", *eval_envs, "--out", str(out), "--overwrite",
@@ -301,10 +302,13 @@ def main() -> None:
     runs = [(variant, seed) for seed in args.seeds for variant in args.variants]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         adapters = dict(zip(runs, pool.map(lambda run: train(args, *run), runs), strict=True))
-    base = evaluate(args, BASE, None)
+    base = evaluate(args, BASE)
     reports = []
     for seed in args.seeds:
-        trained = [evaluate(args, f"{variant}-seed{seed}", adapters[variant, seed]) for variant in args.variants]
+        trained = [
+            evaluate(args, f"{variant}-seed{seed}", adapters[variant, seed], label=variant)
+            for variant in args.variants
+        ]
         reports.append(seed_report(base, trained))
     summary = aggregate(reports)
     summary["targets"] = targets(summary)

@@ -1,7 +1,10 @@
 """bench/reproduce_paper.py's pooling of per-seed reports, on hand-made reports with known answers."""
 
+import argparse
+import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 from helpers import load_bench_script
@@ -109,3 +112,36 @@ def test_targets_are_checked_over_training_seeds_against_the_base_and_ppo(reprod
     assert ("ppo", "base") not in rows  # plain RL is the comparison, not an arm with penalties
     table = reproduce.targets_markdown(reproduce.targets(summary))
     assert "| robustvla | robustness gap cut >= 30% against the base | 57.1% | yes |" in table
+
+
+def test_finished_runs_are_kept_and_each_report_names_its_arm(reproduce, tmp_path, monkeypatch):
+    launched = []
+
+    def run_in_a_moment(cmd, log):  # stands in for minutes of training or evaluation: writes what they would
+        launched.append(cmd)
+        if "rvla_peft.train" in cmd:
+            (out,) = [a.removeprefix("output_dir=") for a in cmd if a.startswith("output_dir=")]
+            (Path(out) / "adapter").mkdir(parents=True)
+            (Path(out) / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+        else:
+            out = Path(cmd[cmd.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "report.json").write_text(json.dumps(report({"x": {"clean": [1]}})))
+
+    monkeypatch.setattr(reproduce, "run", run_in_a_moment)
+    args = argparse.Namespace(out=tmp_path, recipe=Path("recipes/tiny_cpu.yaml"), total_updates=4, overrides=[],
+                              eval_num_envs=None, eval_override=[], suite="paper", episodes=10)  # fmt: skip
+    finished = tmp_path / "robustvla_c-seed1" / "adapter" / "adapter_model.safetensors"
+    finished.parent.mkdir(parents=True)
+    finished.write_bytes(b"")
+
+    assert reproduce.train(args, "robustvla_c", 1) == finished.parent
+    assert launched == []
+    adapter = reproduce.train(args, "robustvla_c", 2)
+    (cmd,) = launched
+    assert "seed=2" in cmd and "perturb.curriculum.ramp_updates=2" in cmd
+    reproduce.evaluate(args, "robustvla_c-seed2", adapter, label="robustvla_c")
+    assert launched[-1][launched[-1].index("--no-base") + 1] == f"--adapter=robustvla_c={adapter}"
+    reproduce.evaluate(args, "robustvla_c-seed2", adapter, label="robustvla_c")
+    reproduce.evaluate(args, "base")
+    assert len(launched) == 3 and "--adapter" not in " ".join(launched[-1])
