@@ -473,3 +473,24 @@ def test_command_line_push_in_a_fresh_process(run, hub, tmp_path):
 
     done = subprocess.run([*argv[:-4], "--repo-id", "bob/cli"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "\nerror: alice may not write to bob/cli" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["regularizers.jacobian.weight=0", "regularizers.smoothness.weight=0", "kl_to_base=0"],
+         "PPO on the task's reward, with no penalty"),
+        (["algorithm=rloo", "regularizers.jacobian.weight=0", "regularizers.smoothness.weight=0"],
+         "RLOO on the task's reward, with a KL penalty that keeps it near the base model"),
+        (["regularizers.smoothness.weight=0", "kl_to_base=0", "regularizers.invariance.weight=1",
+          "regularizers.invariance.target=current"],
+         "PPO on the task's reward, with a Jacobian penalty that makes the action insensitive to small image changes "
+         "and an invariance penalty that pulls the action distribution on a perturbed frame towards its own on the "
+         "clean one (the Jacobian and smoothness penalties are RobustVLA's, "
+         "[arXiv 2511.01331](https://arxiv.org/abs/2511.01331))"),
+    ],
+)  # fmt: skip
+def test_card_names_the_algorithm_and_only_the_penalties_that_were_on(overrides, expected):
+    from rvla_peft.hub.card import training_method
+
+    assert training_method(load_config("recipes/tiny_cpu.yaml", overrides)) == expected

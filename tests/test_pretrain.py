@@ -9,7 +9,7 @@ import torch
 from rvla_peft import pretrain
 from rvla_peft.config import load_config
 from rvla_peft.demos import FORMAT, INDEX, Episode, _write_shard
-from rvla_peft.models.tiny import resolve_builtin
+from rvla_peft.models.tiny import PACKAGED_ADAPTERS, resolve_builtin
 from rvla_peft.policies.action_tokens.configuration import ActionTokenPolicyConfig
 from rvla_peft.policies.action_tokens.tokenizer import ActionTokenizer
 from rvla_peft.utils.constants import CARD_FILE, POLICY_SETTINGS_FILE, PRETRAIN_RECORD_FILE
@@ -208,8 +208,10 @@ def test_shipped_checkpoint_loads_and_matches_the_recipe():
     assert sample.env_action.shape == (2, 7) and sample.env_action.abs().max() <= 1
 
 
-def test_shipped_shift_adapter_loads_on_the_shipped_base(tmp_path):
-    """builtin:tiny-vla-maniskill-shift is a PEFT adapter folder in the package, with its card, recipe and the
+@pytest.mark.parametrize("name", PACKAGED_ADAPTERS)
+def test_shipped_adapter_loads_on_the_shipped_base(name, tmp_path):
+    """Each builtin adapter (tiny-vla-maniskill-shift, -color) is a PEFT adapter folder in the package, with its
+    card, recipe and the
     held-out report its card quotes; it loads through load_policy (base from its recipe) and through plain
     PeftModel.from_pretrained on the shipped base, where it changes the actions; unknown names list the shipped."""
     from peft import PeftModel
@@ -217,7 +219,7 @@ def test_shipped_shift_adapter_loads_on_the_shipped_base(tmp_path):
     from rvla_peft.adapters import resolve_adapter
     from rvla_peft.policies.registry import load_base, load_policy
 
-    folder = resolve_adapter("builtin:tiny-vla-maniskill-shift")
+    folder = resolve_adapter(f"builtin:{name}")
     assert folder.parent.name == "assets"
     assert {"README.md", "recipe.yaml", "report.json", "adapter_config.json"} <= {p.name for p in folder.iterdir()}
     assert sum(p.stat().st_size for p in folder.iterdir()) < 2e6
@@ -225,17 +227,22 @@ def test_shipped_shift_adapter_loads_on_the_shipped_base(tmp_path):
     assert "behaviour-cloned" in card and "tiny random model" not in card
     from rvla_peft.hub.cli import main as hub_cli  # the template today says so too
 
-    assert hub_cli(["card", str(folder), "--out", str(tmp_path / "card")]) == 0
+    assert hub_cli(["card", str(folder), "--out", str(tmp_path / "card"), "--repo-id", f"builtin:{name}"]) == 0
     card = (tmp_path / "card" / "README.md").read_text()
     assert "behaviour-cloned" in card and "tiny random model" not in card
-    policy = load_policy(None, "builtin:tiny-vla-maniskill-shift").eval()
+    # the snippets of a packaged adapter's card load it from the package, as its shipped card does
+    for snippet in (f'resolve_builtin_adapter("builtin:{name}")', f"rvla_peft/assets/{name}/recipe.yaml"):
+        assert snippet in card and snippet in (folder / "README.md").read_text()
+    policy = load_policy(None, f"builtin:{name}").eval()
     cfg = load_config(folder / "recipe.yaml")
     base, _ = load_base(cfg.model)
     peft_model = PeftModel.from_pretrained(base, str(folder))
     lora = {k: v for k, v in peft_model.state_dict().items() if "lora_B" in k}
     assert lora and all(torch.equal(v, policy.peft_model.state_dict()[k]) for k, v in lora.items())
     assert any(v.abs().max() > 0 for v in lora.values())  # trained: LoRA's B starts at zero
-    with pytest.raises(ValueError, match="available: builtin:tiny-vla-maniskill-shift"):
+    with pytest.raises(
+        ValueError, match="available: builtin:tiny-vla-maniskill-shift, builtin:tiny-vla-maniskill-color"
+    ):
         resolve_adapter("builtin:tiny-vla-maniskill-rotation")
 
 

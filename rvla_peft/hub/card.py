@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from rvla_peft.adapters import HubError, is_hub_id, is_local_path
 from rvla_peft.config import ModelConfig, TrainConfig
 from rvla_peft.hub.run_files import RunFiles
-from rvla_peft.models.tiny import PACKAGED
+from rvla_peft.models.tiny import PACKAGED, PACKAGED_ADAPTERS
 from rvla_peft.perturbations import PERTURBATIONS, resample_note, spec_records
 from rvla_peft.policies.registry import resolve_lora
 from rvla_peft.utils.constants import (
@@ -232,6 +232,34 @@ def plot_training_curve(rows: list[dict], out: Path, title: str = "") -> bool:
     return True
 
 
+def training_method(cfg: TrainConfig) -> str:
+    """The card's one-sentence account of how the adapter was trained: the algorithm and the penalties that were on."""
+    regs = cfg.regularizers
+    teacher = "the base model's" if regs.invariance.target == "base" else "its own"
+    penalties = [
+        text
+        for weight, text in (
+            (regs.jacobian.weight, "a Jacobian penalty that makes the action insensitive to small image changes"),
+            (regs.smoothness.weight, "a smoothness penalty that keeps the policy close to its previous self"),
+            (
+                regs.invariance.weight,
+                f"an invariance penalty that pulls the action distribution on a perturbed frame "
+                f"towards {teacher} on the clean one",
+            ),
+            (cfg.kl_to_base, "a KL penalty that keeps it near the base model"),
+        )
+        if weight
+    ]
+    algorithm = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO"}[cfg.algorithm]
+    if not penalties:
+        return f"{algorithm} on the task's reward, with no penalty"
+    listed = penalties[0] if len(penalties) == 1 else ", ".join(penalties[:-1]) + " and " + penalties[-1]
+    cite = " (the Jacobian and smoothness penalties are RobustVLA's, [arXiv 2511.01331](https://arxiv.org/abs/2511.01331))"
+    return f"{algorithm} on the task's reward, with {listed}" + (
+        cite if regs.jacobian.weight or regs.smoothness.weight else ""
+    )
+
+
 def build_card_data(cfg: TrainConfig, base_id: str, repo_id: str, report: dict | None, policy: str | None):
     from huggingface_hub import ModelCardData
 
@@ -282,8 +310,12 @@ def render_card(
         base_on_hub=is_hub_id(base_id),
         base_builtin=base_id.startswith(BUILTIN_PREFIX),
         base_packaged=base_id in {BUILTIN_PREFIX + name for name in PACKAGED},
+        # a card for an adapter shipped in rvla_peft/assets (--repo-id builtin:NAME): snippets that load it from there
+        adapter_packaged=repo_id in {BUILTIN_PREFIX + name for name in PACKAGED_ADAPTERS},
+        packaged_name=repo_id.removeprefix(BUILTIN_PREFIX),
         task=cfg.env.task,
         cfg=cfg,
+        method=training_method(cfg),
         train_perturbations=", ".join(
             f"`{s.name}@{s.severity:g}` ({resample_note(spec_records([s]))})" for s in cfg.perturb.train
         )

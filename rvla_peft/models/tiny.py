@@ -28,9 +28,10 @@ TINY_PI0_VERSION = "v1"
 PRETRAINED_NAME = "tiny-vla-maniskill"
 PACKAGED = (PRETRAINED_NAME,)
 # Adapters shipped the same way (builtin:NAME -> rvla_peft/assets/NAME, a PEFT adapter folder with its card):
-# tiny-vla-maniskill-shift, a LoRA of tiny-vla-maniskill post-trained under shift@0.5 (its README.md says how).
+# LoRAs of tiny-vla-maniskill post-trained under shift@0.5 and under color_jitter@0.5 (their README.md say how).
 SHIFT_ADAPTER_NAME = "tiny-vla-maniskill-shift"
-PACKAGED_ADAPTERS = (SHIFT_ADAPTER_NAME,)
+COLOR_ADAPTER_NAME = "tiny-vla-maniskill-color"
+PACKAGED_ADAPTERS = (SHIFT_ADAPTER_NAME, COLOR_ADAPTER_NAME)
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
 
