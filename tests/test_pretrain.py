@@ -211,9 +211,9 @@ def test_shipped_checkpoint_loads_and_matches_the_recipe():
 @pytest.mark.parametrize("name", PACKAGED_ADAPTERS)
 def test_shipped_adapter_loads_on_the_shipped_base(name, tmp_path):
     """Each builtin adapter (tiny-vla-maniskill-shift, -color) is a PEFT adapter folder in the package, with its
-    card, recipe and the
-    held-out report its card quotes; it loads through load_policy (base from its recipe) and through plain
-    PeftModel.from_pretrained on the shipped base, where it changes the actions; unknown names list the shipped."""
+    card, recipe and the held-out report its card quotes; it loads through load_policy (base from its recipe) and
+    through plain PeftModel.from_pretrained on the shipped base, where it changes the actions; unknown names list
+    the shipped."""
     from peft import PeftModel
 
     from rvla_peft.adapters import resolve_adapter

@@ -250,7 +250,7 @@ def training_method(cfg: TrainConfig) -> str:
         )
         if weight
     ]
-    algorithm = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO"}[cfg.algorithm]
+    algorithm = cfg.algorithm.upper()  # ppo, rloo, grpo: the schema allows no other
     if not penalties:
         return f"{algorithm} on the task's reward, with no penalty"
     listed = penalties[0] if len(penalties) == 1 else ", ".join(penalties[:-1]) + " and " + penalties[-1]
