@@ -1,6 +1,7 @@
 """env.render_detail="fast" (rvla_peft.envs.render): lighter robot meshes and a 2-triangle ground on real CPU
 ManiSkill envs. Frames change only slightly, the physics not at all, the swap is deterministic, survives a
-reconfiguring reset, and a stored 64x64 reference frame catches any later change to what "fast" draws.
+reconfiguring reset, and a stored 64x64 reference frame catches any later change to what "fast" draws. CPU envs
+draw with the lean shader pack (rvla_peft.envs.shaders): the same pixels as ManiSkill's stock "minimal" pack.
 
 Regenerate the reference after an intended change: RVLA_UPDATE_REFERENCE=1 pytest tests/test_render.py
 """
@@ -16,6 +17,7 @@ import pytest
 from PIL import Image
 
 from rvla_peft.config import EnvConfig
+from rvla_peft.envs import shaders
 from rvla_peft.envs.maniskill import SingleEnvAdapter, make_single_env
 from rvla_peft.envs.render import count_triangles, flat_quad, weld
 
@@ -59,8 +61,11 @@ def fast_env(asset_dir: Path) -> Iterator[SingleEnvAdapter]:
 @pytest.fixture(scope="module")
 def runs(asset_dir: Path, fast_env: SingleEnvAdapter) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
     out = {"fast": (*_rollout(fast_env), count_triangles(fast_env))}
-    for name, detail in (("full", "full"), ("fast_again", "fast")):
-        env = _env(detail)
+    for name, detail in (("full", "full"), ("fast_again", "fast"), ("fast_stock_shaders", "fast")):
+        with pytest.MonkeyPatch.context() as mp:
+            if name == "fast_stock_shaders":  # make_single_env falls back to the stock pack
+                mp.setattr(shaders, "lean_shader_config", lambda: None)
+            env = _env(detail)
         try:
             out[name] = (*_rollout(env), count_triangles(env))
         finally:
@@ -107,6 +112,48 @@ def test_reconfiguring_reset_keeps_the_scene_light(fast_env: SingleEnvAdapter, r
     obs, info = fast_env.reset(seed=SEED, options={"reconfigure": True})  # a new scene, full-detail meshes again
     assert count_triangles(fast_env) == runs["fast"][2]
     assert np.array_equal(obs["rgb"], runs["fast"][0][0]), "the reset's frame must be drawn from the light scene"
+
+
+def _shader_pack(env: SingleEnvAdapter) -> str:
+    return env.unwrapped._sensors["base_camera"].config.shader_config.shader_pack
+
+
+def test_lean_shader_pack_draws_the_stock_pixels(runs, fast_env: SingleEnvAdapter) -> None:
+    assert _shader_pack(fast_env) == str(shaders.lean_shader_dir())
+    frames, states, _ = runs["fast"]
+    stock_frames, stock_states, _ = runs["fast_stock_shaders"]
+    assert np.array_equal(frames, stock_frames) and np.array_equal(states, stock_states)
+
+
+def test_lean_pack_leaves_out_only_the_brdf_table(tmp_path: Path) -> None:
+    root = shaders._sapien_shader_root()
+    files = shaders.lean_pack_files(root)
+    assert files is not None and not any("BRDFLUT" in text for text in files.values())
+    assert files["common/lights.glsl"] == (root / "common" / "lights.glsl").read_text()
+    assert files["minimal_lean/gbuffer.vert"] == (root / "minimal" / "gbuffer.vert").read_text()
+    # another SAPIEN's shaders, where an edit does not apply: no lean pack, envs keep the stock one
+    for sub in ("common", "minimal"):
+        (tmp_path / sub).mkdir()
+        for f in (root / sub).iterdir():
+            (tmp_path / sub / f.name).write_text(f.read_text().replace("envBRDF.x", "envBRDF.r"))
+    assert shaders.lean_pack_files(tmp_path) is None
+
+
+def test_a_scene_with_an_environment_map_is_detected(fast_env: SingleEnvAdapter, tmp_path: Path) -> None:
+    """make_single_env rebuilds such a scene with the stock pack: the lean one drops its specular light."""
+    import sapien
+
+    scene = fast_env.unwrapped.scene.sub_scenes[0]
+    assert not shaders.has_environment_map(fast_env)
+    faces = []
+    for i in range(6):
+        Image.fromarray(np.full((4, 4, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        faces.append(str(tmp_path / f"{i}.png"))
+    scene.render_system.cubemap = sapien.render.RenderCubemap(*faces)
+    try:
+        assert shaders.has_environment_map(fast_env)
+    finally:
+        scene.render_system.cubemap = None
 
 
 def test_flat_quad_replaces_a_grid_exactly() -> None:
