@@ -8,6 +8,9 @@ python bench/bench_decoding.py [RECIPE] [--batches 2 4] [--calls 60] [--steps 20
    call of each, the median of the paired CPU-time ratios new/old (CPU time leaves out waiting for a core, so it is
    steadier on a loaded machine), and whether both gave the same bits (actions, log-probs, means, values) from one
    seed, sampled and deterministic.
+   "merged": ``policy.act`` inside ``policy.acting()``, the LoRA folded into the weights as the trainer's rollouts
+   and ``python -m rvla_peft.eval`` act (``policy.merge_lora_to_act``): its median ms, its CPU-time ratio to "new",
+   and how far its samples are from the unmerged policy's.
    With ``--compile``, also "compiled" (``policy.compile=true``: the same weights, act's forwards through
    ``torch.compile``): the seconds its first call took (compiling), its median ms, its CPU-time ratio to "new", and
    how far its samples are from eager decoding (deterministic actions equal or not, largest mean-action difference).
@@ -19,6 +22,7 @@ python bench/bench_decoding.py [RECIPE] [--batches 2 4] [--calls 60] [--steps 20
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import statistics
@@ -80,14 +84,16 @@ def time_act(acts: dict, obs: dict, calls: int) -> dict:
         return statistics.median(x[1] / y[1] for x, y in zip(times[a], times[b], strict=True))
 
     result["ratio"] = ratio("new", "old")
+    result["merged_ratio"] = ratio("merged", "new")
     if "compiled" in acts:
         result["compiled_ratio"] = ratio("compiled", "new")
     return result
 
 
-def compiled_agreement(compiled, policy, obs: dict) -> str:
-    """Deterministic decoding, compiled vs eager: same actions or not, and the largest mean-action difference."""
-    a, b = compiled.act(obs, deterministic=True), policy.act(obs, deterministic=True)
+def agreement(other, policy, obs: dict) -> str:
+    """Deterministic decoding, another policy object (compiled, merged) vs ``policy``: same actions or not, and
+    the largest mean-action difference."""
+    a, b = other.act(obs, deterministic=True), policy.act(obs, deterministic=True)
     return f"same actions: {torch.equal(a.action, b.action)}, max |mean diff| {(a.mean - b.mean).abs().max():.1e}"
 
 
@@ -124,8 +130,11 @@ def main() -> None:
         f"model={cfg.model.name_or_path} task={cfg.env.task} image={cfg.env.image_size} device={device} "
         f"torch_threads={torch.get_num_threads()} load={load:.1f}"
     )
-    policy = build_policy(cfg, device=device).eval()  # as the trainer collects rollouts
-    acts = {"old": lambda obs: old_act(policy, obs), "new": policy.act}
+    policy = build_policy(cfg, device=device).eval()
+    merged = build_policy(cfg, device=device).eval()  # as the trainer collects rollouts
+    stack = contextlib.ExitStack()
+    stack.enter_context(merged.acting())
+    acts = {"old": lambda obs: old_act(policy, obs), "new": policy.act, "merged": merged.act}
     if args.compile:
         compiled_cfg = dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, compile=True))
         compiled = build_policy(compiled_cfg, device=device).eval()
@@ -148,11 +157,16 @@ def main() -> None:
             f"  batch {n}: old {old_wall:5.1f} wall {old_cpu:5.1f} CPU   new {new_wall:5.1f} wall {new_cpu:5.1f} CPU"
             f"   new/old {ms['ratio']:.3f} (CPU, paired)   same bits: {same_bits(policy, obs)}"
         )
+        wall, cpu = ms["merged"]
+        print(
+            f"  batch {n}: merged {wall:5.1f} wall {cpu:5.1f} CPU   merged/new {ms['merged_ratio']:.3f} "
+            f"(CPU, paired)   {agreement(merged, policy, obs)}"
+        )
         if args.compile:
             wall, cpu = ms["compiled"]
             print(
                 f"  batch {n}: compiled {wall:5.1f} wall {cpu:5.1f} CPU   compiled/new {ms['compiled_ratio']:.3f} "
-                f"(CPU, paired)   {compiled_agreement(compiled, policy, obs)}"
+                f"(CPU, paired)   {agreement(compiled, policy, obs)}"
             )
 
     env = make_envs(cfg.env, device)
@@ -169,6 +183,7 @@ def main() -> None:
             )
     finally:
         env.close()
+        stack.close()
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ python bench/bench_env.py [RECIPE] [--steps 40] [--rounds 3] [--policy-envs 2 4]
 
 1. The env alone (1 env, random actions): "full" and "fast" alternate in rounds (so that load on the machine
    drifts the same way for both), best round of each, and their ratio.
-2. Env + policy (sampling actions) for both at each --policy-envs size (the recipe's vectorization); skip with
-   --policy-envs (nothing after it).
+2. Env + policy (sampling actions, the LoRA folded in as in the trainer's rollouts: ``Policy.acting``) for both at
+   each --policy-envs size (the recipe's vectorization); skip with --policy-envs (nothing after it).
 """
 
 from __future__ import annotations
@@ -94,8 +94,9 @@ def main() -> None:
     line("env alone, 1 env:", compare(cfg, 1, args.steps, args.rounds, None, device))
     if args.policy_envs:
         policy = build_policy(cfg, device=device).eval()
-        for n in args.policy_envs:
-            line(f"env + policy, {n} envs:", compare(cfg, n, max(args.steps // n, 8), 2, policy, device))
+        with policy.acting():  # as the trainer's rollouts act: the LoRA folded in (policy.merge_lora_to_act)
+            for n in args.policy_envs:
+                line(f"env + policy, {n} envs:", compare(cfg, n, max(args.steps // n, 8), 2, policy, device))
 
 
 if __name__ == "__main__":

@@ -169,6 +169,8 @@ def run(cfg, env, named: list[tuple[str, str]], local: list[Path], settings: lis
             # The base's adapter is fresh (LoRA B = 0: it changes no output bit) and costs a third of each act of a
             # small model on the CPU: switched off, as for the KL to the base.
             stack.enter_context(policies["base"].peft_model.disable_adapter())
+        for policy in policies.values():  # each adapter folded into its model's weights (policy.merge_lora_to_act)
+            stack.enter_context(policy.acting())
         with tqdm(total=len(policies) * len(settings) * args.episodes, desc="episodes", unit="ep") as bar:
             results = evaluate_grid(
                 policies,

@@ -274,10 +274,11 @@ class RobustPPOTrainer:
             scale = self.curriculum.scale(self.update_index, self._last_success_rate)
             self.train_env.set_severity_scale(scale)
             self.policy.eval()
-            if self.critic_free:
-                rollout = self.collect_groups()
-            else:
-                rollout, obs = collect(self.policy, self.train_env, obs, cfg.ppo.num_steps, cfg.ppo.gamma)
+            with self.policy.acting():  # the LoRA folded into the weights while collecting (policy.merge_lora_to_act)
+                if self.critic_free:
+                    rollout = self.collect_groups()
+                else:
+                    rollout, obs = collect(self.policy, self.train_env, obs, cfg.ppo.num_steps, cfg.ppo.gamma)
             rollout_s = time.perf_counter() - start
             metrics = {**self._rollout_metrics(rollout), **self.policy_metrics(rollout)}
             self._last_success_rate = metrics.get("rollout/success_rate")
@@ -786,15 +787,16 @@ class RobustPPOTrainer:
         modes = [("eval", True)] + ([("eval_sampled", False)] if self.cfg.eval_sampled else [])
         metrics = {}
         for prefix, deterministic in modes:
-            cells = evaluate_grid(
-                {"policy": self.policy},
-                self.base_env,
-                settings,
-                self.cfg.eval_episodes,
-                seed=self.env_seed + 7,
-                max_steps=self.cfg.env.max_episode_steps,
-                deterministic=deterministic,
-            )
+            with self.policy.acting():
+                cells = evaluate_grid(
+                    {"policy": self.policy},
+                    self.base_env,
+                    settings,
+                    self.cfg.eval_episodes,
+                    seed=self.env_seed + 7,
+                    max_steps=self.cfg.env.max_episode_steps,
+                    deterministic=deterministic,
+                )
             for cell in cells:
                 local = torch.tensor(
                     [cell.success_rate, sum(cell.returns) / cell.episodes], device=self.accelerator.device

@@ -30,6 +30,50 @@ def test_deterministic_act_is_argmax_and_repeatable(tiny_policy):
     assert torch.equal(logits.argmax(-1), a.action)
 
 
+def _lora_layers(policy):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in policy.peft_model.modules() if isinstance(m, LoraLayer)]
+
+
+def test_acting_merges_the_lora_and_puts_the_weights_back_bit_for_bit(tiny_policy):
+    with torch.no_grad():  # a trained-looking adapter: LoRA B != 0, so merging changes the weights
+        for name, p in tiny_policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    tiny_policy.eval()
+    obs = fixed_obs(2)
+    unmerged = tiny_policy.act(obs, deterministic=True)
+    before = {k: v.clone() for k, v in tiny_policy.state_dict().items()}
+    with tiny_policy.acting():
+        assert all(layer.merged for layer in _lora_layers(tiny_policy))
+        changed = [k for k, v in tiny_policy.state_dict().items() if k in before and not torch.equal(v, before[k])]
+        assert changed and all("base_layer" in k for k in changed)
+        merged = tiny_policy.act(obs, deterministic=True)
+    assert torch.equal(merged.action, unmerged.action)
+    torch.testing.assert_close(merged.log_prob, unmerged.log_prob, atol=1e-4, rtol=0)
+    torch.testing.assert_close(merged.mean, unmerged.mean, atol=1e-5, rtol=0)
+    # the update's teacher-forced forward (LoRA unmerged) scores the merged rollout's actions alike
+    torch.testing.assert_close(tiny_policy.evaluate(obs, merged.action).log_prob, merged.log_prob, atol=1e-4, rtol=0)
+    after = tiny_policy.state_dict()
+    assert not any(layer.merged for layer in _lora_layers(tiny_policy))
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    try:  # an error inside the block restores the weights too
+        with tiny_policy.acting():
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert all(torch.equal(tiny_policy.state_dict()[k], v) for k, v in before.items())
+
+
+def test_acting_merges_nothing_when_switched_off_or_the_adapter_is_disabled(tiny_policy):
+    with tiny_policy.peft_model.disable_adapter(), tiny_policy.acting():
+        assert not any(layer.merged for layer in _lora_layers(tiny_policy))
+    tiny_policy.cfg.merge_lora_to_act = False
+    with tiny_policy.acting():
+        assert not any(layer.merged for layer in _lora_layers(tiny_policy))
+
+
 def test_mixed_instructions_are_left_padded_without_changing_results(tiny_policy):
     obs = fixed_obs(2, instructions=["pick up the red cube", "push the cube to the goal region please"])
     sample = tiny_policy.act(obs)

@@ -30,7 +30,9 @@ def test_qlora_update_and_bit_exact_adapter_round_trip(qlora_cfg, tmp_path):
 
     obs = fixed_obs(2)
     policy.eval()
-    sample = policy.act(obs)  # a no-grad eval pass first: bitsandbytes' CPU repacking must not break training
+    with policy.acting():  # nothing is merged into a 4-bit base (merging would requantize it)
+        assert not any(getattr(m, "merged", False) for m in policy.peft_model.modules())
+        sample = policy.act(obs)  # a no-grad eval pass first: bitsandbytes' CPU repacking must not break training
     policy.train()
     out = policy.evaluate(obs, sample.action)
     torch.testing.assert_close(out.log_prob, sample.log_prob, atol=1e-4, rtol=0)

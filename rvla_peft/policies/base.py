@@ -154,6 +154,37 @@ class Policy(nn.Module):
         finally:
             handle.remove()
 
+    @contextlib.contextmanager
+    def acting(self) -> Iterator[None]:
+        """The block where the policy only acts (rollouts, evaluation). With ``merge_lora_to_act`` the active LoRA
+        is folded into the weights it adapts, so each forward costs what the bare model's does (a small model on
+        the CPU spends half of ``act`` in peft's LoRA layers), and the weights are put back bit for bit after: peft's
+        unmerge subtracts the delta again, which would leave rounding in the base. Actions agree with the unmerged
+        policy's to float rounding. Nothing is merged for a quantized base (merging would requantize it), an
+        adapter switched off or already merged, or a model without LoRA layers."""
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in self.peft_model.modules() if isinstance(m, LoraLayer)]
+        bases = [layer.get_base_layer() for layer in layers]
+        tensors = [t for b in bases for t in (b.weight, getattr(b, "bias", None)) if t is not None]
+        if (
+            not self.cfg.merge_lora_to_act
+            or not layers
+            or any(layer.merged or layer.disable_adapters for layer in layers)
+            or not all(t.dtype.is_floating_point for t in tensors)
+        ):
+            yield
+            return
+        saved = [t.detach().clone() for t in tensors]
+        self.peft_model.merge_adapter()
+        try:
+            yield
+        finally:
+            self.peft_model.unmerge_adapter()  # peft's bookkeeping; the copies below restore the exact bits
+            with torch.no_grad():
+                for tensor, original in zip(tensors, saved, strict=True):
+                    tensor.copy_(original)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
