@@ -54,6 +54,7 @@ from rvla_peft.policies.action_tokens.modeling import ActionTokenPolicy
 from rvla_peft.rollout import run_episodes
 from rvla_peft.utils.constants import CARD_FILE, POLICY_SETTINGS_FILE, PRETRAIN_RECORD_FILE
 from rvla_peft.utils.io import atomic_save
+from rvla_peft.utils.threads import torch_threads
 
 
 class PretrainError(ValueError):
@@ -273,19 +274,14 @@ class ClosedLoop:
     def __call__(self, policy, episodes: int, seed: int) -> dict[str, float]:
 
         policy.eval()
-        threads = torch.get_num_threads()
         # One torch thread beside the software renderer's: two spin-waiting OpenMP threads next to a busy
         # renderer (or any other process) on a 2-core machine made each forward 10-100x slower.
-        torch.set_num_threads(1)
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return {
-                    task: run_episodes(policy, env, episodes, seed, self.max_steps, deterministic=True).success_rate
-                    for task, env in self.envs.items()
-                }
-        finally:
-            torch.set_num_threads(threads)
+        with torch_threads(1), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return {
+                task: run_episodes(policy, env, episodes, seed, self.max_steps, deterministic=True).success_rate
+                for task, env in self.envs.items()
+            }
 
     def close(self) -> None:
         for env in self.envs.values():

@@ -85,6 +85,7 @@ from rvla_peft.utils.constants import (
     VALUE_HEAD_FILE,
 )
 from rvla_peft.utils.io import atomic_save, atomic_write_text
+from rvla_peft.utils.threads import torch_threads
 
 # A continuous action dimension counts as changed in policy/argmax_changed when its deterministic (normalised) value
 # moved by more than one bin of OpenVLA's 256 over [-1, 1]; token actions are compared exactly.
@@ -280,10 +281,11 @@ class RobustPPOTrainer:
                 else:
                     rollout, obs = collect(self.policy, self.train_env, obs, cfg.ppo.num_steps, cfg.ppo.gamma)
             rollout_s = time.perf_counter() - start
-            metrics = {**self._rollout_metrics(rollout), **self.policy_metrics(rollout)}
-            self._last_success_rate = metrics.get("rollout/success_rate")
-            self.policy.train()
-            metrics.update(self.update(rollout))
+            with torch_threads(cfg.update_threads):  # the cores are the update's now (rollouts keep torch's count)
+                metrics = {**self._rollout_metrics(rollout), **self.policy_metrics(rollout)}
+                self._last_success_rate = metrics.get("rollout/success_rate")
+                self.policy.train()
+                metrics.update(self.update(rollout))
             update_s = time.perf_counter() - start - rollout_s
             env_steps = acc.reduce(torch.tensor(float(rollout.env_steps), device=acc.device), "sum").item()
             self.env_steps += int(env_steps)

@@ -34,6 +34,7 @@ def test_defaults_and_overrides_with_yaml_types():
         ("perturb.train=[{name: pixel_nois, severity: 0.5}]", "pixel_noise"),
         ("perturb.train=[{name: pixel_noise, severity: 2}]", "severity"),
         ("lora.r", "must look like key=value"),
+        ("update_threads=0", "update_threads: must be >= 1"),
     ],
 )
 def test_bad_input_names_the_key(override, message):

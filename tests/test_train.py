@@ -9,6 +9,7 @@ from peft import PeftModel
 
 from rvla_peft.policies.registry import build_policy, load_base
 from rvla_peft.trainer import RobustPPOTrainer
+from rvla_peft.utils.threads import torch_threads
 
 
 def test_train_saves_an_adapter_that_reloads_bit_exactly(tiny_cfg):
@@ -60,6 +61,22 @@ def test_regularisers_off_cost_nothing_and_log_nothing(tiny_cfg):
     tiny_cfg.regularizers.smoothness.weight = 0.0
     metrics = RobustPPOTrainer(tiny_cfg).train()
     assert "loss/jacobian" not in metrics and "loss/smooth" not in metrics
+
+
+def test_updates_run_on_update_threads_and_rollouts_on_torchs_count(tiny_cfg, monkeypatch):
+    tiny_cfg.update_threads = 2
+    trainer = RobustPPOTrainer(tiny_cfg)
+    seen = []
+    update, act = trainer.update, trainer.policy.act
+    monkeypatch.setattr(trainer, "update", lambda r: (seen.append(("update", torch.get_num_threads())), update(r))[1])
+    act_threads = lambda *a, **k: (seen.append(("act", torch.get_num_threads())), act(*a, **k))[1]  # noqa: E731
+    monkeypatch.setattr(trainer.policy, "act", act_threads)
+    with torch_threads(1):
+        trainer.train()
+        assert torch.get_num_threads() == 1
+    # every rollout step on torch's count; the update (and the drift probe's acts beside it) on update_threads
+    assert seen.count(("act", 1)) == tiny_cfg.ppo.num_steps * tiny_cfg.total_updates
+    assert seen.count(("update", 2)) == tiny_cfg.total_updates and ("update", 1) not in seen
 
 
 def test_bf16_autocast_checkpoints_eval_and_tensorboard(tiny_cfg):

@@ -20,6 +20,7 @@ from rvla_peft.perturbations.base import (
     check_severity,
 )
 from rvla_peft.perturbations.specs import build_perturbations
+from rvla_peft.utils.threads import torch_threads
 
 # --------------------------------------------------------------------------------------------------------------
 # The wrapper
@@ -33,15 +34,8 @@ def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
     parallel op take the cores from the simulator and renderer that run next (on 2 cores, env steps went 2x slower
     with the observation suite; bench/bench_perturbations.py).
     """
-    if device.type != "cpu" or not torch.backends.openmp.is_available():
+    with torch_threads(1 if device.type == "cpu" and torch.backends.openmp.is_available() else None):
         yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _where_obs(mask: torch.Tensor, a: Obs, b: Obs) -> Obs:
