@@ -139,6 +139,12 @@ def test_lean_pack_leaves_out_only_the_brdf_table(tmp_path: Path) -> None:
     assert shaders.lean_pack_files(tmp_path) is None
 
 
+def test_the_stock_pack_can_be_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert shaders.lean_shader_config() is not None
+    monkeypatch.setenv(shaders.STOCK_SHADERS_ENV, "1")
+    assert shaders.lean_shader_config() is None
+
+
 def test_a_scene_with_an_environment_map_is_detected(fast_env: SingleEnvAdapter, tmp_path: Path) -> None:
     """make_single_env rebuilds such a scene with the stock pack: the lean one drops its specular light."""
     import sapien

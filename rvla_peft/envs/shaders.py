@@ -11,7 +11,7 @@ one gets the stock pack back (:func:`has_environment_map`, checked by ``make_sin
 The pack is SAPIEN's own shader files, from the installed ``sapien``, with the table's two declarations and its one
 read taken out, written once per machine and SAPIEN version under ``cache_dir()/shaders``. Where the installed
 files differ from the ones these edits were written for, :func:`lean_shader_config` returns None and envs keep the
-stock pack.
+stock pack; ``RVLA_PEFT_STOCK_SHADERS=1`` asks for the stock pack everywhere (worker processes included).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 PACK = "minimal"
+STOCK_SHADERS_ENV = "RVLA_PEFT_STOCK_SHADERS"  # set (to anything non-empty): every env draws with the stock pack
 # (file, text in SAPIEN's file, its replacement): the table's declarations and the specular term that reads it
 EDITS = (
     ("composite0.frag", "layout(set = 2, binding = 8) uniform sampler2D samplerBRDFLUT;\n", ""),
@@ -100,7 +101,7 @@ def lean_shader_config() -> Any | None:
     import sapien
     from mani_skill.render.shaders import PREBUILT_SHADER_CONFIGS, ShaderConfig
 
-    folder = lean_shader_dir()
+    folder = None if os.environ.get(STOCK_SHADERS_ENV) else lean_shader_dir()
     if folder is None:
         return None
     stock = PREBUILT_SHADER_CONFIGS[PACK]
