@@ -62,6 +62,7 @@ format: setup
 bench: setup
 	$(PY) bench/bench_iteration.py
 	$(PY) bench/bench_env.py
+	$(PY) bench/bench_env_startup.py
 	$(PY) bench/bench_eval.py
 
 clean:

@@ -10,7 +10,8 @@ python bench/bench_decoding.py [RECIPE] [--batches 2 4] [--calls 60] [--steps 20
    seed, sampled and deterministic.
    "merged": ``policy.act`` inside ``policy.acting()``, the LoRA folded into the weights as the trainer's rollouts
    and ``python -m rvla_peft.eval`` act (``policy.merge_lora_to_act``): its median ms, its CPU-time ratio to "new",
-   and how far its samples are from the unmerged policy's.
+   and how far its samples are from the unmerged policy's; and the merged prefill forward alone (image + prompt,
+   no decoding), the floor of any ``act`` of this model.
    With ``--compile``, also "compiled" (``policy.compile=true``: the same weights, act's forwards through
    ``torch.compile``): the seconds its first call took (compiling), its median ms, its CPU-time ratio to "new", and
    how far its samples are from eager decoding (deterministic actions equal or not, largest mean-action difference).
@@ -90,6 +91,18 @@ def time_act(acts: dict, obs: dict, calls: int) -> dict:
     return result
 
 
+def prefill_ms(policy, obs: dict, calls: int) -> float:
+    """Median CPU ms of the one forward over image and prompt that every ``act`` begins with, without the decoding
+    after it: the floor of an ``act`` of this model, however the tokens are decoded."""
+    times = []
+    with torch.inference_mode():
+        for _ in range(calls + 1):
+            start = clocks()[1]
+            policy._prompt_forward(obs, use_cache=True)
+            times.append(1000 * (clocks()[1] - start))
+    return statistics.median(times[1:])
+
+
 def agreement(other, policy, obs: dict) -> str:
     """Deterministic decoding, another policy object (compiled, merged) vs ``policy``: same actions or not, and
     the largest mean-action difference."""
@@ -162,6 +175,7 @@ def main() -> None:
             f"  batch {n}: merged {wall:5.1f} wall {cpu:5.1f} CPU   merged/new {ms['merged_ratio']:.3f} "
             f"(CPU, paired)   {agreement(merged, policy, obs)}"
         )
+        print(f"  batch {n}: merged, the prefill forward alone {prefill_ms(merged, obs, args.calls):5.1f} CPU")
         if args.compile:
             wall, cpu = ms["compiled"]
             print(
