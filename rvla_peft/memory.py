@@ -261,7 +261,8 @@ class MemoryEstimate:
     optimizer_states: float  # AdamW's two moments
     activations: float  # one micro-batch forward + backward (main pass)
     jacobian_extra: float  # the Jacobian pass on top of it
-    rollout_inference: float  # collect: KV cache + hidden states of every env (when larger, replaces activations)
+    rollout_inference: float  # collect: KV cache + hidden states of every env, + the adapted weights' copy while
+    # merged (policy.merge_lora_to_act); when larger, replaces activations
     rollout_buffer: float  # the rollout's images (and actions) kept on the device
     cuda_context: float
 
@@ -284,7 +285,7 @@ class MemoryEstimate:
     def summary(self) -> str:
         """Two YAML comment lines: the total and its parts, then what it assumed."""
         if self.rollout_inference > self.activations + self.jacobian_extra:
-            acts = f"activations {self.peak_activations:.1f} in the rollout (KV cache of every env)"
+            acts = f"activations {self.peak_activations:.1f} in the rollout (KV cache of every env, merged-LoRA copy)"
         else:
             jac = f" incl. Jacobian pass {self.jacobian_extra:.1f}" if self.jacobian_samples else ""
             acts = f"activations {self.peak_activations:.1f}{jac}"
@@ -338,6 +339,8 @@ def estimate_training_memory(cfg: TrainConfig, prompt_tokens: int | None = None)
     if jac_samples:  # its forward casts the frozen fp32 weights again (autocast caches only trainable leaves)
         jacobian += autocast_copy_bytes(cfg, 0, base["linear_params"])
     rollout = cfg.env.num_envs * max(inference_bytes(s, p) for s in stacks)
+    if cfg.policy.merge_lora_to_act and cfg.model.quantization == "none":
+        rollout += merged_copy_bytes(model, lora_cfg, cfg.model.torch_dtype)
     return MemoryEstimate(
         model=cfg.model.name_or_path,
         quantization=cfg.model.quantization,
@@ -478,6 +481,13 @@ def lora_target_modules(model: nn.Module, lora_cfg) -> list[tuple[str, nn.Module
         for name, module in model.named_modules()
         if name and not matches(exclude, name) and matches(targets, name)
     ]
+
+
+def merged_copy_bytes(model: nn.Module, lora_cfg, torch_dtype: str) -> int:
+    """The copy of the adapted layers' weights that ``Policy.acting`` holds while it acts with the LoRA merged
+    (``policy.merge_lora_to_act``), to put them back bit for bit."""
+    numel = sum(sum(t.numel() for t in m.parameters(recurse=False)) for _, m in lora_target_modules(model, lora_cfg))
+    return numel * BYTES_PER_DTYPE[torch_dtype]
 
 
 def count_lora_params(model: nn.Module, lora_cfg) -> int:

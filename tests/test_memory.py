@@ -91,6 +91,20 @@ def test_weight_bytes_equal_the_loaded_quantized_tiny_model(tiny_cfg, quantizati
     assert estimate_training_memory(tiny_cfg).base_weights * GIB == actual
 
 
+def test_the_rollout_counts_the_copy_that_acting_holds(tiny_cfg):
+    from peft.tuners.lora import LoraLayer
+
+    from rvla_peft.policies.registry import build_policy
+
+    policy = build_policy(tiny_cfg)
+    bases = [m.get_base_layer() for m in policy.peft_model.modules() if isinstance(m, LoraLayer)]
+    held = sum(t.numel() * t.element_size() for b in bases for t in b.parameters(recurse=False))
+    merged = estimate_training_memory(tiny_cfg)
+    tiny_cfg.policy.merge_lora_to_act = False
+    unmerged = estimate_training_memory(tiny_cfg)
+    assert (merged.rollout_inference - unmerged.rollout_inference) * GIB == pytest.approx(held, abs=1)
+
+
 @pytest.mark.parametrize("model", ["builtin:tiny-llava", "builtin:tiny-openvla"])
 def test_trainable_counts_equal_what_build_policy_creates(tiny_cfg, model):
     from rvla_peft.policies.registry import build_policy
