@@ -58,6 +58,10 @@ def fast_env(asset_dir: Path) -> Iterator[SingleEnvAdapter]:
     env.close()
 
 
+def _shader_pack(env: SingleEnvAdapter) -> str:
+    return env.unwrapped._sensors["base_camera"].config.shader_config.shader_pack
+
+
 @pytest.fixture(scope="module")
 def runs(asset_dir: Path, fast_env: SingleEnvAdapter) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
     out = {"fast": (*_rollout(fast_env), count_triangles(fast_env))}
@@ -67,6 +71,7 @@ def runs(asset_dir: Path, fast_env: SingleEnvAdapter) -> dict[str, tuple[np.ndar
                 mp.setattr(shaders, "lean_shader_config", lambda: None)
             env = _env(detail)
         try:
+            assert _shader_pack(env) == ("minimal" if name == "fast_stock_shaders" else str(shaders.lean_shader_dir()))
             out[name] = (*_rollout(env), count_triangles(env))
         finally:
             env.close()
@@ -112,10 +117,6 @@ def test_reconfiguring_reset_keeps_the_scene_light(fast_env: SingleEnvAdapter, r
     obs, info = fast_env.reset(seed=SEED, options={"reconfigure": True})  # a new scene, full-detail meshes again
     assert count_triangles(fast_env) == runs["fast"][2]
     assert np.array_equal(obs["rgb"], runs["fast"][0][0]), "the reset's frame must be drawn from the light scene"
-
-
-def _shader_pack(env: SingleEnvAdapter) -> str:
-    return env.unwrapped._sensors["base_camera"].config.shader_config.shader_pack
 
 
 def test_lean_shader_pack_draws_the_stock_pixels(runs, fast_env: SingleEnvAdapter) -> None:
