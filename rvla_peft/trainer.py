@@ -788,8 +788,8 @@ class RobustPPOTrainer:
         settings = suite_grid(self.cfg.perturb.eval_suite, specs=self.cfg.perturb.eval)
         modes = [("eval", True)] + ([("eval_sampled", False)] if self.cfg.eval_sampled else [])
         metrics = {}
-        for prefix, deterministic in modes:
-            with self.policy.acting():
+        with self.policy.acting():  # merged once for every mode (policy.merge_lora_to_act)
+            for prefix, deterministic in modes:
                 cells = evaluate_grid(
                     {"policy": self.policy},
                     self.base_env,
@@ -799,13 +799,13 @@ class RobustPPOTrainer:
                     max_steps=self.cfg.env.max_episode_steps,
                     deterministic=deterministic,
                 )
-            for cell in cells:
-                local = torch.tensor(
-                    [cell.success_rate, sum(cell.returns) / cell.episodes], device=self.accelerator.device
-                )
-                success_rate, mean_return = self.accelerator.reduce(local, "mean").tolist()
-                metrics[f"{prefix}/{cell.setting}/success_rate"] = success_rate
-                metrics[f"{prefix}/{cell.setting}/return"] = mean_return
+                for cell in cells:
+                    local = torch.tensor(
+                        [cell.success_rate, sum(cell.returns) / cell.episodes], device=self.accelerator.device
+                    )
+                    success_rate, mean_return = self.accelerator.reduce(local, "mean").tolist()
+                    metrics[f"{prefix}/{cell.setting}/success_rate"] = success_rate
+                    metrics[f"{prefix}/{cell.setting}/return"] = mean_return
         return metrics
 
     def _log(self, metrics: dict[str, float], step: int, bar) -> None:

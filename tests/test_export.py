@@ -29,6 +29,7 @@ from rvla_peft.utils.constants import (
     RECIPE_FILE,
     VALUE_HEAD_FILE,
 )
+from rvla_peft.utils.threads import torch_threads
 
 COMMON = ["report_to=[]", "lora.r=4", "lora.alpha=8", "lora.target_modules=null", "lora.adapt_output_layer=false"]
 FAMILIES = {
@@ -52,10 +53,8 @@ ATOL = 1e-5
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def family_cfg(family, tmp_path, *overrides):

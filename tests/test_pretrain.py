@@ -13,6 +13,7 @@ from rvla_peft.models.tiny import PACKAGED_ADAPTERS, resolve_builtin
 from rvla_peft.policies.action_tokens.configuration import ActionTokenPolicyConfig
 from rvla_peft.policies.action_tokens.tokenizer import ActionTokenizer
 from rvla_peft.utils.constants import CARD_FILE, POLICY_SETTINGS_FILE, PRETRAIN_RECORD_FILE
+from rvla_peft.utils.threads import torch_threads
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 INSTRUCTIONS = {"PushCube-v1": "push the cube to the goal region", "PullCube-v1": "pull the cube to the goal region"}
@@ -50,10 +51,8 @@ def write_demos(root: Path, episodes: int = 2, steps: int = 3, size: int = 32, s
 def one_thread():
     """Small matrices, and a 2-core machine shared with the renderer or other jobs: two spinning OpenMP threads can
     make each step 10-50x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def test_action_slots_round_trip():
