@@ -17,10 +17,27 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from rvla_peft.algorithms.group import informative_groups
-from rvla_peft.algorithms.ppo import bootstrap_truncated
+from rvla_peft.algorithms.group import group_advantages, informative_groups
+from rvla_peft.algorithms.ppo import bootstrap_truncated, compute_gae
 from rvla_peft.envs.maniskill import Step
 from rvla_peft.policies.base import Policy
+
+
+@dataclass
+class Batch:
+    """A rollout flattened to samples ([T*N, ...] for PPO, [S, ...] for groups) with its advantages: what the
+    objective (:mod:`rvla_peft.objective`) indexes by minibatch."""
+
+    actions: Tensor
+    log_probs: Tensor
+    values: Tensor | None  # None without a critic
+    advantages: Tensor
+    returns: Tensor | None  # None without a critic
+    means: Tensor
+    ref_log_probs: Tensor | None  # the reference policy's log-probs of the actions (kl_to_base > 0)
+
+    def __len__(self) -> int:
+        return self.actions.shape[0]
 
 
 @dataclass
@@ -67,6 +84,25 @@ class Rollout:
         t = flat_index // self.num_envs
         valid = (t + 1 < self.num_steps) & ~self.dones.reshape(-1)[flat_index]
         return torch.where(valid, flat_index + self.num_envs, flat_index), valid
+
+    @staticmethod
+    def flat(x: Tensor) -> Tensor:
+        """[T, N, ...] -> [T*N, ...]: the sample order of :meth:`observations`."""
+        return x.reshape(-1, *x.shape[2:])
+
+    def to_batch(self, cfg, ref_log_probs: Tensor | None = None) -> Batch:
+        """Samples with GAE advantages and returns from the value head (``cfg``: the run's TrainConfig)."""
+        advantages, returns = compute_gae(
+            self.rewards, self.values, self.dones, self.next_value, gamma=cfg.ppo.gamma, gae_lambda=cfg.ppo.gae_lambda
+        )
+        f = self.flat
+        ref = None if ref_log_probs is None else f(ref_log_probs)
+        return Batch(f(self.actions), f(self.log_probs), f(self.values), f(advantages), f(returns), f(self.means), ref)
+
+    def totals(self) -> dict[str, tuple[float, float | None]]:
+        """This rollout type's own metrics as (numerator, denominator) sums over this rank's samples; the trainer
+        sums both over ranks and divides (a None denominator: the metric is the sum itself)."""
+        return {"rollout/step_reward": (self.rewards.sum().item(), float(self.rewards.numel()))}
 
 
 def step_chunk(env, env_action: Tensor) -> Step:
@@ -239,6 +275,26 @@ class GroupRollout:
     def step_advantages(self, advantages: Tensor) -> Tensor:
         """Per-episode advantages [num_kept, G] broadcast to every step of the episode: [S]."""
         return advantages.reshape(-1)[self.episode]
+
+    @staticmethod
+    def flat(x: Tensor) -> Tensor:
+        """Samples are stored flat already."""
+        return x
+
+    def to_batch(self, cfg, ref_log_probs: Tensor | None = None) -> Batch:
+        """Samples with each episode's advantage relative to its group (``cfg.algorithm``: rloo / grpo); no critic."""
+        advantages = self.step_advantages(group_advantages(self.outcomes, cfg.algorithm))
+        return Batch(self.actions, self.log_probs, None, advantages, None, self.means, ref_log_probs)
+
+    def totals(self) -> dict[str, tuple[float, float | None]]:
+        """Dynamic sampling's bookkeeping as (numerator, denominator) sums; see :meth:`Rollout.totals`."""
+        kept, collected = float(self.groups_kept), float(self.groups_collected)
+        return {
+            "groups/kept_frac": (kept, collected),
+            "groups/kept": (kept, None),
+            "groups/collected": (collected, None),
+            "groups/samples": (float(len(self)), None),
+        }
 
 
 @dataclass

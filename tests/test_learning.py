@@ -10,23 +10,21 @@ import pytest
 from conftest import RECIPES
 
 from rvla_peft.config import load_config
-from rvla_peft.trainer import RobustPPOTrainer
+from rvla_peft.trainer import RobustPPOTrainer, TrainerCallback
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # 11 minutes on an idle 2-core machine
 def test_return_rises_over_updates_from_a_fixed_seed(tmp_path):
     cfg = load_config(RECIPES / "tiny_learn.yaml", [f"output_dir={tmp_path}", "report_to=[]"])
-    trainer = RobustPPOTrainer(cfg)
     history: list[float] = []
-    log = trainer._log
 
-    def record(metrics, step, bar):
-        if "rollout/return" in metrics:
-            history.append(metrics["rollout/return"])
-        log(metrics, step, bar)
+    class RecordReturns(TrainerCallback):
+        def on_log(self, trainer, update, metrics):
+            if "rollout/return" in metrics:
+                history.append(metrics["rollout/return"])
 
-    trainer._log = record
+    trainer = RobustPPOTrainer(cfg, callbacks=[RecordReturns()])
     trainer.train()
     k = max(3, len(history) // 5)
     first, last = statistics.mean(history[:k]), statistics.mean(history[-k:])

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import train_under_pixel_noise
 
+from rvla_peft.objective import invariance_term
 from rvla_peft.regularizers import (
     exact_jacobian_sq_norm,
     grad_norm_penalty,
@@ -295,7 +296,7 @@ def test_the_invariance_target_is_the_current_policy_or_the_base_with_the_adapte
             if "lora_B" in name:
                 p.copy_(0.5 * torch.randn(p.shape, generator=gen))
     idx = torch.arange(4)
-    actions = trainer._flat(rollout, rollout.actions)[idx]
+    actions = rollout.flat(rollout.actions)[idx]
     out = policy.evaluate(rollout.observations(idx), actions)
     clean = rollout.clean_observations(idx)
     with torch.no_grad():
@@ -305,7 +306,7 @@ def test_the_invariance_target_is_the_current_policy_or_the_base_with_the_adapte
     penalty = {}
     for target in ("current", "base"):
         inv_cfg.target = target
-        penalty[target] = trainer._invariance_penalty(rollout, idx, actions, out, inv_cfg)
+        penalty[target] = invariance_term(policy, rollout, idx, actions, out, inv_cfg)
     torch.testing.assert_close(penalty["current"], token_invariance_kl(out.logits, current_logits).mean())
     torch.testing.assert_close(penalty["base"], token_invariance_kl(out.logits, base_logits).mean())
     assert abs(penalty["base"] - penalty["current"]) > 1e-3

@@ -15,6 +15,7 @@ from conftest import RECIPES
 from safetensors.torch import load_file, save_file
 
 from rvla_peft.adapters import AdapterFolderError, check_adapter_folder
+from rvla_peft.callbacks import TrainerCallback
 from rvla_peft.config import ConfigError, load_config
 from rvla_peft.run_folder import check_output_dir, check_resume_recipe, checkpoints, resolve_resume
 from rvla_peft.utils.constants import (
@@ -259,22 +260,25 @@ def test_resume_refuses_a_changed_recipe_and_a_missing_checkpoint(tmp_path):
 # non-finite losses, in process (a fault injected into one loss term of a real trainer)
 
 
-def _nan_trainer(cfg, poisoned_calls: set[int]):
-    from rvla_peft.trainer import RobustPPOTrainer
+def _nan_trainer(cfg, poisoned_calls: set[int], monkeypatch):
+    """A trainer whose objective returns a NaN Jacobian term at the given calls (1-based)."""
+    import rvla_peft.trainer
+    from rvla_peft.objective import compute_losses
 
-    class Poisoned(RobustPPOTrainer):
-        calls = 0
+    calls = 0
 
-        def _losses(self, *args, **kwargs):
-            losses = super()._losses(*args, **kwargs)
-            Poisoned.calls += 1
-            if Poisoned.calls in poisoned_calls:
-                jac = losses.stats["loss/jacobian"]
-                losses.stats["loss/jacobian"] = jac * float("nan")
-                losses.total = losses.total + losses.stats["loss/jacobian"]
-            return losses
+    def poisoned(*args, **kwargs):
+        nonlocal calls
+        losses = compute_losses(*args, **kwargs)
+        calls += 1
+        if calls in poisoned_calls:
+            jac = losses.stats["loss/jacobian"]
+            losses.stats["loss/jacobian"] = jac * float("nan")
+            losses.total = losses.total + losses.stats["loss/jacobian"]
+        return losses
 
-    return Poisoned(cfg)
+    monkeypatch.setattr(rvla_peft.trainer, "compute_losses", poisoned)
+    return rvla_peft.trainer.RobustPPOTrainer(cfg)
 
 
 def _short_cfg(tmp_path, *extra):
@@ -282,37 +286,40 @@ def _short_cfg(tmp_path, *extra):
                               "total_updates=3", "ppo.update_epochs=1", "ppo.target_kl=null", *extra])  # fmt: skip
 
 
-def test_a_non_finite_loss_is_skipped_and_the_run_ends_finite(tmp_path, capsys):
+def test_a_non_finite_loss_is_skipped_and_the_run_ends_finite(tmp_path, capsys, monkeypatch):
     cfg = _short_cfg(tmp_path)
-    trainer = _nan_trainer(cfg, poisoned_calls={3})  # update 2's first minibatch (2 minibatches per update)
+    trainer = _nan_trainer(
+        cfg, poisoned_calls={3}, monkeypatch=monkeypatch
+    )  # update 2's first minibatch (2 minibatches per update)
     before = {}
 
-    original = trainer._step_if_finite
+    class WeightsUnchangedWhenSkipped(TrainerCallback):
+        def on_before_optimizer_step(self, trainer):
+            before.update({n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad})
 
-    def watch(grad_norm, terms):
-        before.update({n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad})
-        stepped = original(grad_norm, terms)
-        if not stepped:  # the weights are exactly as they were
-            for n, p in trainer.policy.named_parameters():
-                if p.requires_grad:
-                    assert torch.equal(p, before[n]), n
-        return stepped
+        def on_optimizer_step(self, trainer, stepped):
+            if not stepped:  # the weights are exactly as they were
+                for n, p in trainer.policy.named_parameters():
+                    if p.requires_grad:
+                        assert torch.equal(p, before[n]), n
+                skipped.append(trainer.update_index + 1)
 
-    trainer._step_if_finite = watch
+    skipped = []
+    trainer.callbacks.callbacks.append(WeightsUnchangedWhenSkipped())
     trainer.train()
     lines = [json.loads(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
     assert [m["train/skipped_steps"] for m in lines] == [0, 1, 0]
     assert [m["ppo/optimizer_steps"] for m in lines] == [2, 1, 2]
     assert "update 2: non-finite loss/jacobian; optimizer step skipped" in capsys.readouterr().err
     check_adapter_folder(tmp_path / "run" / "adapter")  # finite: it would raise otherwise
-    assert trainer.skipped_steps == 1
+    assert trainer.skipped_steps == 1 and skipped == [2]
 
 
-def test_consecutive_non_finite_losses_stop_the_run_and_nothing_is_written(tmp_path):
+def test_consecutive_non_finite_losses_stop_the_run_and_nothing_is_written(tmp_path, monkeypatch):
     from rvla_peft.trainer import NonFiniteError
 
     cfg = _short_cfg(tmp_path, "max_consecutive_skips=2")
-    trainer = _nan_trainer(cfg, poisoned_calls={2, 3})
+    trainer = _nan_trainer(cfg, poisoned_calls={2, 3}, monkeypatch=monkeypatch)
     with pytest.raises(NonFiniteError, match=r"update 2: non-finite loss/jacobian, 2 optimizer steps in a row"):
         trainer.train()
     assert not (tmp_path / "run" / "adapter").exists()

@@ -12,6 +12,8 @@ from rvla_peft.algorithms import kl_k3, rloo_advantages
 from rvla_peft.config import ConfigError, load_config
 from rvla_peft.envs import PerturbedEnv, make_envs
 from rvla_peft.envs.maniskill import VecEnv
+from rvla_peft.metrics import make_probe, probe_drift
+from rvla_peft.objective import compute_losses, make_batch
 from rvla_peft.policies.base import ActionSample
 from rvla_peft.rollout import collect, collect_groups
 from rvla_peft.trainer import RobustPPOTrainer
@@ -220,11 +222,11 @@ def test_kl_to_base_on_clean_frames_compares_the_policy_and_the_base_on_the_fram
     trainer, _, rollout = train_under_pixel_noise(tiny_cfg)
     policy = trainer.policy.eval()  # no dropout: values compared exactly
     idx = torch.arange(rollout.log_probs.numel())
-    actions = trainer._flat(rollout, rollout.actions)
+    actions = rollout.flat(rollout.actions)
     with torch.no_grad(), policy.peft_model.disable_adapter():
         base_clean = policy.evaluate(rollout.clean_observations(idx), actions).log_prob
         base_seen = policy.evaluate(rollout.observations(idx), actions).log_prob
-    torch.testing.assert_close(trainer._flat(rollout, rollout.ref_log_probs_clean), base_clean)
+    torch.testing.assert_close(rollout.flat(rollout.ref_log_probs_clean), base_clean)
     assert (base_clean - base_seen).abs().max() > 1e-3, "the noise changed the base's log-probs"
 
     gen = torch.Generator().manual_seed(0)
@@ -232,9 +234,9 @@ def test_kl_to_base_on_clean_frames_compares_the_policy_and_the_base_on_the_fram
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-    batch = trainer._batch(rollout)
+    batch = make_batch(policy, rollout, trainer.cfg)
     mb = idx[:4]
-    losses = trainer._losses(rollout, mb, batch, batch.advantages[mb])
+    losses = compute_losses(policy, rollout, mb, batch, batch.advantages[mb], trainer.cfg)
     with torch.no_grad():
         current_clean = policy.evaluate(rollout.clean_observations(mb), actions[mb]).log_prob
     expected = kl_k3(current_clean, base_clean[mb]).mean()
@@ -252,14 +254,17 @@ def test_argmax_changed_is_zero_before_the_first_step_and_counts_changed_tokens(
     trainer = RobustPPOTrainer(tiny_cfg)
     policy = trainer.policy.eval()
     rollout, _ = collect(policy, trainer.train_env, trainer.train_env.reset(seed=0), 4, 0.99)
-    probe = trainer.make_probe(rollout)
+    probe = make_probe(rollout, trainer.cfg.probe_frames)
     assert probe["rgb"].shape[0] == 8  # all 4 x 2 frames: fewer than probe_frames
-    assert trainer.probe_drift(probe) == {"policy/argmax_changed": 0.0, "policy/argmax_shift": 0.0}
+    assert probe_drift(trainer.accelerator, policy, probe) == {
+        "policy/argmax_changed": 0.0,
+        "policy/argmax_shift": 0.0,
+    }
     with torch.no_grad():
         for name, p in policy.peft_model.named_parameters():
             if "lora_B" in name:
                 p.add_(torch.randn_like(p) * 0.05)
-    drift = trainer.probe_drift(probe)
+    drift = probe_drift(trainer.accelerator, policy, probe)
     with torch.no_grad():
         ours = policy.act(probe, deterministic=True).action
         with policy.peft_model.disable_adapter():
@@ -269,7 +274,7 @@ def test_argmax_changed_is_zero_before_the_first_step_and_counts_changed_tokens(
     assert 0 < drift["policy/argmax_changed"] <= 1 <= drift["policy/argmax_shift"] / drift["policy/argmax_changed"]
 
 
-def test_base_policy_restores_the_adapter(tiny_cfg):
+def test_the_reference_policy_restores_the_adapter(tiny_cfg):
     trainer = RobustPPOTrainer(tiny_cfg)
     policy = trainer.policy.eval()
     with torch.no_grad():
@@ -280,7 +285,7 @@ def test_base_policy_restores_the_adapter(tiny_cfg):
     actions = torch.zeros(2, 7, dtype=torch.long)
     with torch.no_grad():
         ours = policy.evaluate(obs, actions).log_prob
-        with trainer.base_policy():
+        with trainer.policy.reference():
             base = policy.evaluate(obs, actions).log_prob
         again = policy.evaluate(obs, actions).log_prob
     assert not torch.equal(ours, base) and torch.equal(ours, again)
@@ -349,7 +354,7 @@ def test_grpo_trains_an_action_chunk_policy(tmp_path):
     assert metrics["groups/samples"] == 2 * 2 * 2  # 4 episodes of 2 macro steps
     assert metrics["policy/kl_to_base"] == pytest.approx(0.0, abs=1e-6) and metrics["loss/kl_to_base"] >= 0
     # the base policy of an OFT adapter has the heads at their initial values, and they are restored after
-    with torch.no_grad(), trainer.base_policy():
+    with torch.no_grad(), trainer.policy.reference():
         assert all(torch.equal(v, heads[k]) for k, v in trainer.policy.action_head.state_dict().items())
     assert any(not torch.equal(v, heads[k]) for k, v in trainer.policy.action_head.state_dict().items())
 

@@ -33,6 +33,16 @@ def grad_shares(norms: dict[str, float]) -> dict[str, float]:
     return {name: (n / total if total > 0 else 0.0) for name, n in norms.items()}
 
 
+def grad_share_history(norms: dict[str, float]) -> dict[str, list[Tensor]]:
+    """``grad/norm_<term>`` and ``grad/share_<term>`` as one-element metric histories (the trainer averages a
+    metric's history over the update)."""
+    out = {}
+    for prefix, values in (("grad/norm_", norms), ("grad/share_", grad_shares(norms))):
+        for name, value in values.items():
+            out[prefix + name] = [torch.tensor(value)]
+    return out
+
+
 def calibrated_weights(norms: dict[str, float], penalties: dict[str, float], share: float) -> dict[str, float]:
     """Weights putting every penalty at ``share`` of the summed gradient norm.
 

@@ -272,6 +272,13 @@ class PPOConfig:
         },
     )
 
+    @property
+    def value_clip_range(self) -> float | None:
+        """The value loss's clip range in return units (``clip_vloss``), None when unclipped."""
+        if self.clip_vloss is True:
+            return self.clip_coef
+        return None if self.clip_vloss is False else float(self.clip_vloss)
+
     def __post_init__(self) -> None:
         # Old recipes wrote norm_adv: true / false.
         if self.norm_adv is True:
@@ -423,14 +430,18 @@ class TrainConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed of envs, sampling and initialisation."})
     total_updates: int = field(default=10, metadata={"help": "PPO updates (rollout + optimisation) to run."})
-    algorithm: Literal["ppo", "rloo", "grpo"] = field(
+    algorithm: Literal["ppo", "rloo", "grpo", "distill"] = field(
         default="ppo",
         metadata={
             "help": "'ppo': GAE advantages from a value head over T steps x N envs (the ppo section). 'rloo' / "
             "'grpo': critic-free, groups of group.size episodes from one initial state and perturbation draw, each "
             "episode's advantage its outcome minus the mean of the others (rloo) or group-normalised (grpo), groups "
             "of equal outcomes dropped and refilled; PPO's clipped surrogate (ppo.clip_coef, update_epochs, "
-            "num_minibatches, target_kl) on those advantages, no value loss."
+            "num_minibatches, target_kl) on those advantages, no value loss. 'distill': no reward at all; on-policy "
+            "distillation of the reference policy's action distribution on the clean frame onto the policy on the "
+            "perturbed frame of the same step, over the states the policy visits (T steps x N envs as ppo; the exact "
+            "per-slot KL for token policies, the k3 estimate on the rollout's actions otherwise); the penalties and "
+            "kl_to_base add to it as with ppo."
         },
     )
     kl_to_base: float = field(
@@ -505,6 +516,21 @@ class TrainConfig:
     regularizers: RegularizerConfig = field(default_factory=RegularizerConfig)
     hub: HubConfig = field(default_factory=HubConfig)
 
+    @property
+    def uses_critic(self) -> bool:
+        """PPO trains the value head for GAE; the group algorithms take advantages from their groups, distillation
+        needs none."""
+        return self.algorithm == "ppo"
+
+    @property
+    def uses_groups(self) -> bool:
+        """rloo / grpo collect groups of whole episodes; ppo and distill collect T steps x N envs."""
+        return self.algorithm in ("rloo", "grpo")
+
+    @property
+    def kl_on_clean_frames(self) -> bool:
+        return self.kl_to_base > 0 and self.kl_to_base_frames == "clean"
+
     def validate(self) -> None:
         """Values that parse but cannot work. Raises ConfigError naming the key."""
         check(self.total_updates >= 1, "total_updates", "must be >= 1")
@@ -531,9 +557,9 @@ class TrainConfig:
         check(ppo.critic_warmup_updates >= 0, "ppo.critic_warmup_updates", "must be >= 0")
         check(self.kl_to_base >= 0, "kl_to_base", "must be >= 0")
         check(
-            self.kl_to_base_frames == "rollout" or self.algorithm == "ppo",
+            self.kl_to_base_frames == "rollout" or not self.uses_groups,
             "kl_to_base_frames",
-            "'clean' needs algorithm=ppo (group rollouts do not keep the clean frames)",
+            "'clean' needs algorithm=ppo or distill (group rollouts do not keep the clean frames)",
         )
         check(self.probe_frames >= 0, "probe_frames", "must be >= 0")
         check(self.update_threads is None or self.update_threads >= 1, "update_threads", "must be >= 1 (or null)")
@@ -541,17 +567,17 @@ class TrainConfig:
         check(group.size >= 2, "group.size", "must be >= 2: an advantage compares an episode with its group")
         check(group.num_groups >= 1, "group.num_groups", "must be >= 1")
         check(group.max_resample >= 0, "group.max_resample", "must be >= 0")
-        if self.algorithm == "ppo":
+        if not self.uses_groups:
             batch = ppo.num_steps * self.env.num_envs
             where = f"num_steps * env.num_envs = {batch}"
         else:
             batch = group.num_groups * group.size  # at least one step per episode
             where = f"group.num_groups * group.size = {batch}"
-            check(
-                ppo.critic_warmup_updates == 0,
-                "ppo.critic_warmup_updates",
-                f"has no critic to warm up with algorithm={self.algorithm}",
-            )
+        check(
+            ppo.critic_warmup_updates == 0 or self.uses_critic,
+            "ppo.critic_warmup_updates",
+            f"has no critic to warm up with algorithm={self.algorithm}",
+        )
         check(1 <= ppo.num_minibatches <= batch, "ppo.num_minibatches", f"must be in [1, {where}]")
         minibatch = batch // ppo.num_minibatches
         check(
@@ -570,9 +596,9 @@ class TrainConfig:
         check(inv.weight >= 0, "regularizers.invariance.weight", "must be >= 0")
         check(0 < inv.fraction <= 1, "regularizers.invariance.fraction", "must be in (0, 1]")
         check(
-            inv.weight == 0 or self.algorithm == "ppo",
+            inv.weight == 0 or not self.uses_groups,
             "regularizers.invariance.weight",
-            "needs algorithm=ppo (group rollouts do not keep the clean frames)",
+            "needs algorithm=ppo or distill (group rollouts do not keep the clean frames)",
         )
         check(
             inv.form != "exact" or isinstance(policy, ActionTokenPolicyConfig),
@@ -589,7 +615,7 @@ class TrainConfig:
             ("eval_every", self.eval_every if self.eval_episodes else 0),
         ):
             check(
-                self.algorithm != "ppo" or every == 0 or every * self.ppo.num_steps >= self.env.max_episode_steps,
+                self.uses_groups or every == 0 or every * self.ppo.num_steps >= self.env.max_episode_steps,
                 key,
                 f"x ppo.num_steps ({every} x {self.ppo.num_steps}) is shorter than an episode (env.max_episode_steps="
                 f"{self.env.max_episode_steps}), and episodes restart at each checkpoint and evaluation: set {key} >= "

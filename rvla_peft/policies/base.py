@@ -189,6 +189,38 @@ class Policy(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------------------------------------
+    # the reference policy: the same model with the adapter switched off (no second copy of the weights)
+
+    def freeze_reference(self) -> None:
+        """Take the current values of the trained weights that are neither LoRA nor the value head (OpenVLA-OFT's
+        action and scale heads) as the reference policy's; call it before training changes them."""
+        value_ids = {id(p) for p in self.value_head.parameters()}
+        self._reference_weights = {
+            name: p.detach().clone()
+            for name, p in self.named_parameters()
+            if p.requires_grad and "lora_" not in name and id(p) not in value_ids
+        }
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Inside the block this policy is the reference policy (the KL anchor, the invariance teacher with
+        ``target: base``, the drift probes' baseline): the adapter switched off and the weights of
+        :meth:`freeze_reference` swapped in."""
+        weights = getattr(self, "_reference_weights", None)
+        if weights is None:
+            raise RuntimeError("no reference policy: call freeze_reference() before training")
+        params = dict(self.named_parameters())
+        current = {name: params[name].data for name in weights}
+        with self.peft_model.disable_adapter():
+            try:
+                for name, initial in weights.items():
+                    params[name].data = initial
+                yield
+            finally:
+                for name, data in current.items():
+                    params[name].data = data
+
+    # ------------------------------------------------------------------------------------------------------------
     # prompts
 
     def build_prompt(self, instruction: str) -> Tensor:
