@@ -150,7 +150,7 @@ def adapter_recipe(adapter_dir: Path) -> Path:
             return d / RECIPE_FILE
     raise HubError(
         f"no {RECIPE_FILE} beside the adapter in {adapter_dir}: load it with "
-        "rvla_peft.policies.build_policy(cfg, adapter=...) and the config it was trained with"
+        "rvla_peft.policies.registry.build_policy(cfg, adapter=...) and the config it was trained with"
     )
 
 
