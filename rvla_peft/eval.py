@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shlex
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from rvla_peft.perturbations import Setting, suite_grid
 from rvla_peft.policies.registry import base_model_id, build_policy, load_policy
 from rvla_peft.report import render_markdown, write_report
 from rvla_peft.rollout import SCHEDULES, ScheduleError
+from rvla_peft.utils.commands import portable_command
 from rvla_peft.utils.constants import RECIPE_FILE, REPORT_JSON, REPORT_MD, REPORT_PNG
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, HubError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    command = "python -m rvla_peft.eval " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = portable_command("python -m rvla_peft.eval", sys.argv[1:] if argv is None else argv)
     try:
         report = run(cfg, env, named, local, settings, args, command)
     except EnvWorkerError as e:  # a dead env worker (env.restart_dead_workers=false): one line, no traceback

@@ -17,7 +17,7 @@ zero, so that policy acts as the merged weights do. What it holds:
 - OpenVLA-OFT: its trained action and scale heads (fully trained modules, not LoRA), in ``action_heads.safetensors``
   as the adapter has them; the recipe names that file as ``policy.action_head_file``, so ``build_policy`` loads
   both heads;
-- a short model card (``README.md``).
+- a short model card (``README.md``, ``rvla_peft/templates/merged_card.md``).
 
 The value head is dropped: it is PPO's critic, used only in training. A base quantized in training (QLoRA) is refused
 unless ``dequantize``: the LoRA is then merged into the base loaded unquantized in ``model.torch_dtype``, whose weights
@@ -32,9 +32,11 @@ import logging
 from pathlib import Path
 
 from rvla_peft.adapters import HubError, adapter_recipe, is_hub_id, resolve_adapter, with_base
+from rvla_peft.cards import merged_card
 from rvla_peft.config import HubConfig, ModelConfig, TrainConfig, dump_yaml, load_config
 from rvla_peft.hub.run_files import RunFiles
 from rvla_peft.policies.registry import base_model_id, load_policy
+from rvla_peft.utils.commands import portable_path
 from rvla_peft.utils.constants import (
     ACTION_HEADS_FILE,
     CARD_FILE,
@@ -143,68 +145,6 @@ def recipe_text(cfg: TrainConfig) -> str:
     return header + dump_yaml(cfg)
 
 
-def render_card(
-    name: str, base_id: str, adapter: str, cfg: TrainConfig, dequantized: str | None, oft_heads: bool
-) -> str:
-    """A short README.md: what the folder is, what was merged and dropped, how to load it."""
-    hub_base = f"base_model: {base_id}\n" if is_hub_id(base_id) else ""
-    family = cfg.policy.family
-    lines = [
-        "---",
-        "library_name: transformers",
-        hub_base + "pipeline_tag: robotics",
-        "tags: [rvla-peft, vision-language-action, lora, merged]",
-        "---",
-        "",
-        f"# {name}",
-        "",
-        f"`{base_id}` with the LoRA adapter `{adapter}` (`rvla_peft`, policy family `{family}`) merged into its "
-        f"weights (peft's `merge_and_unload`, {cfg.model.torch_dtype}): a standalone checkpoint, loaded without peft. "
-        "The value head (PPO's critic, used only in training) is not included.",
-    ]
-    if dequantized:
-        lines += [
-            "",
-            f"The adapter was trained on the {dequantized} base; it is merged here into the unquantized base "
-            f"({cfg.model.torch_dtype}), so actions can differ slightly from the quantized policy's.",
-        ]
-    if oft_heads:
-        lines += [
-            "",
-            f"OpenVLA-OFT's trained action and scale heads are in `{ACTION_HEADS_FILE}` (`policy.action_head_file` "
-            f"in `{RECIPE_FILE}`).",
-        ]
-    registers = ["import rvla_peft.models.openvla  # registers model_type 'openvla'"] if "openvla" in family else []
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        *registers,
-        "from transformers import AutoModelForImageTextToText, AutoProcessor",
-        "",
-        "model = AutoModelForImageTextToText.from_pretrained(PATH)",
-        "processor = AutoProcessor.from_pretrained(PATH)",
-        "```",
-        "",
-        f"As an `rvla_peft` policy, with the training settings in `{RECIPE_FILE}` (`{POLICY_SETTINGS_FILE}`: the "
-        "policy settings):",
-        "",
-        "```bash",
-        "python -m rvla_peft.eval --base PATH --suite paper",
-        "```",
-        "",
-        "```python",
-        "from rvla_peft.config import load_config",
-        "from rvla_peft.policies.registry import build_policy",
-        "",
-        f'policy = build_policy(load_config("PATH/{RECIPE_FILE}", ["model.name_or_path=PATH"]))',
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def export_merged(
     output_dir_or_adapter: str | Path,
     out: str | Path,
@@ -246,7 +186,8 @@ def export_merged(
         raise ExportError(f"merge left LoRA weights in the model: {leftover[:3]}")
     heads = adapter_dir / ACTION_HEADS_FILE
     oft_heads = cfg.policy.family == "openvla_oft" and heads.is_file()
-    card = render_card(out.name, base_id, str(output_dir_or_adapter), cfg, quantized, oft_heads)
+    adapter = portable_path(output_dir_or_adapter)  # the card is shared: no absolute path of this machine
+    card = str(merged_card(out.name, base_id, adapter, cfg, quantized, oft_heads))
 
     def write(staging: Path) -> None:
         model.save_pretrained(str(staging), safe_serialization=True)

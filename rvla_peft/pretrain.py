@@ -24,7 +24,7 @@ temporary folder swapped in), so that it loads with ``AutoModelForImageTextToTex
     policy.json     the policy settings it was trained with (n_bins, action_low/high, prompt, image size, camera,
                     control mode): a recipe that uses the checkpoint must set the same ``policy.*`` keys
     pretrain.json   the command, arguments, dataset, per-epoch metrics, the selected epoch and the wall time
-    README.md       a model card saying how it was made
+    README.md       a model card saying how it was made (``rvla_peft.cards``, template ``base_card.md``)
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from rvla_peft.cards import base_card
 from rvla_peft.config import EnvConfig, PolicyConfig
 from rvla_peft.demos import INDEX, load_demos
 from rvla_peft.envs import make_envs
@@ -52,6 +52,7 @@ from rvla_peft.models.tiny import CHARS, build_tiny_llava, fast_tokenizer, resol
 from rvla_peft.policies.action_tokens.configuration import ActionTokenPolicyConfig
 from rvla_peft.policies.action_tokens.modeling import ActionTokenPolicy
 from rvla_peft.rollout import run_episodes
+from rvla_peft.utils.commands import portable_command, portable_command_line, portable_path
 from rvla_peft.utils.constants import CARD_FILE, POLICY_SETTINGS_FILE, PRETRAIN_RECORD_FILE
 from rvla_peft.utils.io import atomic_save
 from rvla_peft.utils.threads import torch_threads
@@ -400,112 +401,6 @@ def demo_sources(dirs: list, indexes: list[dict]) -> list[dict]:
     return rows
 
 
-def render_card(record: dict) -> str:
-    """The checkpoint's README.md: what it is, how to load it, how it was made, what it achieved (and, when the
-    record has an ``evaluation`` text, the evaluation)."""
-    settings, data, best, args, arch = (
-        record["policy"],
-        record["dataset"],
-        record["best"],
-        record["args"],
-        record["model"],
-    )
-    tasks = list(dict.fromkeys(row["task"] for row in data["sources"]))
-    name = record.get("name") or Path(record["out"]).name
-    demo_rows = "\n".join(
-        f"| `{Path(r['folder']).name}` | {r['task']} | {r['episodes']} | {r['steps']} | {r['first_seed']} .. "
-        f"{r['last_seed']} ({r['dropped']} failed, dropped) | {r['action_noise']} | {r['instruction']} |"
-        for r in data["sources"]
-    )
-    success = best.get("success") or {}
-    success_rows = "\n".join(f"| {task} | {100 * rate:.0f} |" for task, rate in success.items()) or "| - | - |"
-    commands = "\n".join([*data.get("commands", []), record["command"]])
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: robotics",
-        f"tags: [rvla-peft, vision-language-action, behaviour-cloning, maniskill, {', '.join(tasks)}]",
-        "---",
-        "",
-        f"# {name}",
-        "",
-        f"A small vision-language-action model (Llava: a CLIP-style vision tower and a Llama language model, "
-        f"{arch['parameters'] / 1e6:.2f} M parameters, float32) trained by behaviour cloning on scripted-expert "
-        f"demonstrations of {', '.join(tasks)} in ManiSkill 3 (`{settings['control_mode']}`, "
-        f"{settings['image_size']}x{settings['image_size']} RGB from `{settings['camera']}`). It sees only the camera "
-        f"image and the instruction, and answers with {settings['action_dim']} action tokens in the OpenVLA style of "
-        "`rvla_peft` (`policy.family: action_tokens`).",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForImageTextToText, AutoProcessor",
-        "",
-        "model = AutoModelForImageTextToText.from_pretrained(PATH)",
-        "processor = AutoProcessor.from_pretrained(PATH)",
-        "```",
-        "",
-        f"As an `rvla_peft` policy, with these recipe keys (`{POLICY_SETTINGS_FILE}` holds the same settings):",
-        "",
-        "```yaml",
-        "model: {name_or_path: PATH}",
-        f"policy: {{family: action_tokens, n_bins: {settings['n_bins']}, action_low: "
-        f"{json.dumps(settings['action_low'])}, action_high: {json.dumps(settings['action_high'])}}}",
-        f"env: {{image_size: {settings['image_size']}, camera: {settings['camera']}, control_mode: "
-        f"{settings['control_mode']}}}",
-        "```",
-        "",
-        f"Prompt `{settings['prompt_template']!r}`; action dimension d is token `vocab_size - n_bins + slot`, "
-        f"{settings['n_bins']} bins over [-1, 1] (`ActionTokenizer`), un-normalised with action_low / action_high "
-        "(null: identity).",
-        "",
-        "## How it was made",
-        "",
-        "```bash",
-        commands,
-        "```",
-        "",
-        "Demonstrations (`python -m rvla_peft.demos`): successful scripted-expert episodes, episode e of a folder "
-        "from reset seed first + e; `action noise` is the DART severity (the executed action got Gaussian noise of "
-        "std 0.3 x severity, the label is the expert's clean action).",
-        "",
-        "| folder | task | episodes | steps | reset seeds | action noise | instruction |",
-        "|---|---|---|---|---|---|---|",
-        demo_rows,
-        "",
-        f"Training: full fine-tuning (no LoRA) of a freshly initialised model ({arch['init']}), cross-entropy on "
-        "the action tokens teacher-forced through `ActionTokenPolicy.action_logits` (the prompt, image "
-        f"pre-processing and token mapping that RL and evaluation use), {args['epochs']} epochs, batch "
-        f"{args['batch_size']}, AdamW lr {args['lr']} (cosine, {args['warmup_steps']} warm-up steps), weight decay "
-        f"{args['weight_decay']}, targets spread over neighbouring bins with sigma {args['label_sigma']} bins, "
-        f"augmentation: random shift up to {args['shift']} px, brightness/contrast jitter {args['jitter']}; seed "
-        f"{args['seed']}; {data['train_steps']} training and {data['val_steps']} validation steps (whole episodes "
-        f"held out). Wall time {record['wall_time_s'] / 60:.1f} min on {record['machine']}.",
-        "",
-        f"Selected checkpoint: epoch {best['epoch']} of {args['epochs']} (highest closed-loop success, then lowest "
-        f"validation loss): validation loss {best.get('val_loss', float('nan')):.3f}, token accuracy "
-        f"{100 * best.get('val_token_acc', float('nan')):.1f}%, mean absolute action error "
-        f"{best.get('val_action_mae', float('nan')):.3f}; closed-loop success while training "
-        f"({args['eval_episodes']} episodes per task, argmax actions, reset seeds {args['eval_seed']} + e):",
-        "",
-        "| task | success % |",
-        "|---|---|",
-        success_rows,
-        "",
-    ]
-    if record.get("evaluation"):
-        lines += ["## Evaluation", "", record["evaluation"].strip(), ""]
-    lines += [
-        "## Limitations",
-        "",
-        "Simulation only, one camera, one robot (Panda), the tasks above at their default randomisation. Trained on "
-        "clean images (a 2-pixel random shift at most): camera shifts, rotations, lighting and occlusions make it "
-        "fail, which is what `rvla_peft` post-training is for.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # training
 
@@ -539,18 +434,27 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.op
 
 
 def new_record(args, command: str, out: Path, settings: dict, n_params: int, data: BCData, split) -> dict:
-    """What pretrain.json records: the command, the data, the model, then the history epoch by epoch."""
+    """What pretrain.json records: the command, the data, the model, then the history epoch by epoch. Folders are
+    named as the command line does, never by this machine's absolute paths (``portable_path``): the record ships."""
     train_idx, val_idx = split
+    demos = [portable_path(d) for d in args.demos]
+    recorded_args = {
+        **vars(args),
+        "out": portable_path(args.out),
+        "demos": demos,
+        "init": args.init and portable_path(args.init),
+        "demos_command": [portable_command_line(c) for c in args.demos_command or []] or None,
+    }
     return {
         "format": "rvla_peft.pretrain/1",
         "name": args.name,
         "command": command,
-        "out": str(out),
-        "args": vars(args),
+        "out": portable_path(out),
+        "args": recorded_args,
         "machine": args.machine_note,
         "policy": settings,
         "model": {
-            "init": args.init
+            "init": recorded_args["init"]
             or (
                 f"tiny Llava: text hidden {args.hidden_size} x {args.num_layers} layers, vision hidden "
                 f"{args.vision_hidden_size} x {args.vision_layers} layers, patch {args.patch_size}"
@@ -558,13 +462,13 @@ def new_record(args, command: str, out: Path, settings: dict, n_params: int, dat
             "parameters": n_params,
         },
         "dataset": {
-            "demos": [str(d) for d in args.demos],
+            "demos": demos,
             "tasks": data.tasks,
-            "sources": demo_sources(args.demos, data.index),
+            "sources": demo_sources(demos, data.index),
             "train_steps": len(train_idx),
             "val_steps": len(val_idx),
             "episodes": data.num_episodes,
-            "commands": args.demos_command or [],
+            "commands": recorded_args["demos_command"] or [],
         },
         "history": [],
         "best": {"epoch": 0},
@@ -673,7 +577,7 @@ def pretrain(args: argparse.Namespace, command: str = "") -> dict:
             closed_loop.close()
     record["wall_time_s"] = round(time.perf_counter() - start_time, 1)
     (out / PRETRAIN_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")  # full history, final wall time
-    (out / CARD_FILE).write_text(render_card(record))
+    (out / CARD_FILE).write_text(str(base_card(record)))
     print(f"best epoch {record['best']['epoch']}; wrote {out} in {record['wall_time_s'] / 60:.1f} min", flush=True)
     return record
 
@@ -682,7 +586,7 @@ def _files(record: dict) -> dict[str, str]:
     return {
         POLICY_SETTINGS_FILE: json.dumps(record["policy"], indent=2) + "\n",
         PRETRAIN_RECORD_FILE: json.dumps(record, indent=2) + "\n",
-        CARD_FILE: render_card(record),
+        CARD_FILE: str(base_card(record)),
     }
 
 
@@ -746,7 +650,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python -m rvla_peft.pretrain " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = portable_command("python -m rvla_peft.pretrain", sys.argv[1:] if argv is None else argv)
     try:
         pretrain(args, command)
     except PretrainError as e:

@@ -316,6 +316,7 @@ def test_cli_writes_the_report_and_keeps_an_existing_one(tmp_path, capsys, tiny_
     assert len(report["results"]) == 4 and all(r["episodes"] == 2 for r in report["results"])
     assert {d["setting"] for d in report["paired"]} == {"clean", "action_noise@1"}
     assert report["command"].startswith("python -m rvla_peft.eval --recipe")
+    assert str(tmp_path) not in report["command"] and "--adapter adapter " in report["command"]  # portable_path
     assert "| action_noise@1 |" in (out / "report.md").read_text()
     assert (out / "robustness.png").read_bytes()[:4] == b"\x89PNG"
     # The adapter starts as the base (LoRA B = 0), and both saw the same episodes: identical outcomes.

@@ -491,6 +491,6 @@ def test_command_line_push_in_a_fresh_process(run, hub, tmp_path):
     ],
 )  # fmt: skip
 def test_card_names_the_algorithm_and_only_the_penalties_that_were_on(overrides, expected):
-    from rvla_peft.hub.card import training_method
+    from rvla_peft.cards import training_method
 
     assert training_method(load_config("recipes/tiny_cpu.yaml", overrides)) == expected

@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "rvla_peft.report",
             "rvla_peft.memory",
             "rvla_peft.trainer",
+            "rvla_peft.cards",
             "rvla_peft.hub",
             "rvla_peft.hub.card",
             "rvla_peft.hub.push",

@@ -840,8 +840,8 @@ def test_config_resample_override() -> None:
 
 
 def test_report_and_card_say_when_parameters_are_drawn() -> None:
+    from rvla_peft.cards import robustness_table
     from rvla_peft.evaluation import CellResult, build_report
-    from rvla_peft.hub.card import robustness_table
     from rvla_peft.report import render_markdown
 
     grid = suite_grid(None, ["rotation@0.5", "rotation@0.5:step", "rotation@0.5+action_noise@0.1"])

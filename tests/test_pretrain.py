@@ -149,6 +149,10 @@ def test_cli_writes_a_from_pretrained_checkpoint(tmp_path, capsys, one_thread):
     assert [h["epoch"] for h in record["history"]] == [1, 2] and record["wall_time_s"] > 0
     assert record["dataset"]["train_steps"] == 12 and record["dataset"]["val_steps"] == 6
     assert "python -m rvla_peft.pretrain --demos" in (out / CARD_FILE).read_text()
+    # the record and card ship with the checkpoint: folders named as given, not by this machine's absolute paths
+    assert record["command"].startswith("python -m rvla_peft.pretrain --demos demos --out base --epochs 2 ")
+    assert record["out"] == record["args"]["out"] == "base" and record["dataset"]["demos"] == ["demos"]
+    assert str(tmp_path) not in (out / PRETRAIN_RECORD_FILE).read_text() + (out / CARD_FILE).read_text()
     settings = json.loads((out / POLICY_SETTINGS_FILE).read_text())
     assert settings["n_bins"] == 32 and settings["image_size"] == 64
 

@@ -14,12 +14,13 @@ The token comes from huggingface_hub's usual sources (``HF_TOKEN``, ``hf auth lo
 file, a log line or an error message. Network errors and 5xx answers are retried with exponential backoff.
 
 ``load_policy`` (in :mod:`rvla_peft.policies.registry`) uses :mod:`rvla_peft.adapters` to rebuild the trained
-policy from a Hub id or a folder. Modules: ``run_files`` (what a run folder holds), ``card`` (metadata, tables,
-curve, rendering, staging), ``push`` (one commit, retries, errors), ``cli``.
+policy from a Hub id or a folder. Modules: ``run_files`` (what a run folder holds), ``card`` (staging the upload:
+files, curve, card), ``push`` (one commit, retries, errors), ``cli``; the card is rendered by :mod:`rvla_peft.cards`.
 """
 
 from rvla_peft.adapters import BaseMismatchError, HubError, is_hub_id
-from rvla_peft.hub.card import render_card, resolve_base_id, stage
+from rvla_peft.cards import adapter_card as render_card  # the adapter's model card
+from rvla_peft.hub.card import resolve_base_id, stage
 from rvla_peft.hub.push import push_adapter, push_training_output
 from rvla_peft.hub.run_files import RunFiles
 
