@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import load_bench_script
 
-from rvla_peft.stats import TwoLevelBootstrap, t975, wilson_interval
+from rvla_peft.stats import TwoLevelBootstrap, t975, t_interval, wilson_interval
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,27 @@ def test_markdown_and_plot(reproduce, tmp_path):
     assert "Over training seeds" in table and "| mean perturbed | 25/12: 18.8 [" in table
     reproduce.plot(summary, tmp_path / "summary.png")
     assert (tmp_path / "summary.png").stat().st_size > 1000
+
+
+def test_the_committed_invariance_study_with_intervals_over_seeds_and_episodes(reproduce):
+    """bench/results/paper_inv120 (the base once, the invariance arm at 3 training seeds, 100 episodes per cell):
+    the interval over seeds alone, +10.4 [+9, +12], widens to [+7.9, +13.1] once the episodes are resampled too,
+    the gap cut is 21.7% [15.2, 28.3], and the base's clean 99/100 keeps its Wilson [94.6, 99.8]."""
+    out = Path(__file__).resolve().parent.parent / "bench" / "results" / "paper_inv120"
+    base = json.loads((out / "report-base" / "report.json").read_text())
+    arm = [json.loads((out / f"report-invariance-seed{s}" / "report.json").read_text()) for s in range(3)]
+    summary = reproduce.aggregate([reproduce.seed_report(base, [a]) for a in arm])
+    mean = reproduce.MEAN
+    d = summary["against_base"][f"invariance|{mean}"]
+    assert [round(100 * x, 1) for x in (d["difference"], *d["ci95"])] == [10.4, 7.9, 13.1]
+    t = t_interval([x - 0.5077777777777778 for x in summary["cells"][f"invariance|{mean}"]["per_seed"]])
+    assert [round(100 * x) for x in t] == [10, 9, 12]  # the seeds-only interval it replaces
+    cut = summary["gap_cut"]["invariance"]
+    assert [round(100 * x, 1) for x in (cut["value"], *cut["ci95"])] == [21.7, 15.2, 28.3]
+    clean = summary["cells"]["base|clean"]
+    assert clean["episodes"] == 100 and [round(100 * x, 1) for x in clean["ci95"]] == [94.6, 99.8]
+    clean = summary["cells"]["invariance|clean"]
+    assert t_interval(clean["per_seed"])[2] > 1 and clean["t95"][1] == 1.0  # clipped to what is possible
 
 
 def test_targets_are_checked_over_training_seeds_against_the_base_and_ppo(reproduce):
