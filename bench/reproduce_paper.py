@@ -12,9 +12,10 @@ adapter on the fixed evaluation episodes (``--seed 0``: reset seeds 0 to episode
 every policy and every training seed: paired; the base's results, which no training seed changes, are shared by
 every seed). Finished runs and reports are kept, so an interrupted reproduction resumes where it stopped, and a
 variant added later trains and evaluates alone. Writes ``OUT/summary.md``, ``OUT/summary.json`` and
-``OUT/summary.png``: per setting, each variant's success per training seed and its mean with a 95% Student-t
-interval over training seeds, and the paired difference against PPO per seed with its t interval; the interval
-pooled over all (seed, episode) units (Wilson for rates, normal for differences) is shown too, labelled as such.
+``OUT/summary.png``: per setting, each variant's success and its difference against PPO, paired by episode, with
+95% two-level bootstrap intervals (training seeds and evaluation episodes resampled; the base, evaluated once,
+counts its episodes once), the share of the base's robustness gap each variant closes, and per training seed the
+success and difference with a Student-t interval over seeds (episodes held fixed), each table naming its interval.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +31,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rvla_peft.stats import Z95, t_interval, wilson_interval  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rvla_peft.stats import (  # noqa: E402
+    DIFFERENCE_BOUNDS,
+    RATE_BOUNDS,
+    TWO_LEVEL,
+    WILSON,
+    TwoLevelBootstrap,
+    t_interval,
+    wilson_interval,
+)
 
 NO_PENALTIES = ["regularizers.jacobian.weight=0", "regularizers.smoothness.weight=0"]
 # The weights that put each penalty at 20% of the gradient on recipes/tiny_cpu.yaml
@@ -106,66 +116,100 @@ def seed_report(base: dict, adapters: list[dict]) -> dict:
 
 
 MEAN = "mean perturbed"
+RESAMPLES = 2000
 
 
-def mean_and_interval(values: list[float]) -> tuple[float, list[float]]:
-    """Mean of paired per-episode differences with a normal 95% interval."""
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in values) / max(1, len(values) - 1))
-    half = Z95 * sd / math.sqrt(len(values))
-    return mean, [mean - half, mean + half]
+def aggregate(reports: list[dict], shared: tuple[str, ...] = (BASE,), resamples: int = RESAMPLES,
+              bootstrap_seed: int = 0) -> dict:  # fmt: skip
+    """Pool the per-seed reports: success per (variant, setting), paired differences against ``ppo`` (else the
+    first variant), and against the base with the share of its robustness gap closed.
 
+    Intervals (``ci95``) by the two-level bootstrap: each variant's training seeds resampled (independently per
+    variant), the evaluation episodes resampled jointly for every variant and setting, since every report ran the
+    same episodes. A variant in ``shared`` (the base, which no training seed changes) appears in every seed's report
+    with the same results: it is one evaluation, counted once, and its success rate's interval is Wilson's over its
+    episodes (differences with it are still bootstrapped). ``wilson95``: the Wilson interval pooling a variant's
+    distinct (seed, episode) units, which ignores how seeds differ. ``t95``: the Student-t interval over training
+    seeds, episodes held fixed, clipped to what is possible; None for a shared variant (one evaluation).
 
-def aggregate(reports: list[dict]) -> dict:
-    """Pool the per-seed reports: success per (variant, setting) over all episodes, and paired differences.
-
-    The "mean perturbed" row averages the perturbed settings. Its rate pools their episodes (equal counts, so the
-    pooled rate is the mean; the Wilson interval treats them as independent, so it is somewhat narrow). Its paired
-    difference is over (seed, episode) units, each the mean over settings of that episode's difference."""
+    The "mean perturbed" row averages the perturbed settings; its Wilson interval pools their episodes as if
+    independent (somewhat narrow)."""
     settings = [s["name"] for s in reports[0]["settings"]]
     variants = [p["name"] for p in reports[0]["policies"]]
     perturbed = [s for s in settings if s != "clean"]
+    index = {s: [settings.index(n) for n in (perturbed if s == MEAN else [s])] for s in [*settings, MEAN]}
 
     def successes(rep: dict, v: str, s: str) -> list[float]:
         return next(r for r in rep["results"] if r["policy"] == v and r["setting"] == s)["successes"]
 
+    outcomes = {}  # variant -> [seeds, settings, episodes]
+    for v in variants:
+        runs = [[successes(rep, v, s) for s in settings] for rep in reports]
+        if v in shared:
+            if any(run != runs[0] for run in runs):
+                sys.exit(f"{v}: its results differ between the seeds' reports, so it is not one shared evaluation")
+            runs = runs[:1]
+        outcomes[v] = np.asarray(runs, dtype=float)
+    boot = TwoLevelBootstrap(outcomes, resamples=resamples, seed=bootstrap_seed)
+
     cells = {}
     for v in variants:
         for s in [*settings, MEAN]:
-            names = perturbed if s == MEAN else [s]
-            per_seed = [[x for name in names for x in successes(rep, v, name)] for rep in reports]
-            wins, n = sum(map(sum, per_seed)), sum(map(len, per_seed))
-            rates = [sum(x) / len(x) for x in per_seed]
+            units = outcomes[v][:, index[s], :]
+            wins, n = int(units.sum()), units.size
+            rates = units.mean(axis=(1, 2)).tolist()
+            mean, lo, hi = boot.mean(v, index[s])
+            wilson = list(wilson_interval(wins, n))
             cells[f"{v}|{s}"] = {
-                "success_rate": wins / n,
-                "ci95": list(wilson_interval(wins, n)),  # pooled over (seed, episode): ignores the seeds' spread
+                "success_rate": mean,
+                # one evaluation: a proportion, whose Wilson interval stays honest at 99/100 (a percentile
+                # bootstrap of 100 episodes gives [97, 100] there)
+                "ci95": wilson if v in shared else [lo, hi],
+                "wilson95": wilson,
                 "per_seed": rates,
-                "t95": list(t_interval(rates)[1:]),  # over training seeds
+                "t95": None if v in shared else list(t_interval(rates, RATE_BOUNDS)[1:]),
                 "episodes": n,
             }
     paired = {}
     baseline = "ppo" if "ppo" in variants else variants[0]
     for v in variants:
         for s in [*settings, MEAN]:
-            names = perturbed if s == MEAN else [s]
-            diffs, per_seed = [], []
+            per_seed = []
             for rep in reports:
                 per_setting = [
                     [a - b for a, b in zip(successes(rep, v, name), successes(rep, baseline, name), strict=True)]
-                    for name in names
+                    for name in (perturbed if s == MEAN else [s])
                 ]
                 units = [sum(d) / len(d) for d in zip(*per_setting, strict=True)]
-                diffs += units
                 per_seed.append(sum(units) / len(units))
-            mean, ci95 = mean_and_interval(diffs)
-            paired[f"{v}|{s}"] = {"difference": mean, "ci95": ci95, "baseline": baseline, "per_seed": per_seed,
-                                  "t95": list(t_interval(per_seed)[1:])}  # fmt: skip
-    return {"settings": settings, "variants": variants, "cells": cells, "paired": paired}
+            d, lo, hi = boot.difference(v, baseline, index[s])
+            paired[f"{v}|{s}"] = {"difference": d, "ci95": [lo, hi], "baseline": baseline, "per_seed": per_seed,
+                                  "t95": list(t_interval(per_seed, DIFFERENCE_BOUNDS)[1:])}  # fmt: skip
+    against_base, gap_cut = {}, {}
+    if BASE in variants:
+        for v in variants:
+            if v == BASE:
+                continue
+            for s in [*settings, MEAN]:
+                d, lo, hi = boot.difference(v, BASE, index[s])
+                against_base[f"{v}|{s}"] = {"difference": d, "ci95": [lo, hi]}
+            if "clean" in settings and perturbed:
+                cut, lo, hi = boot.gap_cut(v, BASE, settings.index("clean"), index[MEAN])
+                gap_cut[v] = {"value": cut, "ci95": [lo, hi]}
+    intervals = {
+        "ci95": f"{TWO_LEVEL} ({resamples} resamples, seed {bootstrap_seed}; episodes resampled jointly across "
+        f"variants and settings); {', '.join(shared) or 'no variant'}, evaluated once: its episodes counted once, "
+        f"its success rate with the {WILSON}",
+        "wilson95": f"{WILSON} pooling a variant's (seed, episode) units",
+        "t95": "Student-t interval over training seeds, evaluation episodes held fixed, clipped to what is possible",
+    }
+    return {"settings": settings, "variants": variants, "cells": cells, "paired": paired,
+            "against_base": against_base, "gap_cut": gap_cut, "intervals": intervals}  # fmt: skip
 
 
 def targets(summary: dict) -> list[dict]:
-    """The issue's targets for the reproduction, fixed before its runs, over training seeds (means of per-seed
-    rates, Student-t intervals over seeds), for every arm with penalties (each variant but the base and ``ppo``):
+    """The issue's targets for the reproduction, fixed before its runs, for every arm with penalties (each variant
+    but the base and ``ppo``), with two-level bootstrap intervals (``aggregate``):
 
     - beats the base on mean perturbed success by >= 10 points, its interval above 0;
     - beats plain RL (``ppo``) on mean perturbed success, the paired interval above 0;
@@ -175,40 +219,35 @@ def targets(summary: dict) -> list[dict]:
     cells, paired, variants = summary["cells"], summary["paired"], summary["variants"]
     if BASE not in variants:
         return []
-
-    def per_seed(v: str, s: str) -> list[float]:
-        return cells[f"{v}|{s}"]["per_seed"]
-
-    def gap(v: str) -> float:
-        return statistics.mean(per_seed(v, "clean")) - statistics.mean(per_seed(v, MEAN))
-
     rows = []
     for v in variants:
         if v == BASE:
             continue
         if v != "ppo":
-            diffs = [a - b for a, b in zip(per_seed(v, MEAN), per_seed(BASE, MEAN), strict=True)]
-            d, lo, hi = t_interval(diffs)
+            d = summary["against_base"][f"{v}|{MEAN}"]
             rows.append({"arm": v, "target": "mean perturbed minus base >= +10, interval above 0",
-                         "value": d, "t95": [lo, hi], "met": d >= 0.10 and lo > 0})  # fmt: skip
+                         "value": d["difference"], "ci95": d["ci95"],
+                         "met": d["difference"] >= 0.10 and d["ci95"][0] > 0})  # fmt: skip
             if "ppo" in variants:
                 d = paired[f"{v}|{MEAN}"]
                 rows.append({"arm": v, "target": "mean perturbed minus ppo (paired), interval above 0",
-                             "value": d["difference"], "t95": d["t95"], "met": d["t95"][0] > 0})  # fmt: skip
-            cut = 1 - gap(v) / gap(BASE) if gap(BASE) > 0 else float("nan")
-            rows.append({"arm": v, "target": "robustness gap cut >= 30% against the base", "value": cut,
-                         "t95": None, "met": cut >= 0.30})  # fmt: skip
-        clean = statistics.mean(per_seed(v, "clean"))
-        rows.append({"arm": v, "target": "clean >= 95%", "value": clean, "t95": None, "met": clean >= 0.95})
+                             "value": d["difference"], "ci95": d["ci95"], "met": d["ci95"][0] > 0})  # fmt: skip
+            cut = summary["gap_cut"][v]
+            rows.append({"arm": v, "target": "robustness gap cut >= 30% against the base", "value": cut["value"],
+                         "ci95": cut["ci95"], "met": cut["value"] >= 0.30})  # fmt: skip
+        clean = cells[f"{v}|clean"]["success_rate"]
+        rows.append({"arm": v, "target": "clean >= 95%", "value": clean, "ci95": None, "met": clean >= 0.95})
     return rows
 
 
 def targets_markdown(rows: list[dict]) -> str:
-    lines = ["| arm | target | measured | met |", "|---|---|---|---|"]
+    lines = ["| arm | target | measured [95% interval] | met |", "|---|---|---|---|"]
     for r in rows:
-        value = f"{100 * r['value']:.1f}" + ("%" if "cut" in r["target"] or "clean" in r["target"] else "")
-        if r["t95"] is not None:
-            value = _t(r["value"], r["t95"], "+")
+        percent = "cut" in r["target"] or "clean" in r["target"]
+        if r["ci95"] is not None:
+            value = _t(r["value"], r["ci95"], "" if percent else "+", percent)
+        else:
+            value = f"{100 * r['value']:.1f}" + ("%" if percent else "")
         lines.append(f"| {r['arm']} | {r['target']} | {value} | {'yes' if r['met'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
@@ -216,6 +255,8 @@ def targets_markdown(rows: list[dict]) -> str:
 def markdown(summary: dict, args) -> str:
     variants, settings = summary["variants"], summary["settings"]
     lines = [
+        "Success in % with its 95% interval [1]:",
+        "",
         "| setting | " + " | ".join(variants) + " |",
         "|---|" + "---|" * len(variants),
     ]
@@ -223,11 +264,11 @@ def markdown(summary: dict, args) -> str:
         row = []
         for v in variants:
             c = summary["cells"][f"{v}|{s}"]
-            cell = f"{100 * c['success_rate']:.1f} [{100 * c['ci95'][0]:.0f}, {100 * c['ci95'][1]:.0f}]"
+            cell = _t(c["success_rate"], c["ci95"])
             row.append(f"**{cell}**" if s == MEAN else cell)
         lines.append(f"| {s} | " + " | ".join(row) + " |")
     base = summary["paired"][f"{variants[0]}|{settings[0]}"]["baseline"]
-    lines += ["", f"Paired difference against `{base}` (percentage points, 95% interval, all seeds' episodes):", ""]
+    lines += ["", f"Paired difference against `{base}` (percentage points, 95% interval [1]):", ""]
     lines += ["| setting | " + " | ".join(v for v in variants if v != base) + " |"]
     lines += ["|---|" + "---|" * (len(variants) - 1)]
     for s in [*settings, MEAN]:
@@ -236,26 +277,34 @@ def markdown(summary: dict, args) -> str:
             if v == base:
                 continue
             d = summary["paired"][f"{v}|{s}"]
-            row.append(f"{100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.0f}, {100 * d['ci95'][1]:+.0f}]")
+            row.append(_t(d["difference"], d["ci95"], "+"))
         lines.append(f"| {s} | " + " | ".join(row) + " |")
-    lines += ["", "Over training seeds: per-seed success, mean [95% Student-t interval over seeds]; paired difference "
-              f"against `{base}` per seed, mean [t interval]:", ""]  # fmt: skip
+    if summary.get("gap_cut"):
+        lines += ["", f"Share of `{BASE}`'s robustness gap (clean minus mean perturbed) closed, 95% interval [1]:", ""]
+        lines += ["| " + " | ".join(summary["gap_cut"]) + " |", "|" + "---|" * len(summary["gap_cut"])]
+        lines += ["| " + " | ".join(_t(c["value"], c["ci95"], "", True) for c in summary["gap_cut"].values()) + " |"]
+    lines += ["", "Over training seeds: per-seed success, mean [95% interval over seeds, 2]; paired difference "
+              f"against `{base}` per seed, mean [interval 2]:", ""]  # fmt: skip
     lines += ["| setting | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     for s in [*settings, MEAN]:
         row = []
         for v in variants:
             c, d = summary["cells"][f"{v}|{s}"], summary["paired"][f"{v}|{s}"]
-            text = f"{'/'.join(f'{100 * x:.0f}' for x in c['per_seed'])}: {_t(c['success_rate'], c['t95'])}"
+            per_seed = "/".join(f"{100 * x:.0f}" for x in c["per_seed"])
+            text = f"{per_seed}: " + ("one evaluation" if c["t95"] is None else _t(c["success_rate"], c["t95"]))
             if v != base:
                 text += f"; {'/'.join(f'{100 * x:+.0f}' for x in d['per_seed'])}: {_t(d['difference'], d['t95'], '+')}"
             row.append(text)
         lines.append(f"| {s} | " + " | ".join(row) + " |")
+    lines += ["", f"[1] {summary['intervals']['ci95']}.", f"[2] {summary['intervals']['t95']}."]
     return "\n".join(lines) + "\n"
 
 
-def _t(mean: float, interval: list[float], sign: str = "") -> str:
-    lo, hi = (f"{100 * x:{sign}.0f}" if math.isfinite(x) else "inf" for x in interval)
-    return f"{100 * mean:{sign}.1f} [{lo}, {hi}]"
+def _t(mean: float, interval: list[float], sign: str = "", percent: bool = False) -> str:
+    """``mean [lo, hi]`` in percent, one decimal (whole points would print [97.1, 99.7] as [97, 100])."""
+    unit = "%" if percent else ""
+    lo, hi = (f"{100 * x:{sign}.1f}" if math.isfinite(x) else f"{'-' if x < 0 else '+'}inf" for x in interval)
+    return f"{100 * mean:{sign}.1f}{unit} [{lo}, {hi}]"
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -292,6 +341,8 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=100, help="evaluation episodes per cell and seed (0-N)")
     parser.add_argument("--suite", default="paper")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper")
+    parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples of the intervals")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap's resampling")
     parser.add_argument("--jobs", type=int, default=1, help="trainings run at once (one CPU core or so each)")
     parser.add_argument("--eval-num-envs", type=int, help="envs per evaluation (default: the recipe's)")
     parser.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
@@ -310,13 +361,13 @@ def main() -> None:
             for variant in args.variants
         ]
         reports.append(seed_report(base, trained))
-    summary = aggregate(reports)
+    summary = aggregate(reports, resamples=args.resamples, bootstrap_seed=args.bootstrap_seed)
     summary["targets"] = targets(summary)
     summary["command"] = "python bench/reproduce_paper.py " + " ".join(sys.argv[1:])
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = markdown(summary, args)
     if summary["targets"]:
-        table += "\nThe targets, over training seeds (t95):\n\n" + targets_markdown(summary["targets"])
+        table += "\nThe targets, with the intervals of [1]:\n\n" + targets_markdown(summary["targets"])
     (args.out / "summary.md").write_text(table)
     plot(summary, args.out / "summary.png")
     print(table)

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rvla_peft.stats import t_interval, wilson_interval  # noqa: E402
+from rvla_peft.stats import DIFFERENCE_BOUNDS, RATE_BOUNDS, t_interval, wilson_interval  # noqa: E402
 
 CLEAN = "clean"
 
@@ -100,7 +100,7 @@ def versus(adapters: dict[str, dict[int, dict]], reference: str, settings: list[
         out[arm] = {}
         for s in settings:
             diffs = [paired(successes(by_seed[k], s), successes(adapters[reference][k], s)) for k in common]
-            mean, lo, hi = t_interval(diffs)
+            mean, lo, hi = t_interval(diffs, DIFFERENCE_BOUNDS)
             out[arm][s] = {"seeds": common, "per_seed": diffs, "mean": mean, "t95_over_seeds": [lo, hi]}
     return out
 
@@ -117,8 +117,8 @@ def summarize(base: dict, adapters: dict[str, dict[int, dict]], settings: list[s
                 rates.append(sum(x) / len(x))
                 diffs.append(paired(x, b))
                 pooled += x
-            mean, lo, hi = t_interval(rates)
-            d_mean, d_lo, d_hi = t_interval(diffs)
+            mean, lo, hi = t_interval(rates, RATE_BOUNDS)
+            d_mean, d_lo, d_hi = t_interval(diffs, DIFFERENCE_BOUNDS)
             cells[s] = {
                 "per_seed": dict(zip(by_seed, rates, strict=True)),
                 "mean": mean,

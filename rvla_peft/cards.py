@@ -183,7 +183,18 @@ def robustness_table(report: dict, policy: str) -> str:
         if drawn:
             row += f" {notes[setting['name']] or '-'} |"
         rows.append(row)
-    return "\n".join(rows)
+    return "\n".join(rows) + "\n\n" + interval_footnote(report, paired=bool(baseline))
+
+
+def interval_footnote(report: dict, paired: bool = True) -> str:
+    """The methods of the table's intervals, named once, as the report records them (older reports used a normal
+    approximation for the paired difference)."""
+    methods = report.get("intervals") or {}
+    success = methods.get("results", "Wilson score interval over the setting's episodes")
+    text = f"Intervals: success, {success}"
+    if paired:
+        text += f"; difference, {methods.get('paired', 'normal approximation of the per-episode differences')}"
+    return text + "."
 
 
 def summary_line(report: dict, policy: str) -> str:

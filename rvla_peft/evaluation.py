@@ -13,13 +13,23 @@ report.json, schema_version 1::
      "results": [{"policy", "setting", "success_rate", "ci95", "mean_return", "episodes", "successes"}],
      "summary": {policy: {"clean_success_rate", "mean_perturbed_success_rate", "robustness_gap",
                           "gap_by_perturbation": {perturbation: gap}}},
-     "paired": [{"policy", "baseline", "setting", "difference", "ci95"}]}
+     "paired": [{"policy", "baseline", "setting", "difference", "ci95", "p_mcnemar"}],
+     "arms": [{"arm", "setting", "seeds", "per_seed", "mean", "ci95", "t95", and against the baseline "baseline",
+               "differences", "difference", "difference_ci95", "difference_t95", on "mean perturbed" "gap_cut",
+               "gap_cut_ci95"}],
+     "intervals": {"results", "paired", "p_mcnemar", "arms": the method of each interval or test, in words}}
 
 ``resample`` (added in version 1, absent from older reports): when each spec's random parameters were drawn,
 "episode" (held per episode) or "step" (redrawn every step), per component joined by "+" for a combination.
 ``schedule`` (added in version 1; absent means "batch"): how the episodes ran (``run_episodes``). "batch": the
 perturbation draws depend on the number of envs too, so two reports pair episode for episode only at the same
 number; "stream": on the episodes' reset seeds alone.
+``intervals`` and ``p_mcnemar`` (added in version 1): reports without them computed ``paired`` intervals by a normal
+approximation, and ``arms`` had only ``t95`` intervals (Student-t over seeds).
+
+Intervals: a cell's success rate, Wilson; a paired difference of two policies, Newcombe's score interval for paired
+proportions with the exact McNemar p-value; an arm's training seeds, the two-level bootstrap over seeds and
+episodes (:mod:`rvla_peft.stats`).
 """
 
 from __future__ import annotations
@@ -33,7 +43,18 @@ import torch
 from rvla_peft.envs.perturbed import PerturbedEnv
 from rvla_peft.perturbations.specs import CLEAN, Setting, spec_records
 from rvla_peft.rollout import run_episodes
-from rvla_peft.stats import paired_difference, t_interval, wilson_interval
+from rvla_peft.stats import (
+    DIFFERENCE_BOUNDS,
+    MCNEMAR,
+    NEWCOMBE,
+    RATE_BOUNDS,
+    TWO_LEVEL,
+    WILSON,
+    TwoLevelBootstrap,
+    paired_proportion_difference,
+    t_interval,
+    wilson_interval,
+)
 
 SCHEMA_VERSION = 1
 
@@ -121,9 +142,9 @@ def summarize(results: list[CellResult], settings: list[Setting], baseline: str 
                 continue
             for s in settings:
                 a, b = cell[policy, s.name], cell[baseline, s.name]
-                diff, lo, hi = paired_difference(torch.tensor(a.successes), torch.tensor(b.successes))
+                diff, lo, hi, p = paired_proportion_difference(a.successes, b.successes)
                 paired.append({"policy": policy, "baseline": baseline, "setting": s.name, "difference": diff,
-                               "ci95": [lo, hi]})  # fmt: skip
+                               "ci95": [lo, hi], "p_mcnemar": p})  # fmt: skip
     return summary, paired
 
 
@@ -135,34 +156,71 @@ def arm_of(policy: str) -> str | None:
     return arm if sep and arm and seed else None
 
 
-def summarize_arms(results: list[CellResult], settings: list[Setting], baseline: str | None) -> list[dict]:
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def summarize_arms(
+    results: list[CellResult],
+    settings: list[Setting],
+    baseline: str | None,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    bootstrap_seed: int = 0,
+) -> list[dict]:
     """Seed-level statistics for every arm with two or more training seeds (adapters named ``ARM/SEED``): per
-    setting (and for the mean over perturbed settings), each seed's success, the mean over seeds with its 95%
-    Student-t interval over seeds and, against ``baseline``, each seed's paired difference with its t interval.
-    The episode-pooled intervals elsewhere in the report ignore the variation between training seeds."""
-    cell = {(r.policy, r.setting): r.success_rate for r in results}
+    setting (and for the mean over perturbed settings), each seed's success and the mean over seeds with its 95%
+    two-level bootstrap interval (training seeds and evaluation episodes resampled, ``resamples`` draws from
+    ``bootstrap_seed``); against ``baseline`` (evaluated once: its episodes count once), each seed's difference and
+    the mean difference, paired by episode, with its bootstrap interval, and on the mean perturbed row the share of
+    the baseline's robustness gap the arm closes. ``t95`` / ``difference_t95``: the Student-t interval over seeds
+    alone (episodes held fixed, clipped to what is possible), for comparison."""
+    cell = {(r.policy, r.setting): r for r in results}
     arms: dict[str, list[str]] = {}
     for policy in dict.fromkeys(r.policy for r in results):
         if (arm := arm_of(policy)) is not None:
             arms.setdefault(arm, []).append(policy)
-    perturbed = [s.name for s in settings if s.name != CLEAN.name]
+    arms = {arm: seeds for arm, seeds in arms.items() if len(seeds) >= 2}
+    if not arms:
+        return []
+    names = [s.name for s in settings]
+    perturbed = [i for i, s in enumerate(settings) if s.name != CLEAN.name]
+    clean = names.index(CLEAN.name) if CLEAN.name in names else None
+    compare = baseline is not None
+    outcomes = {arm: [[cell[p, n].successes for n in names] for p in seeds] for arm, seeds in arms.items()}
+    base_key = "\0baseline"  # no arm's name: a baseline named like an arm stays apart
+    if compare:
+        outcomes[base_key] = [[cell[baseline, n].successes for n in names]]
+    boot = TwoLevelBootstrap(outcomes, resamples=resamples, seed=bootstrap_seed)
+    rate = {(p, n): cell[p, n].success_rate for p in {r.policy for r in results} for n in names}
     rows = []
     for arm, seeds in arms.items():
-        if len(seeds) < 2:
-            continue
-        names = [s.name for s in settings] + (["mean perturbed"] if perturbed else [])
-        for name in names:
-            keys = perturbed if name == "mean perturbed" else [name]
-            per_seed = [sum(cell[p, k] for k in keys) / len(keys) for p in seeds]
-            mean, lo, hi = t_interval(per_seed)
-            row = {"arm": arm, "setting": name, "seeds": seeds, "per_seed": per_seed, "mean": mean, "t95": [lo, hi]}
-            if baseline is not None and arm_of(baseline) != arm:
-                base = sum(cell[baseline, k] for k in keys) / len(keys)
+        rows_of_arm = [(n, [i]) for i, n in enumerate(names)] + ([("mean perturbed", perturbed)] if perturbed else [])
+        for name, keys in rows_of_arm:
+            per_seed = [sum(rate[p, names[k]] for k in keys) / len(keys) for p in seeds]
+            mean, lo, hi = boot.mean(arm, keys)
+            row = {"arm": arm, "setting": name, "seeds": seeds, "per_seed": per_seed, "mean": mean, "ci95": [lo, hi],
+                   "t95": list(t_interval(per_seed, RATE_BOUNDS)[1:])}  # fmt: skip
+            if compare and arm_of(baseline) != arm:
+                base = sum(rate[baseline, names[k]] for k in keys) / len(keys)
                 diffs = [v - base for v in per_seed]
-                d, dlo, dhi = t_interval(diffs)
-                row.update({"baseline": baseline, "differences": diffs, "difference": d, "difference_t95": [dlo, dhi]})
+                d, dlo, dhi = boot.difference(arm, base_key, keys)
+                row.update({"baseline": baseline, "differences": diffs, "difference": d, "difference_ci95": [dlo, dhi],
+                            "difference_t95": list(t_interval(diffs, DIFFERENCE_BOUNDS)[1:])})  # fmt: skip
+                if name == "mean perturbed" and clean is not None:
+                    cut, clo, chi = boot.gap_cut(arm, base_key, clean, perturbed)
+                    row.update({"gap_cut": cut, "gap_cut_ci95": [clo, chi]})
             rows.append(row)
     return rows
+
+
+def interval_methods(episodes: int, resamples: int = BOOTSTRAP_RESAMPLES, bootstrap_seed: int = 0) -> dict:
+    """How each of a report's intervals is computed, in words (the report's footnotes)."""
+    return {
+        "results": f"{WILSON} over the cell's {episodes} episodes",
+        "paired": f"{NEWCOMBE}, over the {episodes} episode pairs",
+        "p_mcnemar": f"{MCNEMAR} (binomial on the pairs that disagree)",
+        "arms": f"{TWO_LEVEL} ({resamples} resamples, seed {bootstrap_seed}; episodes resampled jointly across "
+        "arms and settings, a baseline evaluated once counted once)",
+    }
 
 
 def versions() -> dict[str, str]:
@@ -210,4 +268,5 @@ def build_report(
         "summary": summary,
         "paired": paired,
         "arms": arms,
+        "intervals": interval_methods(episodes),
     }

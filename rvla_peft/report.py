@@ -16,6 +16,18 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def _ci(interval: list[float]) -> str:
+    return f"[{_pct(interval[0])}, {_pct(interval[1])}]"
+
+
+# Reports written before they recorded their interval methods computed them this way.
+_OLDER_METHODS = {
+    "results": "Wilson score interval over the cell's episodes",
+    "paired": "normal approximation of the per-episode differences",
+    "arms": "Student-t interval over training seeds, the evaluation episodes held fixed",
+}
+
+
 def render_markdown(report: dict) -> str:
     """A table a person reads: success % [95% interval] per setting and policy (and when each setting's random
     parameters were drawn, where the report records it), then the gaps."""
@@ -23,13 +35,14 @@ def render_markdown(report: dict) -> str:
     cell = {(r["policy"], r["setting"]): r for r in report["results"]}
     notes = {s["name"]: resample_note(s.get("specs", [])) for s in report["settings"]}
     drawn = any(notes.values())  # reports written before the mode was recorded have no such column
+    methods = report.get("intervals") or _OLDER_METHODS
     lines = [
         f"# Robustness report: {report['task']}",
         "",
         f"Suite `{report['suite']}`, {report['episodes']} episodes per cell, seed {report['seed']}, "
         f"{'deterministic' if report['deterministic'] else 'sampled'} actions, "
         f"{report.get('schedule', 'batch')} schedule. Success rate in % "
-        "with its 95% Wilson interval; every policy saw the same initial states and perturbation draws."
+        "with its 95% interval [1]; every policy saw the same initial states and perturbation draws."
         + (" Random parameters: held per episode, or redrawn every step." if drawn else ""),
         "",
         "| setting | " + " | ".join(policies) + " |" + (" random parameters |" if drawn else ""),
@@ -44,6 +57,7 @@ def render_markdown(report: dict) -> str:
         if drawn:
             row.append(notes[s["name"]] or "-")
         lines.append(f"| {s['name']} | " + " | ".join(row) + " |")
+    lines += ["", f"[1] {methods['results']}."]
     lines += ["", "| policy | clean | mean perturbed | robustness gap |", "|---|---|---|---|"]
     for p in policies:
         m = report["summary"][p]
@@ -52,30 +66,35 @@ def render_markdown(report: dict) -> str:
             f"{_pct(m['robustness_gap'])} |"
         )
     if report["paired"]:
-        lines += ["", "Paired difference in success (percentage points, policy minus baseline, 95% interval):", ""]
-        lines += ["| policy - baseline | setting | difference |", "|---|---|---|"]
+        has_p = any("p_mcnemar" in d for d in report["paired"])
+        lines += ["", "Paired difference in success (percentage points, policy minus baseline, 95% interval [2]):", ""]
+        lines += ["| policy - baseline | setting | difference |" + (" p |" if has_p else ""),
+                  "|---|---|---|" + ("---|" if has_p else "")]  # fmt: skip
         for d in report["paired"]:
-            lo, hi = d["ci95"]
+            p = f" {d['p_mcnemar']:.3g} |" if "p_mcnemar" in d else (" - |" if has_p else "")
             lines.append(
-                f"| {d['policy']} - {d['baseline']} | {d['setting']} | {_pct(d['difference'])} "
-                f"[{_pct(lo)}, {_pct(hi)}] |"
+                f"| {d['policy']} - {d['baseline']} | {d['setting']} | {_pct(d['difference'])} {_ci(d['ci95'])} |{p}"
             )
+        p_method = methods.get("p_mcnemar", "exact McNemar test")
+        lines += ["", f"[2] {methods['paired']}" + (f"; p: {p_method}." if has_p else ".")]
     if report.get("arms"):
-        lines += ["", "Training seeds: the mean over seeds with its 95% Student-t interval over seeds (the intervals "
-                  "above pool the episodes of one policy and ignore how training seeds differ):", ""]  # fmt: skip
-        lines += ["| arm | setting | per seed | mean over seeds | minus baseline, per seed | difference |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "Training seeds: each seed's success, the mean over seeds and, against the baseline, the "
+                  "difference and the share of its robustness gap closed (gap cut), each with its 95% interval [3]:",
+                  ""]  # fmt: skip
+        lines += ["| arm | setting | per seed | mean over seeds | minus baseline, per seed | difference | gap cut |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for a in report["arms"]:
-            lo, hi = a["t95"]
             row = f"| {a['arm']} | {a['setting']} | {', '.join(_pct(v) for v in a['per_seed'])} | "
-            row += f"{_pct(a['mean'])} [{_pct(lo)}, {_pct(hi)}] | "
+            row += f"{_pct(a['mean'])} {_ci(a.get('ci95', a['t95']))} | "
             if "difference" in a:
-                dlo, dhi = a["difference_t95"]
                 row += f"{', '.join(_pct(v) for v in a['differences'])} | {_pct(a['difference'])} "
-                row += f"[{_pct(dlo)}, {_pct(dhi)}] |"
+                row += f"{_ci(a.get('difference_ci95', a['difference_t95']))} | "
             else:
-                row += "- | - |"
+                row += "- | - | "
+            row += f"{_pct(a['gap_cut'])} {_ci(a['gap_cut_ci95'])} |" if "gap_cut" in a else "- |"
             lines.append(row)
+        arms = methods["arms"] if "ci95" in report["arms"][0] else _OLDER_METHODS["arms"]
+        lines += ["", f"[3] {arms}."]
     lines += ["", "Command:", "", "```", report["command"], "```", ""]
     return "\n".join(lines)
 

@@ -11,12 +11,19 @@ from rvla_peft import eval as rvla_eval
 from rvla_peft.config import PerturbationSpec
 from rvla_peft.envs import PerturbedEnv, make_envs
 from rvla_peft.envs.maniskill import VecEnv
-from rvla_peft.evaluation import CellResult, evaluate_grid, summarize
+from rvla_peft.evaluation import CellResult, evaluate_grid, interval_methods, summarize
 from rvla_peft.perturbations import CLEAN, Setting, Spec, suite_grid
 from rvla_peft.policies.base import ActionSample
 from rvla_peft.report import render_markdown
 from rvla_peft.rollout import run_episodes
-from rvla_peft.stats import paired_difference, wilson_interval
+from rvla_peft.stats import (
+    TwoLevelBootstrap,
+    mcnemar_exact_p,
+    newcombe_paired_interval,
+    paired_difference,
+    t975,
+    wilson_interval,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # statistics
@@ -68,6 +75,11 @@ def test_summary_gaps_and_paired_differences():
     assert [d["setting"] for d in paired] == [s.name for s in settings]
     assert all(d["policy"] == "robust" and d["baseline"] == "base" for d in paired)
     assert [d["difference"] for d in paired] == pytest.approx([0.25, 0.25, 0.25, 0.25])
+    # Newcombe's interval from each setting's paired table (both, only robust, only base, neither)
+    tables = [(3, 1, 0, 0), (1, 1, 0, 2), (0, 1, 0, 3), (2, 1, 0, 1)]
+    assert [d["ci95"] for d in paired] == [list(newcombe_paired_interval(*t)[1:]) for t in tables]
+    assert [d["p_mcnemar"] for d in paired] == [mcnemar_exact_p(1, 0)] * 4 == [1.0] * 4
+    assert all(-1 <= d["ci95"][0] < d["difference"] < d["ci95"][1] <= 1 for d in paired)
     report = {
         "task": "PickCube-v1",
         "suite": "test",
@@ -84,6 +96,18 @@ def test_summary_gaps_and_paired_differences():
     table = render_markdown(report)
     assert "| rotation@0.5 | 25.0 [4.6, 69.9] | 50.0 [15.0, 85.0] |" in table
     assert "| base | 75.0 | 25.0 | 50.0 |" in table
+    lo, hi = newcombe_paired_interval(*tables[0])[1:]
+    assert f"| robust - base | clean | 25.0 [{100 * lo:.1f}, {100 * hi:.1f}] | 1 |" in table
+    # every interval's method named once, in a footnote; a report without the record names the older methods
+    assert "[2] normal approximation of the per-episode differences" in table
+    report["intervals"] = interval_methods(4)
+    table = render_markdown(report)
+    assert table.count("Wilson score interval") == 1 and table.count("Newcombe") == 1
+    assert "[1] Wilson score interval over the cell's 4 episodes." in table
+    assert (
+        "[2] Newcombe's score interval for paired proportions (method 10), over the 4 episode pairs; p: exact "
+        in table
+    )
 
 
 def test_grid_validates_settings_before_any_work():
@@ -343,9 +367,8 @@ def test_eval_measures_a_scripted_expert_high_clean_and_low_under_strong_action_
     assert sum(noisy.successes) <= 2, noisy.successes
 
 
-def test_training_seeds_of_an_arm_get_a_t_interval_over_seeds_and_paired_differences():
+def test_training_seeds_of_an_arm_get_a_two_level_bootstrap_interval_and_paired_differences():
     from rvla_peft.evaluation import summarize_arms
-    from rvla_peft.stats import t975
 
     settings = [CLEAN, Setting("shift@0.5", "shift", 0.5), Setting("rotation@0.5", "rotation", 0.5)]
     outcomes = {  # 4 episodes per cell; the arm "rl" has three training seeds
@@ -366,16 +389,32 @@ def test_training_seeds_of_an_arm_get_a_t_interval_over_seeds_and_paired_differe
     shift = by["shift@0.5"]
     assert shift["per_seed"] == [0.5, 0.75, 0.25] and shift["mean"] == pytest.approx(0.5)
     half = t975(2) * 0.25 / math.sqrt(3)  # sd of (0.5, 0.75, 0.25) is 0.25
-    assert shift["t95"] == pytest.approx([0.5 - half, 0.5 + half])
+    assert 0.5 + half > 1 and shift["t95"] == pytest.approx([0.0, 1.0])  # clipped to what is possible
     assert shift["differences"] == pytest.approx([0.25, 0.5, 0.0]) and shift["difference"] == pytest.approx(0.25)
     assert shift["difference_t95"] == pytest.approx([0.25 - half, 0.25 + half])  # same spread: base is one number
     mean = by["mean perturbed"]
     assert mean["per_seed"] == pytest.approx([(0.5 + 0.25) / 2, 0.75 / 2, (0.25 + 0.5) / 2])
     assert mean["differences"] == pytest.approx([v - 0.125 for v in mean["per_seed"]])
+    # the two-level bootstrap: the base's one evaluation is one seed, episodes drawn jointly for the arm and the base
+    order = ["clean", "shift@0.5", "rotation@0.5"]
+    table = {p: [row[s] for s in order] for p, row in outcomes.items()}
+    arms = {"rl": [table["rl/0"], table["rl/1"], table["rl/2"]], "base": [table["base"]]}
+    boot = TwoLevelBootstrap(arms, resamples=2000, seed=0)
+    assert (shift["mean"], *shift["ci95"]) == boot.mean("rl", [1])
+    assert (shift["difference"], *shift["difference_ci95"]) == boot.difference("rl", "base", [1])
+    assert (mean["mean"], *mean["ci95"]) == boot.mean("rl", [1, 2])
+    assert 0 <= shift["ci95"][0] < shift["mean"] < shift["ci95"][1] <= 1
+    # gap cut: base clean 1, perturbed 1/8; rl clean 11/12, perturbed 3/8
+    assert mean["gap_cut"] == pytest.approx(1 - (11 / 12 - 3 / 8) / (1 - 1 / 8))
+    assert (mean["gap_cut"], *mean["gap_cut_ci95"]) == boot.gap_cut("rl", "base", 0, [1, 2])
+    assert "gap_cut" not in shift
     report = {"task": "PushCube-v1", "suite": "none", "episodes": 4, "seed": 0, "deterministic": True,
               "policies": [{"name": p} for p in outcomes], "settings": [{"name": s.name} for s in settings],
               "results": [r.as_dict() for r in results], "summary": summarize(results, settings, "base")[0],
-              "paired": [], "arms": rows, "command": "python -m rvla_peft.eval ..."}  # fmt: skip
+              "paired": [], "arms": rows, "command": "python -m rvla_peft.eval ...",
+              "intervals": interval_methods(4)}  # fmt: skip
     text = render_markdown(report)
     assert "| rl | shift@0.5 | 50.0, 75.0, 25.0 | 50.0 [" in text
-    assert "Training seeds: the mean over seeds with its 95% Student-t interval over seeds" in text
+    assert "| rl | mean perturbed | 37.5, 37.5, 37.5 | 37.5 [" in text
+    assert f"| {100 * mean['gap_cut']:.1f} [{100 * mean['gap_cut_ci95'][0]:.1f}, " in text
+    assert "[3] two-level percentile bootstrap over training seeds and evaluation episodes (2000 resamples" in text

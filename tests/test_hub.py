@@ -261,6 +261,8 @@ def test_card_parses_validates_and_holds_the_report_numbers(run, hub):
     for needle in (
         "| `rotation@0.5` | 42% [29, 55] |",  # the robustness table, with the paired difference beside it
         "+10 pts",
+        # a report that does not record its interval methods is an older one: its paired interval was normal
+        "Intervals: success, Wilson score interval over the setting's episodes; difference, normal approximation",
         "![success rate under each perturbation and severity](robustness.png)",
         "![episode return and success rate per PPO update](training_curve.png)",
         "```yaml\n" + (run.out / "recipe.yaml").read_text().rstrip(),
@@ -494,3 +496,16 @@ def test_card_names_the_algorithm_and_only_the_penalties_that_were_on(overrides,
     from rvla_peft.cards import training_method
 
     assert training_method(load_config("recipes/tiny_cpu.yaml", overrides)) == expected
+
+
+def test_card_footnote_names_the_interval_methods_the_report_records():
+    from rvla_peft.evaluation import interval_methods
+    from rvla_peft.cards import interval_footnote
+
+    assert interval_footnote({"intervals": interval_methods(100)}) == (
+        "Intervals: success, Wilson score interval over the cell's 100 episodes; difference, Newcombe's score "
+        "interval for paired proportions (method 10), over the 100 episode pairs."
+    )
+    assert (
+        interval_footnote({}, paired=False) == "Intervals: success, Wilson score interval over the setting's episodes."
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import load_bench_script
 
-from rvla_peft.stats import Z95, t975, wilson_interval
+from rvla_peft.stats import TwoLevelBootstrap, t975, t_interval, wilson_interval
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +47,24 @@ def test_pools_seeds_and_pairs_episodes(reproduce):
     assert summary["settings"] == ["clean", "a", "b"] and summary["variants"] == ["ppo", "robustvla"]
 
     assert cells["robustvla|clean"]["success_rate"] == 6 / 8
-    assert cells["robustvla|clean"]["ci95"] == list(wilson_interval(6, 8))
+    assert cells["robustvla|clean"]["wilson95"] == list(wilson_interval(6, 8))
     assert cells["robustvla|clean"]["per_seed"] == [1.0, 0.5]
+    # the two-level bootstrap: [seeds, settings, episodes] per variant, episodes drawn jointly for both variants
+    order = ["clean", "a", "b"]
+    boot = TwoLevelBootstrap(
+        {v: [[seed[v][s] for s in order] for seed in (SEED0, SEED1)] for v in ("ppo", "robustvla")}, resamples=2000
+    )
+    assert [cells["robustvla|clean"]["success_rate"], *cells["robustvla|clean"]["ci95"]] == list(
+        boot.mean("robustvla", [0])
+    )
     # mean perturbed: a and b pooled, 4 + 2 of 16 for robustvla, 2 + 1 of 16 for ppo
     assert cells[f"robustvla|{mean}"]["success_rate"] == 6 / 16 and cells[f"ppo|{mean}"]["success_rate"] == 3 / 16
     assert cells[f"robustvla|{mean}"]["per_seed"] == [4 / 8, 2 / 8] and cells[f"robustvla|{mean}"]["episodes"] == 16
 
-    # per (seed, episode): the mean over a and b of robustvla - ppo
-    units = [0.5, 0.5, 0, 0, 0, 0.5, 0, 0]
     d = paired[f"robustvla|{mean}"]
-    half = Z95 * statistics.stdev(units) / math.sqrt(len(units))
     assert d["baseline"] == "ppo" and d["difference"] == pytest.approx(3 / 16)
-    assert d["ci95"] == pytest.approx([3 / 16 - half, 3 / 16 + half])
+    assert d["ci95"] == list(boot.difference("robustvla", "ppo", [1, 2])[1:])
+    assert -1 <= d["ci95"][0] < 3 / 16 < d["ci95"][1] <= 1
     assert paired["robustvla|a"]["difference"] == pytest.approx(2 / 8)
     assert paired["ppo|clean"]["difference"] == 0.0 and paired["ppo|clean"]["ci95"] == [0.0, 0.0]
     # over training seeds: each seed's mean difference, then a Student-t interval over the two seeds
@@ -66,7 +72,30 @@ def test_pools_seeds_and_pairs_episodes(reproduce):
     half = t975(1) * statistics.stdev([2 / 8, 1 / 8]) / math.sqrt(2)
     assert paired[f"robustvla|{mean}"]["t95"] == pytest.approx([3 / 16 - half, 3 / 16 + half])
     half = t975(1) * statistics.stdev([1, 0.5]) / math.sqrt(2)
-    assert cells["robustvla|clean"]["t95"] == pytest.approx([0.75 - half, 0.75 + half])
+    assert 0.75 + half > 1 and cells["robustvla|clean"]["t95"] == [0.0, 1.0]  # clipped to what is possible
+    assert summary["against_base"] == {} and summary["gap_cut"] == {}  # no base among the variants
+
+
+def test_a_base_shared_by_every_seed_counts_its_episodes_once(reproduce):
+    """The base is evaluated once and its report joins every seed's: 99 of its 100 episodes succeed, so its
+    interval is Wilson's for 99/100, [94.6, 99.8] %, not the [97.1, 99.7] % of 297/300 from three copies."""
+    base = {"clean": [1] * 99 + [0], "a": [1] * 50 + [0] * 50}
+    seeds = [{"base": base, "ppo": {"clean": [1] * 95 + [0] * 5, "a": [1] * 60 + [0] * 40}} for _ in range(3)]
+    summary = reproduce.aggregate([report(s) for s in seeds])
+    cell = summary["cells"]["base|clean"]
+    assert cell["episodes"] == 100 and cell["per_seed"] == [0.99] and cell["t95"] is None
+    assert cell["wilson95"] == list(wilson_interval(99, 100)) == pytest.approx([0.945514, 0.998233], abs=1e-6)
+    assert "| clean | 99.0 [" in reproduce.markdown(summary, None)
+    # its interval is the Wilson interval of its one evaluation; differences with it resample its 100 episodes once
+    assert cell["ci95"] == cell["wilson95"]
+    arms = {"base": [[base["clean"], base["a"]]], "ppo": [[s["ppo"]["clean"], s["ppo"]["a"]] for s in seeds]}
+    boot = TwoLevelBootstrap(arms, resamples=2000)
+    assert cell["success_rate"] == boot.mean("base", [0])[0] == 0.99
+    d = summary["paired"]["base|clean"]
+    assert [d["difference"], *d["ci95"]] == list(boot.difference("base", "ppo", [0]))
+    assert summary["cells"]["ppo|clean"]["episodes"] == 300
+    with pytest.raises(SystemExit, match="not one shared evaluation"):
+        reproduce.aggregate([report(seeds[0]), report({"base": {**base, "a": [0] * 100}, "ppo": seeds[0]["ppo"]})])
 
 
 def test_markdown_and_plot(reproduce, tmp_path):
@@ -76,6 +105,27 @@ def test_markdown_and_plot(reproduce, tmp_path):
     assert "Over training seeds" in table and "| mean perturbed | 25/12: 18.8 [" in table
     reproduce.plot(summary, tmp_path / "summary.png")
     assert (tmp_path / "summary.png").stat().st_size > 1000
+
+
+def test_the_committed_invariance_study_with_intervals_over_seeds_and_episodes(reproduce):
+    """bench/results/paper_inv120 (the base once, the invariance arm at 3 training seeds, 100 episodes per cell):
+    the interval over seeds alone, +10.4 [+9, +12], widens to [+7.9, +13.1] once the episodes are resampled too,
+    the gap cut is 21.7% [15.2, 28.3], and the base's clean 99/100 keeps its Wilson [94.6, 99.8]."""
+    out = Path(__file__).resolve().parent.parent / "bench" / "results" / "paper_inv120"
+    base = json.loads((out / "report-base" / "report.json").read_text())
+    arm = [json.loads((out / f"report-invariance-seed{s}" / "report.json").read_text()) for s in range(3)]
+    summary = reproduce.aggregate([reproduce.seed_report(base, [a]) for a in arm])
+    mean = reproduce.MEAN
+    d = summary["against_base"][f"invariance|{mean}"]
+    assert [round(100 * x, 1) for x in (d["difference"], *d["ci95"])] == [10.4, 7.9, 13.1]
+    t = t_interval([x - 0.5077777777777778 for x in summary["cells"][f"invariance|{mean}"]["per_seed"]])
+    assert [round(100 * x) for x in t] == [10, 9, 12]  # the seeds-only interval it replaces
+    cut = summary["gap_cut"]["invariance"]
+    assert [round(100 * x, 1) for x in (cut["value"], *cut["ci95"])] == [21.7, 15.2, 28.3]
+    clean = summary["cells"]["base|clean"]
+    assert clean["episodes"] == 100 and [round(100 * x, 1) for x in clean["ci95"]] == [94.6, 99.8]
+    clean = summary["cells"]["invariance|clean"]
+    assert t_interval(clean["per_seed"])[2] > 1 and clean["t95"][1] == 1.0  # clipped to what is possible
 
 
 def test_targets_are_checked_over_training_seeds_against_the_base_and_ppo(reproduce):
@@ -94,24 +144,37 @@ def test_targets_are_checked_over_training_seeds_against_the_base_and_ppo(reprod
         rows[r["arm"], next(v for k, v in short.items() if r["target"].startswith(k))] = r
     assert {arm for arm, _ in rows} == {"ppo", "robustvla", "strong"}
 
-    # robustvla: 4/8 and 2/8 perturbed, so +3/8 and +1/8 over the base: mean +1/4, a t interval over 2 seeds
+    # robustvla: 4/8 and 2/8 perturbed, so +3/8 and +1/8 over the base (its one evaluation): mean +1/4, with the
+    # two-level bootstrap interval of aggregate()
     r = rows["robustvla", "base"]
-    half = t975(1) * statistics.stdev([3 / 8, 1 / 8]) / math.sqrt(2)
-    assert r["value"] == pytest.approx(1 / 4) and r["t95"] == pytest.approx([1 / 4 - half, 1 / 4 + half])
-    assert not r["met"]  # +25 points, but the interval over 2 seeds reaches below 0
+    assert (
+        r["value"] == pytest.approx(1 / 4)
+        and r["ci95"] == summary["against_base"][f"robustvla|{reproduce.MEAN}"]["ci95"]
+    )
+    assert (
+        r["ci95"][0] < 0 and not r["met"]
+    )  # +25 points, but over 2 seeds and 4 episodes the interval reaches below 0
     assert rows["strong", "base"]["value"] == pytest.approx(5 / 8) and rows["strong", "base"]["met"]
-    # against ppo: the paired per-seed differences of aggregate(), interval above 0 or not
+    assert rows["strong", "base"]["ci95"][0] > 0
+    # against ppo: the paired difference of aggregate(), interval above 0 or not
     assert rows["robustvla", "ppo"]["value"] == pytest.approx(3 / 16)
+    assert rows["robustvla", "ppo"]["ci95"] == summary["paired"][f"robustvla|{reproduce.MEAN}"]["ci95"]
     assert rows["robustvla", "ppo"]["met"] is False
     # the gap: base 1 - 1/8; robustvla (clean 1 and 1/2 over the seeds) 3/4 - 3/8, cut 1 - (3/8) / (7/8) = 4/7
     assert rows["robustvla", "gap"]["value"] == pytest.approx(4 / 7) and rows["robustvla", "gap"]["met"]
+    lo, hi = rows["robustvla", "gap"]["ci95"]
+    assert lo < 4 / 7 < hi
     assert rows["strong", "gap"]["value"] == pytest.approx(1 - (1 / 4) / (7 / 8))
     # clean: ppo 0.75 and 0.5 over the seeds, below 95%; strong 100%
     assert rows["ppo", "clean"]["value"] == 0.625 and not rows["ppo", "clean"]["met"]
     assert rows["strong", "clean"]["met"]
     assert ("ppo", "base") not in rows  # plain RL is the comparison, not an arm with penalties
     table = reproduce.targets_markdown(reproduce.targets(summary))
-    assert "| robustvla | robustness gap cut >= 30% against the base | 57.1% | yes |" in table
+    assert (
+        f"| robustvla | robustness gap cut >= 30% against the base | 57.1% [{100 * lo:.1f}, {100 * hi:.1f}] | yes |"
+        in table
+    )
+    assert "| ppo | clean >= 95% | 62.5% | no |" in table
 
 
 def test_finished_runs_are_kept_and_each_report_names_its_arm(reproduce, tmp_path, monkeypatch):

@@ -74,4 +74,4 @@ def test_versus_pairs_two_arms_on_the_seeds_both_have(study):
     assert cell["seeds"] == [0, 1] and cell["per_seed"] == [0.25, 0.5]
     half = t975(1) * statistics.stdev([0.25, 0.5]) / 2**0.5
     assert cell["mean"] == pytest.approx(0.375)
-    assert cell["t95_over_seeds"] == pytest.approx([0.375 - half, 0.375 + half])
+    assert 0.375 + half > 1 and cell["t95_over_seeds"] == [-1.0, 1.0]  # clipped to what a difference can be
