@@ -13,7 +13,6 @@ repository keeps a copy of each in ``cards/``: ``python -m rvla_peft.cards --out
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -489,18 +488,9 @@ def write_shipped_cards(cards_dir: str | Path | None, assets: bool = True) -> li
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m rvla_peft.cards",
-        description="Render the model cards of the bases and adapters shipped in rvla_peft/assets from their files.",
-    )
-    parser.add_argument("--out", default="cards", help="folder for the browsable copies, NAME.md (default: cards)")
-    parser.add_argument("--no-assets", action="store_true", help="leave rvla_peft/assets/NAME/README.md as they are")
-    args = parser.parse_args(argv)
-    for path in write_shipped_cards(args.out, assets=not args.no_assets):
-        print(path)
-    return 0
+if __name__ == "__main__":  # the command lives in rvla_peft/cli/cards.py
+    import sys
 
+    from rvla_peft.cli.cards import main
 
-if __name__ == "__main__":
     sys.exit(main())

@@ -28,10 +28,7 @@ not assumed). Quaternions are (w, x, y, z) as in ManiSkill.
 
 from __future__ import annotations
 
-import argparse
-import itertools
 import math
-import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -41,7 +38,7 @@ from torch import Tensor
 from rvla_peft.config import EnvConfig
 from rvla_peft.envs.maniskill import _check_task, _import_mani_skill, _make_kwargs, extract_state
 from rvla_peft.perturbations.base import ActionPerturbation
-from rvla_peft.perturbations.specs import build_perturbations, suite_grid
+from rvla_peft.perturbations.specs import build_perturbations
 from rvla_peft.policies.base import ActionSample
 
 PROPRIO_KEYS = ("agent.qpos", "extra.tcp_pose")  # EnvConfig's default state_keys: the columns a policy would see
@@ -422,37 +419,9 @@ def run_expert(
     return successes, lengths
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Measure a scripted expert's success on state-only CPU envs.")
-    parser.add_argument("--task", action="append", help="task id (repeatable); default: every task with an expert")
-    parser.add_argument("--episodes", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0, help="episode e starts from reset seed seed + e")
-    parser.add_argument("--max-episode-steps", type=int, default=50)
-    parser.add_argument(
-        "--perturb", action="append", default=[], metavar="NAME@SEVERITY",
-        help="also measure under this action perturbation (repeatable; e.g. action_noise@1): how much of a "
-        "policy's loss under it a closed-loop controller that sees the true state also suffers",
-    )  # fmt: skip
-    args = parser.parse_args(argv)
-    try:
-        settings = suite_grid(None, args.perturb)
-        for setting in settings:
-            action_perturbations(setting.specs)
-    except ValueError as err:
-        parser.error(str(err))
-    for task, setting in itertools.product(args.task or sorted(EXPERTS), settings):
-        start = time.perf_counter()
-        seeds = range(args.seed, args.seed + args.episodes)
-        successes, lengths = run_expert(task, seeds, args.max_episode_steps, perturb=setting.specs)
-        failed = [s for s, ok in zip(seeds, successes, strict=True) if not ok]
-        ok_lengths = [n for n, ok in zip(lengths, successes, strict=True) if ok] or [0]
-        print(
-            f"{task} {setting.name}: success {sum(successes)}/{len(successes)} = "
-            f"{sum(successes) / len(successes):.1%}, "
-            f"mean length of successes {sum(ok_lengths) / len(ok_lengths):.1f} steps, failed seeds {failed}, "
-            f"{sum(lengths) / (time.perf_counter() - start):.0f} steps/s"
-        )
+if __name__ == "__main__":  # the command lives in rvla_peft/cli/experts.py
+    import sys
 
+    from rvla_peft.cli.experts import main
 
-if __name__ == "__main__":
-    main()
+    sys.exit(main())

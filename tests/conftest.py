@@ -38,6 +38,26 @@ def _fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.fixture(scope="module")
+def asset_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A module's own ManiSkill asset folder, away from ~/.maniskill (read when mani_skill is first imported):
+    ``pytestmark = pytest.mark.usefixtures("asset_dir")``."""
+    path = tmp_path_factory.mktemp("ms_assets")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MS_ASSET_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny models: they gain nothing from more, and on a shared, loaded 2-core
+    machine spinning OpenMP threads made steps several times (up to 10-50x) slower."""
+    from rvla_peft.utils.threads import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path) -> TrainConfig:
     """The tiny recipe, shrunk for tests: 2 CPU envs, short rollouts, regularisers on; on the tiny random model

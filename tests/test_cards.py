@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rvla_peft.cards import CARDS_LINK_PREFIX, main, shipped_cards
+from rvla_peft.cards import CARDS_LINK_PREFIX, shipped_cards
+from rvla_peft.cli.cards import main
 from rvla_peft.models.tiny import ASSETS_DIR, PACKAGED, PACKAGED_ADAPTERS
 from rvla_peft.utils.commands import portable_argument, portable_command, portable_command_line, portable_path
 from rvla_peft.utils.constants import CARD_FILE
@@ -95,6 +96,7 @@ def test_portable_command_rewrites_every_form_of_path_argument():
     )
 
 
+@pytest.mark.integration
 def test_the_renderer_does_not_import_the_trainer():
     code = "import json, sys, rvla_peft.cards; print(json.dumps([m for m in sys.modules if m.startswith('rvla_')]))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout

@@ -61,6 +61,7 @@ def _cli(*args, cwd=None):
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_every_recipe_passes_dry_run(recipe):
     result = _cli(str(RECIPES / recipe), "--dry-run")
@@ -75,6 +76,7 @@ def test_openvla_recipe_resolves_to_rl4vla_settings():
     assert cfg.env.num_envs == 64 and cfg.env.sim_backend == "physx_cuda"
 
 
+@pytest.mark.integration
 def test_cli_error_exits_2_before_loading_anything():
     result = _cli(str(RECIPES / "tiny_cpu.yaml"), "ppo.clip_coef=-1")
     assert result.returncode == 2
@@ -82,6 +84,7 @@ def test_cli_error_exits_2_before_loading_anything():
     assert "Loading weights" not in result.stderr
 
 
+@pytest.mark.integration
 def test_cli_refuses_to_overwrite_a_finished_run(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"user's work")
@@ -90,6 +93,7 @@ def test_cli_refuses_to_overwrite_a_finished_run(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == b"user's work"
 
 
+@pytest.mark.integration
 def test_dry_run_output_round_trips(tmp_path):
     result = _cli(str(RECIPES / "tiny_cpu.yaml"), "--dry-run", "seed=7")
     (tmp_path / "resolved.yaml").write_text(result.stdout)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import RECIPES
 from safetensors import safe_open
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.integration
 def test_two_cpu_ranks_exchange_gradients_and_end_identical(tmp_path):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",

@@ -15,13 +15,7 @@ from rvla_peft.envs.maniskill import INSTRUCTIONS, resolve_instruction
 HORIZON = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def asset_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Keep ManiSkill away from ~/.maniskill (read when mani_skill is first imported)."""
-    path = tmp_path_factory.mktemp("ms_assets")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MS_ASSET_DIR", str(path))
-        yield path
+pytestmark = pytest.mark.usefixtures("asset_dir")
 
 
 def _cfg(**overrides: object) -> EnvConfig:
@@ -194,8 +188,8 @@ def test_gpu_physics_offline_says_where_the_library_goes(monkeypatch) -> None:
         enable_gpu_physics()
     assert str(folder) in str(err.value) and "env.sim_backend=physx_cpu" in str(err.value)
     # Training's preflight asks for GPU physics only where CUDA is: a CPU machine may plan a GPU recipe (--dry-run)
+    from rvla_peft.cli.train import check_task
     from rvla_peft.config import TrainConfig
-    from rvla_peft.train import check_task
 
     cfg = TrainConfig(env=_cfg(sim_backend="physx_cuda"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,13 +27,7 @@ from rvla_peft.experts import (
 DOWN = torch.tensor([0.0, 1.0, 0.0, 0.0])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def asset_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Keep ManiSkill away from ~/.maniskill (read when mani_skill is first imported)."""
-    path = tmp_path_factory.mktemp("ms_assets")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MS_ASSET_DIR", str(path))
-        yield path
+pytestmark = pytest.mark.usefixtures("asset_dir")
 
 
 def _pick_state(tcp_pos, cube_pos, goal, grasped=0.0, fingers=0.08, cube_yaw=0.0, tcp_quat=DOWN) -> torch.Tensor:

@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
+from rvla_peft.cli.export import main as export_cli
 from rvla_peft.config import dump_yaml, load_config
-from rvla_peft.export import main as export_cli
 from rvla_peft.exporting import ExportError, export_merged
 from rvla_peft.models.openvla.published import OPENVLA_7B_CONFIG
 from rvla_peft.models.tiny import resolve_builtin
@@ -29,7 +29,6 @@ from rvla_peft.utils.constants import (
     RECIPE_FILE,
     VALUE_HEAD_FILE,
 )
-from rvla_peft.utils.threads import torch_threads
 
 COMMON = ["report_to=[]", "lora.r=4", "lora.alpha=8", "lora.target_modules=null", "lora.adapt_output_layer=false"]
 FAMILIES = {
@@ -51,10 +50,7 @@ TOKEN_FAMILIES = ("action_tokens", "openvla")
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def family_cfg(family, tmp_path, *overrides):

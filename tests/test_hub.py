@@ -21,8 +21,8 @@ from helpers import fixed_obs
 from hub_server import HubServer, point_huggingface_hub_at, validate_card_metadata
 
 from rvla_peft import hub as rhub
+from rvla_peft.cli import hub as hub_cli
 from rvla_peft.config import ModelConfig, dump_yaml, load_config
-from rvla_peft.hub import cli as hub_cli
 from rvla_peft.hub import push as hub_push
 from rvla_peft.models.tiny import resolve_builtin
 from rvla_peft.policies.registry import build_policy, load_base, load_policy
@@ -460,6 +460,7 @@ def test_recipe_hub_keys_are_checked():
         load_config(RECIPES / "tiny_cpu.yaml", ["hub.push_checkpoints=true", "hub.repo_id=a/b"])
 
 
+@pytest.mark.integration
 def test_command_line_push_in_a_fresh_process(run, hub, tmp_path):
     """`python -m rvla_peft.hub push` in a new interpreter, configured only by HF_ENDPOINT / HF_HOME / HF_TOKEN."""
     import subprocess
@@ -499,8 +500,8 @@ def test_card_names_the_algorithm_and_only_the_penalties_that_were_on(overrides,
 
 
 def test_card_footnote_names_the_interval_methods_the_report_records():
-    from rvla_peft.evaluation import interval_methods
     from rvla_peft.cards import interval_footnote
+    from rvla_peft.evaluation import interval_methods
 
     assert interval_footnote({"intervals": interval_methods(100)}) == (
         "Intervals: success, Wilson score interval over the cell's 100 episodes; difference, Newcombe's score "

@@ -44,7 +44,13 @@ LAYERS: list[tuple[str, list[str]]] = [
             "rvla_peft.evaluation",
             "rvla_peft.report",
             "rvla_peft.memory",
+            "rvla_peft.objective",
+            "rvla_peft.metrics",
+            "rvla_peft.checkpointing",
+            "rvla_peft.callbacks",
             "rvla_peft.trainer",
+            "rvla_peft.demos",
+            "rvla_peft.pretrain",
             "rvla_peft.cards",
             "rvla_peft.hub",
             "rvla_peft.hub.card",
@@ -54,15 +60,14 @@ LAYERS: list[tuple[str, list[str]]] = [
         ],
     ),  # fmt: skip
     (
-        "command lines",
+        "command lines (and the python -m shims that run them)",
         [
+            "rvla_peft.cli",
+            "rvla_peft.cli.*",
             "rvla_peft.train",
             "rvla_peft.eval",
-            "rvla_peft.hub.cli",
-            "rvla_peft.hub.__main__",
-            "rvla_peft.pretrain",
-            "rvla_peft.demos",
             "rvla_peft.export",
+            "rvla_peft.hub.__main__",
         ],
     ),  # fmt: skip
 ]
@@ -84,7 +89,7 @@ def imports_of(path: Path, modules: dict[str, Path], name: str | None = None) ->
     name = name or module_name(path)
     is_package = path.name == "__init__.py"
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _walk_without_main_block(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -98,6 +103,27 @@ def imports_of(path: Path, modules: dict[str, Path], name: str | None = None) ->
             continue
         found |= {t for t in targets if t in modules and t != name}
     return found
+
+
+def _is_main_block(node: ast.AST) -> bool:
+    """``if __name__ == "__main__":``: what runs a library module as a command (``python -m rvla_peft.demos`` runs
+    ``rvla_peft.cli.demos``), never imported, so not a dependency of the module."""
+    test = getattr(node, "test", None)
+    return (
+        isinstance(node, ast.If)
+        and isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "__name__"
+        and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators)
+    )
+
+
+def _walk_without_main_block(tree: ast.AST):
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo.extend(child for child in ast.iter_child_nodes(node) if not _is_main_block(child))
 
 
 def layer_of(module: str) -> int:
@@ -160,7 +186,8 @@ def test_no_import_cycle():
 
 
 def test_the_checker_finds_function_level_and_type_checking_imports(tmp_path):
-    """The checker itself: an import inside a function or under TYPE_CHECKING is an edge, and a cycle is found."""
+    """The checker itself: an import inside a function or under TYPE_CHECKING is an edge (one in a module's
+    ``if __name__ == "__main__":`` block is not: it runs the command, it is never imported), and a cycle is found."""
     edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert find_cycle(edges) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
@@ -168,6 +195,7 @@ def test_the_checker_finds_function_level_and_type_checking_imports(tmp_path):
     source.write_text(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from rvla_peft.config import TrainConfig\n"
         "def f():\n    import rvla_peft.trainer\n"
+        "if __name__ == '__main__':\n    from rvla_peft.cli.demos import main\n"
     )
-    modules = {"rvla_peft.config": source, "rvla_peft.trainer": source}
+    modules = {"rvla_peft.config": source, "rvla_peft.trainer": source, "rvla_peft.cli.demos": source}
     assert imports_of(source, modules, name="rvla_peft.m") == {"rvla_peft.config", "rvla_peft.trainer"}

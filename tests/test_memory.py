@@ -237,6 +237,7 @@ def test_micro_batch_and_jacobian_samples():
 # the dry run
 
 
+@pytest.mark.integration
 def test_dry_run_prints_the_estimate_as_yaml_comments():
     result = subprocess.run(
         [sys.executable, "-m", "rvla_peft.train", str(RECIPES / "openvla_qlora_maniskill.yaml"), "--dry-run"],

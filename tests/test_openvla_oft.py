@@ -23,19 +23,13 @@ from rvla_peft.policies.registry import build_policy, load_base, lora_config, re
 from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm, smoothness_penalty
 from rvla_peft.trainer import RobustPPOTrainer
 from rvla_peft.utils.constants import ACTION_HEADS_FILE
-from rvla_peft.utils.threads import torch_threads
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 CHUNK, EXECUTED, A = 4, 2, 7
 INSTRUCTIONS = ["pick up the red cube", "push the cube to the goal region please", "lift"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """The tiny model gains nothing from intra-op threads, and on a shared, loaded CPU their spin-waits cost several
-    times the work (this module: ~70 s with 2 threads, ~20 s with 1, at a load average of 5 on 2 cores)."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def oft_cfg(tmp_path, *overrides):

@@ -1,4 +1,5 @@
-"""The wheel carries what an installed package needs: a card renders from a wheel install, not from the repo."""
+"""The wheel carries what an installed package needs: a card renders from a wheel install, not from the repo, and
+every console script and ``python -m`` command runs from it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+import tomllib
+
 ROOT = Path(__file__).resolve().parent.parent
 
 RENDER = textwrap.dedent(
@@ -18,7 +22,7 @@ RENDER = textwrap.dedent(
 
     import rvla_peft
     from rvla_peft.config import TrainConfig, dump_yaml
-    from rvla_peft.hub import cli
+    from rvla_peft.cli import hub as cli
     from safetensors.torch import save_file
     import torch
 
@@ -34,7 +38,8 @@ RENDER = textwrap.dedent(
 )
 
 
-def test_a_wheel_install_renders_a_card(tmp_path):
+@pytest.mark.integration
+def test_a_wheel_install_renders_a_card_and_runs_every_command(tmp_path):
     wheels, target = tmp_path / "wheels", tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
     build = subprocess.run(
@@ -64,3 +69,13 @@ def test_a_wheel_install_renders_a_card(tmp_path):
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: peft" in card and "base_model: org/base" in card
     assert "alice/robust" in card
+
+    # every console script pyproject declares, and the python -m forms that cards and docs name
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"rvla-train", "rvla-eval", "rvla-export", "rvla-hub", "rvla-demos", "rvla-pretrain"} <= set(scripts)
+    commands = [[str(target / "bin" / name)] for name in scripts]
+    modules = ["train", "eval", "export", "hub", "demos", "pretrain", "experts", "cards"]
+    commands += [[sys.executable, "-m", f"rvla_peft.{m}"] for m in modules]
+    for command in commands:
+        done = subprocess.run([*command, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "usage:" in done.stdout, f"{command}: {done.stderr[-2000:]}"

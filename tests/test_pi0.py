@@ -304,7 +304,7 @@ def test_lora_on_embed_action_time_does_not_round_trip_so_the_default_excludes_i
 
 
 def test_recipe_validates():
-    from rvla_peft.train import main
+    from rvla_peft.cli.train import main
 
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "pi0_maniskill.yaml"
     cfg = load_config(recipe)

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from rvla_peft import pretrain
+from rvla_peft.cli.pretrain import main as pretrain_cli
 from rvla_peft.config import load_config
 from rvla_peft.demos import FORMAT, INDEX, Episode, _write_shard
 from rvla_peft.models.tiny import PACKAGED_ADAPTERS, resolve_builtin
 from rvla_peft.policies.action_tokens.configuration import ActionTokenPolicyConfig
 from rvla_peft.policies.action_tokens.tokenizer import ActionTokenizer
 from rvla_peft.utils.constants import CARD_FILE, POLICY_SETTINGS_FILE, PRETRAIN_RECORD_FILE
-from rvla_peft.utils.threads import torch_threads
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 INSTRUCTIONS = {"PushCube-v1": "push the cube to the goal region", "PullCube-v1": "pull the cube to the goal region"}
@@ -45,14 +45,6 @@ def write_demos(root: Path, episodes: int = 2, steps: int = 3, size: int = 32, s
                                 "shards": [f"{task}-00000.safetensors"]}  # fmt: skip
     (root / INDEX).write_text(json.dumps(index))
     return root
-
-
-@pytest.fixture
-def one_thread():
-    """Small matrices, and a 2-core machine shared with the renderer or other jobs: two spinning OpenMP threads can
-    make each step 10-50x slower than one."""
-    with torch_threads(1):
-        yield
 
 
 def test_action_slots_round_trip():
@@ -88,7 +80,7 @@ def test_augment_keeps_shape_and_content():
         assert found
 
 
-def test_bc_overfits_recorded_episodes(tmp_path, one_thread):
+def test_bc_overfits_recorded_episodes(tmp_path, one_torch_thread):
     """BC on 2 tasks x 2 episodes x 3 steps: the CE falls, and the policy's argmax tokens equal the demo's, teacher
     forced and when ``act`` decodes greedily on its own (the path RL and evaluation take)."""
     policy_cfg = ActionTokenPolicyConfig(n_bins=32)
@@ -130,7 +122,7 @@ def test_split_holds_out_whole_episodes(tmp_path):
     assert {data.episode_task[e].item() for e in val_eps} == {0, 1}
 
 
-def test_cli_writes_a_from_pretrained_checkpoint(tmp_path, capsys, one_thread):
+def test_cli_writes_a_from_pretrained_checkpoint(tmp_path, capsys, one_torch_thread):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from rvla_peft.policies.registry import build_policy
@@ -140,7 +132,7 @@ def test_cli_writes_a_from_pretrained_checkpoint(tmp_path, capsys, one_thread):
     args = ["--demos", str(demos), "--out", str(out), "--epochs", "2", "--batch-size", "8", "--seed", "1",
             "--hidden-size", "64", "--num-layers", "1", "--vision-hidden-size", "64", "--vision-layers", "1",
             "--n-bins", "32", "--eval-episodes", "0", "--val-fraction", "0.34", "--shift", "2"]  # fmt: skip
-    assert pretrain.main(args) == 0
+    assert pretrain_cli(args) == 0
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json"} <= names
     assert {POLICY_SETTINGS_FILE, PRETRAIN_RECORD_FILE, CARD_FILE} <= names
@@ -166,16 +158,16 @@ def test_cli_writes_a_from_pretrained_checkpoint(tmp_path, capsys, one_thread):
     assert policy.act(obs, deterministic=True).env_action.shape == (2, 7)
 
     # a finished checkpoint is not overwritten without --overwrite
-    assert pretrain.main(args) == 2
+    assert pretrain_cli(args) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     out = str(tmp_path / "out")
-    assert pretrain.main(["--demos", str(tmp_path / "nowhere"), "--out", out]) == 2
+    assert pretrain_cli(["--demos", str(tmp_path / "nowhere"), "--out", out]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "not_demos").mkdir()
-    assert pretrain.main(["--demos", str(tmp_path / "not_demos"), "--out", out, "--hidden-size", "64"]) == 2
+    assert pretrain_cli(["--demos", str(tmp_path / "not_demos"), "--out", out, "--hidden-size", "64"]) == 2
     assert "not a demo dataset" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -228,7 +220,7 @@ def test_shipped_adapter_loads_on_the_shipped_base(name, tmp_path):
     assert sum(p.stat().st_size for p in folder.iterdir()) < 2e6
     card = (folder / "README.md").read_text()  # the card template's wording for a packaged (not random) base
     assert "behaviour-cloned" in card and "tiny random model" not in card
-    from rvla_peft.hub.cli import main as hub_cli  # the template today says so too
+    from rvla_peft.cli.hub import main as hub_cli  # the template today says so too
 
     assert hub_cli(["card", str(folder), "--out", str(tmp_path / "card"), "--repo-id", f"builtin:{name}"]) == 0
     card = (tmp_path / "card" / "README.md").read_text()
@@ -268,12 +260,13 @@ def test_other_policy_settings_than_trained_warn(caplog):
     assert "set policy.n_bins=64" in caplog.text
 
 
-def test_shipped_base_pushes_the_cube_and_breaks_under_rotation(one_thread):
+def test_shipped_base_pushes_the_cube_and_breaks_under_rotation(one_torch_thread):
     """The point of the shipped base: the real ManiSkill PushCube-v1, its recipe's settings, argmax actions. In the
     100-episode evaluation (bench/results/base_eval) episodes 0-7 all succeed clean and all fail under rotation@0.5;
     margins of one episode each way absorb float differences across CPUs."""
     from rvla_peft.envs import make_envs
-    from rvla_peft.eval import evaluate_grid, suite_grid
+    from rvla_peft.evaluation import evaluate_grid
+    from rvla_peft.perturbations import suite_grid
     from rvla_peft.policies.registry import build_policy
 
     cfg = load_config(RECIPES / "tiny_cpu.yaml")

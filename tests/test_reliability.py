@@ -62,6 +62,7 @@ def _one_line_error(result, *fragments):
 # fail before work
 
 
+@pytest.mark.integration
 def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, startup_s):
     recipe = tmp_path / "broken.yaml"
     recipe.write_text("seed: 0\nenv:\n  task: PushCube-v1\n  num_envs: [2\n")
@@ -75,6 +76,7 @@ def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, start
         load_config(None, ["seed=[1"])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("where", ["proc", "file"])
 def test_unwritable_output_dir_fails_in_seconds(tmp_path, where, startup_s):
     if where == "proc":
@@ -87,6 +89,7 @@ def test_unwritable_output_dir_fails_in_seconds(tmp_path, where, startup_s):
     assert took < startup_s + CHECK_BUDGET_S
 
 
+@pytest.mark.integration
 def test_unknown_task_fails_in_seconds_with_the_nearest_names(tmp_path, startup_s):
     result, took = _train(TINY, "env.task=PushCub-v1", f"output_dir={tmp_path / 'run'}", "--dry-run")
     _one_line_error(result, "unknown ManiSkill task 'PushCub-v1'", "PushCube-v1")
@@ -104,6 +107,7 @@ def test_required_bytes_counts_the_adapter_and_every_checkpoint():
     assert num_checkpoints(cfg) == 0
 
 
+@pytest.mark.integration
 def test_full_disk_fails_in_seconds(tmpfs, startup_s):
     tiny_fs = tmpfs("64k")  # less than the floor for logs and plots: refused before the slow checks
     result, took = _train(TINY, f"output_dir={tiny_fs / 'run'}", "--dry-run")
@@ -112,6 +116,7 @@ def test_full_disk_fails_in_seconds(tmpfs, startup_s):
     assert not (tiny_fs / "run").exists()
 
 
+@pytest.mark.integration
 def test_disk_too_small_for_the_checkpoints_is_refused(tmpfs):
     fs = tmpfs("40m")  # above the floor; 199 checkpoints of the tiny recipe's ~141k parameters need ~370 MB
     big = [f"output_dir={fs / 'run'}", "total_updates=200", "save_every=1"]
@@ -127,6 +132,7 @@ def test_disk_too_small_for_the_checkpoints_is_refused(tmpfs):
 # one run per folder
 
 
+@pytest.mark.integration
 def test_a_second_run_on_a_locked_folder_stops_at_once_and_writes_nothing(tmp_path, startup_s):
     out = tmp_path / "run"
     with RunLock(out, command="the first run") as lock:
@@ -142,6 +148,7 @@ def test_a_second_run_on_a_locked_folder_stops_at_once_and_writes_nothing(tmp_pa
     assert not (out / METRICS_FILE).exists() and not (out / RECIPE_FILE).exists()
 
 
+@pytest.mark.integration
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen(
@@ -211,6 +218,7 @@ def test_adapter_folder_problems_name_the_file(tmp_path):
         resolve_adapter(truncated)
 
 
+@pytest.mark.integration
 def test_eval_refuses_an_adapter_without_weights_in_one_line(tmp_path):
     adapter = _adapter(tmp_path / "adapter")
     (adapter / ADAPTER_WEIGHTS).unlink()
@@ -227,6 +235,7 @@ def test_eval_refuses_an_adapter_without_weights_in_one_line(tmp_path):
 # env workers
 
 
+@pytest.mark.integration
 def test_a_killed_env_worker_is_named_or_restarted():
     from rvla_peft.envs.maniskill import EnvWorkerError, make_envs
 

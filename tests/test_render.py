@@ -27,12 +27,7 @@ SEED = 7
 ACTIONS = np.random.default_rng(0).uniform(-1, 1, (6, 7)).astype(np.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def asset_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("ms_assets")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MS_ASSET_DIR", str(path))
-        yield path
+pytestmark = pytest.mark.usefixtures("asset_dir")
 
 
 def _env(detail: str) -> SingleEnvAdapter:

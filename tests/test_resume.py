@@ -160,14 +160,17 @@ def _kill9_then_resume(tmp_path: Path, ranks: int) -> None:
         assert logged == [(a["update"], pytest.approx(a["ppo/approx_kl"], rel=1e-6)) for a in ours]
 
 
+@pytest.mark.integration
 def test_kill9_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_path):
     _kill9_then_resume(tmp_path, ranks=1)
 
 
+@pytest.mark.integration
 def test_two_rank_resume_equals_an_uninterrupted_run(tmp_path):
     _kill9_then_resume(tmp_path, ranks=2)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_leaves_a_loadable_adapter_and_a_resumable_checkpoint(tmp_path, signum):
     out = tmp_path / "run"
@@ -189,7 +192,7 @@ def test_a_signal_leaves_a_loadable_adapter_and_a_resumable_checkpoint(tmp_path,
     from rvla_peft.policies.registry import load_policy
 
     load_policy(None, out / "adapter")  # loadable as it is
-    from rvla_peft.hub.cli import main as hub_main
+    from rvla_peft.cli.hub import main as hub_main
 
     assert hub_main(["card", str(out), "--out", str(tmp_path / "card")]) == 0  # its card says it was interrupted
     card = (tmp_path / "card" / "README.md").read_text()
@@ -203,6 +206,7 @@ def test_a_signal_leaves_a_loadable_adapter_and_a_resumable_checkpoint(tmp_path,
     assert not json.loads((out / "adapter" / TRAINER_STATE).read_text())["interrupted"]
 
 
+@pytest.mark.integration
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
     out = tmp_path / "run"
     proc = _start(out, "report_to=[]", "total_updates=50")
@@ -218,6 +222,7 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted"), stderr[-2000:]
 
 
+@pytest.mark.integration
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one, on purpose
 def test_a_second_ctrl_c_swallowed_by_a_finaliser_still_stops_at_the_next_poll():
     from rvla_peft.utils.signals import StopOnSignal
