@@ -7,6 +7,7 @@ later is covered without touching this file."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pkgutil
@@ -158,3 +159,36 @@ def test_the_driver_reports_a_module_that_fails_first(tmp_path):
     assert [r["module"] for r in records] == ["cyc.b", "json"]
     assert "partially initialized module" in records[0]["error"]
     assert records[1] == {"module": "json", "loaded": []}
+
+
+BITSANDBYTES_CHECK = r"""
+import sys
+from rvla_peft.config import load_config
+from rvla_peft.policies.registry import build_policy
+
+recipe = "recipes/tiny_cpu.yaml"
+build_policy(load_config(recipe, ["report_to=[]"]))
+assert "bitsandbytes" not in sys.modules, "an unquantised policy imported bitsandbytes"
+print("unquantised: built", file=sys.stderr, flush=True)
+policy = build_policy(load_config(recipe, ["report_to=[]", "model.quantization=4bit"]))
+from peft.tuners.lora.bnb import Linear4bit  # peft's LoRA over a 4-bit layer: peft saw bitsandbytes again
+print("4-bit LoRA layers:", sum(isinstance(m, Linear4bit) for m in policy.peft_model.modules()))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (the quant extra)")
+def test_bitsandbytes_is_imported_only_for_a_quantised_model():
+    """peft imports bitsandbytes whenever it is installed (and its import logs "Failed to load CPU
+    gemm_4bit_forward ..." on some CPUs): building an unquantised policy leaves it out, and a quantised one built
+    after it in the same process still gets peft's 4-bit LoRA layers."""
+    done = subprocess.run(
+        [sys.executable, "-c", BITSANDBYTES_CHECK],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PACKAGE.parent)},
+        cwd=PACKAGE.parent,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split("4-bit LoRA layers:")[1]) > 0
+    assert "gemm_4bit_forward" not in done.stderr.split("unquantised: built")[0]  # bitsandbytes' own message
