@@ -1,5 +1,10 @@
 """The package is a stack: every import (module-level, function-level or under TYPE_CHECKING) points down, and no
-two modules import each other. Read from the source with ``ast``, so nothing is imported to check it."""
+two modules import each other. Read from the source with ``ast``, so nothing is imported to check it.
+
+Importing ``a.b.c`` first runs the ``__init__`` of ``a`` and of ``a.b``: an import counts as an edge to what those
+``__init__`` files import when they load (module level; a PEP 562 ``__getattr__`` runs only when a name is read, and
+an edge to it is the edge of whoever reads the name through ``from a.b import Name``). A module's own packages are
+left out: they are already loading when it runs."""
 
 from __future__ import annotations
 
@@ -73,23 +78,38 @@ LAYERS: list[tuple[str, list[str]]] = [
 ]
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = list(path.relative_to(package.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def all_modules() -> dict[str, Path]:
-    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+def all_modules(package: Path = PACKAGE) -> dict[str, Path]:
+    return {module_name(p, package): p for p in package.rglob("*.py")}
 
 
-def imports_of(path: Path, modules: dict[str, Path], name: str | None = None) -> set[str]:
-    """Package modules imported anywhere in ``path`` (``from a import b`` counts as ``a.b`` when that is a module)."""
+def _loading_statements(body: list[ast.stmt]):
+    """The statements that run when a module loads: not the bodies of functions, nor ``if TYPE_CHECKING:``."""
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or _is_main_block(node):
+            continue
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from _loading_statements(node.orelse)
+            continue
+        yield node
+        for block in ("body", "orelse", "finalbody", "handlers"):  # if / for / while / with / try / class bodies
+            yield from _loading_statements(getattr(node, block, []))
+
+
+def imports_of(path: Path, modules: dict[str, Path], name: str | None = None, when_loaded: bool = False) -> set[str]:
+    """Package modules imported anywhere in ``path`` (``from a import b`` counts as ``a.b`` when that is a module);
+    with ``when_loaded``, only those imported as the module loads (not in functions, not under TYPE_CHECKING)."""
     name = name or module_name(path)
     is_package = path.name == "__init__.py"
+    tree = ast.parse(path.read_text())
     found = set()
-    for node in _walk_without_main_block(ast.parse(path.read_text())):
+    for node in _loading_statements(tree.body) if when_loaded else _walk_without_main_block(tree):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -138,9 +158,26 @@ def exact() -> set[str]:
     return {p for _, patterns in LAYERS for p in patterns if "*" not in p}
 
 
-def graph() -> dict[str, set[str]]:
-    modules = all_modules()
-    return {name: imports_of(path, modules) for name, path in modules.items()}
+def graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """Each module's edges: what it imports, and what the ``__init__`` of each package above an imported module
+    imports as it loads (``import a.b.c`` runs ``a/b/__init__.py``), its own packages left out."""
+    modules = all_modules(package)
+    direct = {name: imports_of(path, modules, name) for name, path in modules.items()}
+    on_load = {
+        name: imports_of(path, modules, name, when_loaded=True)
+        for name, path in modules.items()
+        if path.name == "__init__.py"
+    }
+    edges = {}
+    for name, targets in direct.items():
+        through = set()
+        for target in targets:
+            parts = target.split(".")
+            for package_name in (".".join(parts[:n]) for n in range(1, len(parts))):
+                if not (name == package_name or name.startswith(package_name + ".")):
+                    through |= on_load[package_name]
+        edges[name] = (targets | through) - {name}
+    return edges
 
 
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -199,3 +236,28 @@ def test_the_checker_finds_function_level_and_type_checking_imports(tmp_path):
     )
     modules = {"rvla_peft.config": source, "rvla_peft.trainer": source, "rvla_peft.cli.demos": source}
     assert imports_of(source, modules, name="rvla_peft.m") == {"rvla_peft.config", "rvla_peft.trainer"}
+
+
+def test_the_checker_counts_what_a_package_init_runs_as_it_loads(tmp_path):
+    """The cycle that a leaf imported first hits: ``families`` imports ``parsing`` of package ``cfg``, whose
+    ``__init__`` loads ``schema``, which imports ``families``. No statement names ``cfg/__init__.py`` from
+    ``families``, yet Python runs it. The same ``__init__`` made lazy (PEP 562) is no longer on the path."""
+    root = tmp_path / "pkg"
+    (root / "cfg").mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    (root / "families.py").write_text("from pkg.cfg.parsing import check\n")
+    (root / "cfg" / "parsing.py").write_text("def check(): ...\n")
+    (root / "cfg" / "schema.py").write_text("from pkg.cfg.parsing import check\nimport pkg.families\n")
+    (root / "cfg" / "__init__.py").write_text("from pkg.cfg.schema import load\n")
+    edges = graph(root)
+    assert edges["pkg.families"] == {"pkg.cfg.parsing", "pkg.cfg.schema"}
+    assert edges["pkg.cfg.schema"] == {"pkg.cfg.parsing", "pkg.families"}  # its own package is already loading
+    assert find_cycle(edges) == ["pkg.cfg.schema", "pkg.families", "pkg.cfg.schema"]
+    (root / "cfg" / "__init__.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.cfg.schema import load\n"
+        "def __getattr__(name):\n    from pkg.cfg import schema\n    return getattr(schema, name)\n"
+    )
+    edges = graph(root)
+    assert edges["pkg.families"] == {"pkg.cfg.parsing"}
+    assert edges["pkg.cfg"] == {"pkg.cfg.schema"}  # reading a name through the package still loads the schema
+    assert find_cycle(edges) is None

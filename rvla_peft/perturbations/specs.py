@@ -8,7 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rvla_peft.perturbations import action, observation  # noqa: F401  (register every perturbation)
+# Registers every perturbation. Named by their own modules, not through this package's __init__, which imports
+# this module: a name read from it here would be read from a half-initialised module.
+import rvla_peft.perturbations.action  # noqa: F401
+import rvla_peft.perturbations.observation  # noqa: F401
 from rvla_peft.perturbations.base import (
     PERTURBATIONS,
     Perturbation,

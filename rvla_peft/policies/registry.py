@@ -4,8 +4,10 @@ policy class (from the catalogue, :mod:`rvla_peft.policies.families`), and ``loa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -168,8 +170,45 @@ def check_trained_policy_settings(name_or_path: str, policy_cfg) -> None:
             )  # fmt: skip
 
 
+@contextlib.contextmanager
+def _bitsandbytes_only_if(quantized: bool):
+    """Within: bitsandbytes is importable only if ``quantized``. peft imports it whenever it is installed (``import
+    peft``, and every LoRA injection asks whether 4-bit layers exist), and its import costs a second and on a CPU
+    with AVX512-BF16 logs "Failed to load CPU gemm_4bit_forward from kernels-community ..." although nothing is
+    quantised. Hidden, it reads as not installed (``None`` in ``sys.modules``). The "installed?" answers that peft and
+    transformers cache stay False afterwards (later peft calls on the model do not import it either) and are cleared
+    before a quantised model is built."""
+    if quantized:
+        for module, flag in _BITSANDBYTES_FLAGS:
+            if hasattr(cached := getattr(sys.modules.get(module), flag, None), "cache_clear"):
+                cached.cache_clear()
+        yield
+    elif "bitsandbytes" in sys.modules:  # already loaded (or already hidden by an enclosing call)
+        yield
+    else:
+        sys.modules["bitsandbytes"] = None
+        try:
+            yield
+        finally:
+            if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+                del sys.modules["bitsandbytes"]
+
+
+# functools.cache'd "is bitsandbytes installed?" answers, which read False while it is hidden
+_BITSANDBYTES_FLAGS = [
+    ("peft.import_utils", "is_bnb_available"),
+    ("peft.import_utils", "is_bnb_4bit_available"),
+    ("transformers.utils.import_utils", "is_bitsandbytes_available"),
+]
+
+
 def build_policy(cfg, adapter: str | Path | None = None, device: torch.device | str = "cpu") -> Policy:
     """Base model + LoRA (fresh from ``cfg.lora``, or loaded from ``adapter``) + value head, on ``device``."""
+    with _bitsandbytes_only_if(cfg.model.quantization != "none"):
+        return _build_policy(cfg, adapter, device)
+
+
+def _build_policy(cfg, adapter: str | Path | None, device: torch.device | str) -> Policy:
     from peft import get_peft_model
     from safetensors.torch import load_file
 
