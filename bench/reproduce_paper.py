@@ -63,6 +63,13 @@ VARIANTS: dict[str, list[str]] = {
     "robustvla": [*CALIBRATED, "perturb.curriculum.schedule=none"],
     "robustvla_c": [*CALIBRATED, "perturb.curriculum.schedule=linear", "perturb.curriculum.start=0.0"],
     "invariance": [*NO_PENALTIES, *INVARIANCE, "perturb.curriculum.schedule=none"],
+    # The controlled study (bench/results/controlled/PROTOCOL.md): every arm anchors its KL on the clean frames, so
+    # that each differs from ppo_klclean by one thing: the invariance penalty; then the adversarial sampler; the
+    # RobustVLA penalties; no reward (distillation of the base's clean-frame actions in place of PPO).
+    "ppo_klclean": [*NO_PENALTIES, "kl_to_base_frames=clean", "perturb.curriculum.schedule=none"],
+    "invariance_adv": [*NO_PENALTIES, *INVARIANCE, "perturb.curriculum.schedule=none", "perturb.sampler=adversarial"],
+    "robustvla_klclean": [*CALIBRATED, "kl_to_base_frames=clean", "perturb.curriculum.schedule=none"],
+    "distill": [*NO_PENALTIES, "algorithm=distill", "kl_to_base_frames=clean", "perturb.curriculum.schedule=none"],
 }
 DEFAULT_VARIANTS = ["ppo", "robustvla", "robustvla_c"]
 BASE = "base"
@@ -76,16 +83,38 @@ def run(cmd: list[str], log: Path) -> None:
         sys.exit(f"failed ({result.returncode}); see {log}")
 
 
+def code_commit() -> str:
+    """The commit of the package code that runs (``unknown`` outside a git checkout); ``+dirty`` when it has
+    uncommitted changes, which a study refuses (``--pinned``)."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        return "unknown"
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "rvla_peft", "recipes"], cwd=ROOT, capture_output=True, text=True
+    )
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def train(args, variant: str, seed: int) -> Path:
+    """Train one (variant, seed), or keep its finished adapter. With ``--save-every`` it checkpoints and, after an
+    interruption, resumes from its latest checkpoint; the run records the commit it started from (``COMMIT``) and
+    refuses to continue on other code, so each training seed runs from one pinned commit."""
     out = args.out / f"{variant}-seed{seed}"
     if (out / "adapter" / "adapter_model.safetensors").exists():
         return out / "adapter"
+    commit, stamp = code_commit(), out / "COMMIT"
+    if stamp.exists() and stamp.read_text().strip() != commit:
+        sys.exit(f"{out} started at commit {stamp.read_text().strip()}, this code is {commit}: run the study from "
+                 "that commit (git worktree add DIR COMMIT) or remove the run folder")  # fmt: skip
     ramp = [f"perturb.curriculum.ramp_updates={max(1, args.total_updates // 2)}"] if variant == "robustvla_c" else []
+    resume = ["resume_from_checkpoint=latest"] if any((out / "checkpoints").glob("update-*")) else []
     cmd = [sys.executable, "-m", "rvla_peft.train", str(args.recipe), f"output_dir={out}", f"seed={seed}",
-           f"total_updates={args.total_updates}", "eval_episodes=0", "overwrite_output_dir=true",
-           *VARIANTS[variant], *ramp, *args.overrides]  # fmt: skip
+           f"total_updates={args.total_updates}", "eval_episodes=0", f"save_every={args.save_every}",
+           *(resume or ["overwrite_output_dir=true"]), *VARIANTS[variant], *ramp, *args.overrides]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    run(cmd, args.out / f"{variant}-seed{seed}.log")
+    stamp.write_text(commit + "\n")
+    log = args.out / f"{variant}-seed{seed}.log"
+    run(cmd, log.with_suffix(".resumed.log") if resume else log)
     return out / "adapter"
 
 
@@ -97,7 +126,8 @@ def evaluate(args, name: str, adapter: Path | None = None, label: str = BASE) ->
         policy = ["--no-base", f"--adapter={label}={adapter}"] if adapter else []
         eval_envs = ["--num-envs", str(args.eval_num_envs)] if args.eval_num_envs else []
         cmd = [sys.executable, "-m", "rvla_peft.eval", "--recipe", str(args.recipe), "--suite", args.suite,
-               "--episodes", str(args.episodes), "--seed", "0", *eval_envs, "--out", str(out), "--overwrite",
+               "--episodes", str(args.episodes), "--seed", str(args.eval_seed), *eval_envs, "--out", str(out),
+               "--overwrite",
                *policy, *args.overrides, *args.eval_override]  # fmt: skip
         run(cmd, args.out / f"report-{name}.log")
     return json.loads((out / "report.json").read_text())
@@ -120,9 +150,9 @@ RESAMPLES = 2000
 
 
 def aggregate(reports: list[dict], shared: tuple[str, ...] = (BASE,), resamples: int = RESAMPLES,
-              bootstrap_seed: int = 0) -> dict:  # fmt: skip
-    """Pool the per-seed reports: success per (variant, setting), paired differences against ``ppo`` (else the
-    first variant), and against the base with the share of its robustness gap closed.
+              bootstrap_seed: int = 0, baseline: str | None = None) -> dict:  # fmt: skip
+    """Pool the per-seed reports: success per (variant, setting), paired differences against ``baseline`` (default
+    ``ppo``, else the first variant), and against the base with the share of its robustness gap closed.
 
     Intervals (``ci95``) by the two-level bootstrap: each variant's training seeds resampled (independently per
     variant), the evaluation episodes resampled jointly for every variant and setting, since every report ran the
@@ -171,7 +201,7 @@ def aggregate(reports: list[dict], shared: tuple[str, ...] = (BASE,), resamples:
                 "episodes": n,
             }
     paired = {}
-    baseline = "ppo" if "ppo" in variants else variants[0]
+    baseline = baseline or ("ppo" if "ppo" in variants else variants[0])
     for v in variants:
         for s in [*settings, MEAN]:
             per_seed = []
@@ -237,6 +267,38 @@ def targets(summary: dict) -> list[dict]:
                          "ci95": cut["ci95"], "met": cut["value"] >= 0.30})  # fmt: skip
         clean = cells[f"{v}|clean"]["success_rate"]
         rows.append({"arm": v, "target": "clean >= 95%", "value": clean, "ci95": None, "met": clean >= 0.95})
+    return rows
+
+
+STUDY_BASELINE = "ppo_klclean"
+
+
+def study_targets(summary: dict, baseline: str = STUDY_BASELINE) -> list[dict]:
+    """The controlled study's targets (bench/results/controlled/PROTOCOL.md), fixed before its runs, with two-level
+    bootstrap intervals: for every arm against equal-budget PPO with the clean-frame KL (``baseline``), mean
+    perturbed success >= +8 points with the interval above 0; gap cut >= 35% against the base; clean >= 97% (every
+    arm, the baseline too); no action-noise setting below the base beyond its interval (upper bound < 0)."""
+    cells, variants = summary["cells"], summary["variants"]
+    if BASE not in variants or baseline not in variants:
+        return []
+    rows = []
+    for v in variants:
+        if v == BASE:
+            continue
+        if v != baseline:
+            d = summary["paired"][f"{v}|{MEAN}"]
+            rows.append({"arm": v, "target": f"mean perturbed minus {baseline} >= +8, interval above 0",
+                         "value": d["difference"], "ci95": d["ci95"],
+                         "met": d["difference"] >= 0.08 and d["ci95"][0] > 0})  # fmt: skip
+            cut = summary["gap_cut"][v]
+            rows.append({"arm": v, "target": "robustness gap cut >= 35% against the base", "value": cut["value"],
+                         "ci95": cut["ci95"], "met": cut["value"] >= 0.35})  # fmt: skip
+        for s in (s for s in summary["settings"] if s.startswith("action_noise@")):
+            d = summary["against_base"][f"{v}|{s}"]
+            rows.append({"arm": v, "target": f"{s} not below the base beyond its interval", "value": d["difference"],
+                         "ci95": d["ci95"], "met": d["ci95"][1] >= 0})  # fmt: skip
+        clean = cells[f"{v}|clean"]["success_rate"]
+        rows.append({"arm": v, "target": "clean >= 97%", "value": clean, "ci95": None, "met": clean >= 0.97})
     return rows
 
 
@@ -340,6 +402,10 @@ def main() -> None:
     parser.add_argument("--total-updates", type=int, default=20)
     parser.add_argument("--episodes", type=int, default=100, help="evaluation episodes per cell and seed (0-N)")
     parser.add_argument("--suite", default="paper")
+    parser.add_argument("--eval-seed", type=int, default=0, help="episode e of every cell from reset seed SEED + e")
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N updates; resume after a stop")
+    parser.add_argument("--targets", choices=["paper", "study"], default="paper", help="which targets to check")
+    parser.add_argument("--pinned", action="store_true", help="refuse to run on uncommitted package or recipe code")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper")
     parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples of the intervals")
     parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap's resampling")
@@ -349,20 +415,21 @@ def main() -> None:
                         help="a recipe override for the evaluations only, e.g. env.vectorization=async")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. env.num_envs=4")
     args = parser.parse_intermixed_args()
+    if args.pinned and code_commit().endswith("+dirty"):
+        sys.exit("--pinned: rvla_peft/ or recipes/ has uncommitted changes; commit them or run from a clean worktree")
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = [(variant, seed) for seed in args.seeds for variant in args.variants]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        adapters = dict(zip(runs, pool.map(lambda run: train(args, *run), runs), strict=True))
     base = evaluate(args, BASE)
-    reports = []
-    for seed in args.seeds:
-        trained = [
-            evaluate(args, f"{variant}-seed{seed}", adapters[variant, seed], label=variant)
-            for variant in args.variants
-        ]
-        reports.append(seed_report(base, trained))
-    summary = aggregate(reports, resamples=args.resamples, bootstrap_seed=args.bootstrap_seed)
-    summary["targets"] = targets(summary)
+    runs = [(variant, seed) for seed in args.seeds for variant in args.variants]
+
+    def train_and_evaluate(variant: str, seed: int) -> dict:  # each report as soon as its training ends
+        return evaluate(args, f"{variant}-seed{seed}", train(args, variant, seed), label=variant)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        trained = dict(zip(runs, pool.map(lambda run: train_and_evaluate(*run), runs), strict=True))
+    reports = [seed_report(base, [trained[variant, seed] for variant in args.variants]) for seed in args.seeds]
+    baseline = STUDY_BASELINE if args.targets == "study" else None
+    summary = aggregate(reports, resamples=args.resamples, bootstrap_seed=args.bootstrap_seed, baseline=baseline)
+    summary["targets"] = study_targets(summary) if args.targets == "study" else targets(summary)
     summary["command"] = "python bench/reproduce_paper.py " + " ".join(sys.argv[1:])
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = markdown(summary, args)

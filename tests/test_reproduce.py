@@ -193,7 +193,8 @@ def test_finished_runs_are_kept_and_each_report_names_its_arm(reproduce, tmp_pat
 
     monkeypatch.setattr(reproduce, "run", run_in_a_moment)
     args = argparse.Namespace(out=tmp_path, recipe=Path("recipes/tiny_cpu.yaml"), total_updates=4, overrides=[],
-                              eval_num_envs=None, eval_override=[], suite="paper", episodes=10)  # fmt: skip
+                              eval_num_envs=None, eval_override=[], suite="paper", episodes=10, eval_seed=0,
+                              save_every=0)  # fmt: skip
     finished = tmp_path / "robustvla_c-seed1" / "adapter" / "adapter_model.safetensors"
     finished.parent.mkdir(parents=True)
     finished.write_bytes(b"")
@@ -208,3 +209,52 @@ def test_finished_runs_are_kept_and_each_report_names_its_arm(reproduce, tmp_pat
     reproduce.evaluate(args, "robustvla_c-seed2", adapter, label="robustvla_c")
     reproduce.evaluate(args, "base")
     assert len(launched) == 3 and "--adapter" not in " ".join(launched[-1])
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_on_its_starting_commit(reproduce, tmp_path, monkeypatch):
+    launched = []
+    monkeypatch.setattr(reproduce, "run", lambda cmd, log: launched.append((cmd, log)))
+    monkeypatch.setattr(reproduce, "code_commit", lambda: "abc123")
+    args = argparse.Namespace(out=tmp_path, recipe=Path("recipes/tiny_cpu.yaml"), total_updates=120, overrides=[],
+                              eval_num_envs=None, eval_override=[], suite="paper", episodes=100, eval_seed=100000,
+                              save_every=10)  # fmt: skip
+    reproduce.train(args, "invariance_adv", 3)
+    cmd, log = launched[-1]
+    assert "overwrite_output_dir=true" in cmd and "save_every=10" in cmd and "perturb.sampler=adversarial" in cmd
+    assert (tmp_path / "invariance_adv-seed3" / "COMMIT").read_text() == "abc123\n"
+    (tmp_path / "invariance_adv-seed3" / "checkpoints" / "update-000040").mkdir(parents=True)
+    reproduce.train(args, "invariance_adv", 3)
+    cmd, log = launched[-1]
+    assert "resume_from_checkpoint=latest" in cmd and "overwrite_output_dir=true" not in cmd
+    assert log.name == "invariance_adv-seed3.resumed.log"
+    monkeypatch.setattr(reproduce, "code_commit", lambda: "def456")
+    with pytest.raises(SystemExit, match="started at commit abc123, this code is def456"):
+        reproduce.train(args, "invariance_adv", 3)
+    with pytest.raises(FileNotFoundError):  # the stand-in for the evaluation writes no report
+        reproduce.evaluate(args, "base")
+    cmd, _ = launched[-1]
+    assert cmd[cmd.index("--seed") + 1] == "100000"
+
+
+def test_the_study_targets_compare_every_arm_with_equal_budget_ppo(reproduce):
+    base = {"clean": [1, 1, 1, 1], "shift": [0, 0, 0, 0], "action_noise@1": [1, 1, 1, 0]}
+    ppo = {"clean": [1, 1, 1, 1], "shift": [0, 0, 1, 0], "action_noise@1": [1, 1, 1, 0]}
+    strong = {"clean": [1, 1, 1, 1], "shift": [1, 1, 1, 0], "action_noise@1": [1, 1, 1, 1]}
+    weak = {"clean": [1, 1, 1, 0], "shift": [0, 0, 1, 0], "action_noise@1": [0, 0, 0, 0]}
+    seeds = [{"base": base, "ppo_klclean": ppo, "strong": strong, "weak": weak}] * 2
+    summary = reproduce.aggregate([report(s) for s in seeds], baseline="ppo_klclean")
+    assert summary["paired"]["strong|shift"]["baseline"] == "ppo_klclean"
+    rows = {(r["arm"], r["target"].split(" ")[0]): r for r in reproduce.study_targets(summary)}
+    # strong: mean perturbed 7/8 against ppo's 4/8: +3/8, every resample above 0
+    assert rows["strong", "mean"]["value"] == pytest.approx(3 / 8) and rows["strong", "mean"]["met"]
+    assert (
+        rows["strong", "robustness"]["value"] == pytest.approx(4 / 5)  # base gap 5/8, strong 1/8
+        and rows["strong", "robustness"]["met"]
+    )
+    assert rows["strong", "action_noise@1"]["met"] and rows["strong", "clean"]["met"]
+    # weak: no gain over ppo, clean 3/4, and 3 of 4 action-noise episodes lost against the base
+    assert not rows["weak", "mean"]["met"] and not rows["weak", "clean"]["met"]
+    assert (
+        rows["weak", "action_noise@1"]["value"] == pytest.approx(-3 / 4) and not rows["weak", "action_noise@1"]["met"]
+    )
+    assert ("ppo_klclean", "mean") not in rows and rows["ppo_klclean", "clean"]["met"]
