@@ -53,6 +53,7 @@ from rvla_peft.evaluation import evaluate_grid
 from rvla_peft.hub.push import push_training_output
 from rvla_peft.perturbations import spec_label, suite_grid
 from rvla_peft.perturbations.curriculum import Curriculum
+from rvla_peft.perturbations.sampler import build_sampler
 from rvla_peft.policies.registry import base_model_id, build_policy, resolve_lora
 from rvla_peft.regularizers import (
     grad_norm_penalty,
@@ -206,8 +207,9 @@ class RobustPPOTrainer:
         self.env_seed = cfg.seed + 100_003 * acc.process_index
         self.base_env = make_envs(cfg.env, device=acc.device)
         self.train_env = PerturbedEnv(
-            self.base_env, cfg.perturb.train, seed=self.env_seed, sample_per_episode=cfg.perturb.sample_per_episode
-        )
+            self.base_env, cfg.perturb.train, seed=self.env_seed, sample_per_episode=cfg.perturb.sample_per_episode,
+            sampler=build_sampler(cfg.perturb, max(len(cfg.perturb.train), 1)),
+        )  # fmt: skip
         self.train_env.keep_clean = cfg.regularizers.invariance.weight > 0 or self._kl_on_clean_frames
         # rollout/success_rate/<label> for each perturb.train entry, where each episode draws one
         self.setting_labels = [spec_label(s) for s in cfg.perturb.train] if self.train_env.sample_per_episode else []
@@ -296,6 +298,7 @@ class RobustPPOTrainer:
                     "time/env_steps_per_s": env_steps / rollout_s,
                     "time/env_steps": float(self.env_steps),
                     "perturb/severity_scale": scale,
+                    **self.train_env.sampler_metrics(),  # this process's episodes (each rank has its own sampler)
                     **self._env_health(),
                 }
             )
@@ -944,6 +947,7 @@ class RobustPPOTrainer:
 
     def _write_checkpoint(self, directory: Path) -> None:
         rank = {"rng": _rng_state(self.sample_generator, self.penalty_generator)}
+        rank["sampler"] = self.train_env.sampler_state_dict()  # per rank: each chooses from its own episodes
         if self.probe is not None:
             rank["probe"] = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.probe.items()}
         ranks = gather_object([rank])  # every rank's, in rank order (collective: all ranks call it)
@@ -983,6 +987,8 @@ class RobustPPOTrainer:
             )
         rank = ranks[acc.process_index]
         _set_rng_state(rank["rng"], self.sample_generator, self.penalty_generator)
+        if "sampler" in rank:  # checkpoints written before perturb.sampler existed: uniform, nothing to restore
+            self.train_env.load_sampler_state_dict(rank["sampler"])
         if "probe" in rank:
             self.probe = {k: v.to(acc.device) if isinstance(v, torch.Tensor) else v for k, v in rank["probe"].items()}
         self.start_update = self.update_index = int(state["update"])
