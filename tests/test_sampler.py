@@ -333,12 +333,12 @@ def test_on_maniskill_the_adversarial_sampler_moves_episodes_to_the_setting_that
 
 def test_on_maniskill_a_restored_sampler_continues_as_the_uninterrupted_one(push_env):
     """What the trainer does at a checkpoint: the sampler's state saved, the envs restarted from a seed."""
-    env, _, _ = _push(push_env, AdversarialSampler(2, window=6), 50)
+    env, _, _ = _push(push_env, AdversarialSampler(2, window=6), 40)
     state = json.loads(json.dumps(env.sampler_state_dict()))
-    _, expected, outcomes = _push(push_env, env.sampler, 60, seed=1)
-    _, resumed, again = _push(push_env, AdversarialSampler(2, window=6), 60, seed=1, state=state)
+    _, expected, outcomes = _push(push_env, env.sampler, 40, seed=1)
+    _, resumed, again = _push(push_env, AdversarialSampler(2, window=6), 40, seed=1, state=state)
     assert (resumed, again) == (expected, outcomes)
-    _, fresh, _ = _push(push_env, AdversarialSampler(2, window=6), 60, seed=1)
+    _, fresh, _ = _push(push_env, AdversarialSampler(2, window=6), 40, seed=1)
     assert fresh != expected, "without the state the choices differ"
 
 
@@ -349,7 +349,7 @@ def test_on_maniskill_a_restored_sampler_continues_as_the_uninterrupted_one(push
 def test_a_resumed_run_logs_the_same_choices_as_the_uninterrupted_run(tmp_path):
     from rvla_peft.trainer import RobustPPOTrainer
 
-    short = [f"output_dir={tmp_path / 'run'}", "report_to=[]", "eval_episodes=0", "total_updates=4", "save_every=2",
+    short = [f"output_dir={tmp_path / 'run'}", "report_to=[]", "eval_episodes=0", "total_updates=3", "save_every=2",
              "env.max_episode_steps=12", "ppo.num_steps=8", "ppo.num_minibatches=2", "ppo.update_epochs=1",
              "perturb.sampler=adversarial", "perturb.sampler_window=8"]  # fmt: skip
     RobustPPOTrainer(_cfg(*short)).train()
