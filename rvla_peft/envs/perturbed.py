@@ -69,7 +69,8 @@ class PerturbedEnv:
     ``keyed``: each env draws from its own generator, seeded from ``(seed, r)`` where r is the reset seed of its
     episode (``seed + i`` for env i after ``reset(seed)``, a queued episode's seed after that: ``Step.reset_seeds``).
     An episode's draws then depend on its reset seed alone, not on the env it runs in, the number of envs or when
-    the other envs' episodes end (the evaluation's ``stream`` schedule). Every episode must start from a seed.
+    the other envs' episodes end (the evaluation's ``stream`` schedule). Every episode must start from a seed. (An
+    adversarial ``sampler``'s choice of spec depends on earlier outcomes too; the spec's own draws still do not.)
     """
 
     def __init__(
