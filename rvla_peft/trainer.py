@@ -46,6 +46,7 @@ from rvla_peft.metrics import env_health, evaluation_metrics, kl_to_reference, m
 from rvla_peft.objective import compute_losses, make_batch, micro_batches, value_only_loss
 from rvla_peft.perturbations import spec_label
 from rvla_peft.perturbations.curriculum import Curriculum
+from rvla_peft.perturbations.sampler import build_sampler
 from rvla_peft.policies.registry import build_policy, resolve_lora
 from rvla_peft.rollout import Batch, GroupRollout, Rollout, collect, collect_groups
 from rvla_peft.run_folder import resolve_resume
@@ -105,8 +106,9 @@ class RobustPPOTrainer:
         self.env_seed = cfg.seed + 100_003 * acc.process_index
         self.base_env = make_envs(cfg.env, device=acc.device)
         self.train_env = PerturbedEnv(
-            self.base_env, cfg.perturb.train, seed=self.env_seed, sample_per_episode=cfg.perturb.sample_per_episode
-        )
+            self.base_env, cfg.perturb.train, seed=self.env_seed, sample_per_episode=cfg.perturb.sample_per_episode,
+            sampler=build_sampler(cfg.perturb, max(len(cfg.perturb.train), 1)),
+        )  # fmt: skip
         self.train_env.keep_clean = (
             cfg.regularizers.invariance.weight > 0 or cfg.kl_on_clean_frames or cfg.algorithm == "distill"
         )
@@ -187,6 +189,7 @@ class RobustPPOTrainer:
                     "time/env_steps_per_s": env_steps / rollout_s,
                     "time/env_steps": float(self.env_steps),
                     "perturb/severity_scale": scale,
+                    **self.train_env.sampler_metrics(),  # this process's episodes (each rank has its own sampler)
                     **env_health(acc, self.base_env),
                 }
             )
@@ -432,6 +435,7 @@ class RobustPPOTrainer:
             "curriculum": self.curriculum.state_dict(),
         }
         rank = {"rng": rng_state(self.sample_generator, self.penalty_generator)}
+        rank["sampler"] = self.train_env.sampler_state_dict()  # per rank: each chooses from its own episodes
         if self.probe is not None:
             rank["probe"] = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.probe.items()}
         return trainer_state, rank
@@ -457,6 +461,8 @@ class RobustPPOTrainer:
         run did, so on the CPU the run continues bit for bit."""
         state, rank = self.checkpointer.load_checkpoint(directory)
         set_rng_state(rank["rng"], self.sample_generator, self.penalty_generator)
+        if "sampler" in rank:  # checkpoints written before perturb.sampler existed: uniform, nothing to restore
+            self.train_env.load_sampler_state_dict(rank["sampler"])
         if "probe" in rank:
             device = self.accelerator.device
             self.probe = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in rank["probe"].items()}

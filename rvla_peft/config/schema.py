@@ -9,6 +9,7 @@ nearest valid one.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 
 from rvla_peft.config.parsing import ConfigError, apply_override, check, from_dict, read_yaml, to_dict
 from rvla_peft.config.policy import PolicyConfig
+from rvla_peft.perturbations.sampler import DEFAULT_EXPLORATION, DEFAULT_WINDOW
 from rvla_peft.perturbations.specs import suite_settings, validate_specs
 from rvla_peft.policies.action_tokens.configuration import ActionTokenPolicyConfig
 from rvla_peft.policies.families import POLICY_VARIANTS, drop_keys_of_the_replaced_family, family_config
@@ -215,7 +217,50 @@ class PerturbConfig:
             "episode start, instead of all of them applying together."
         },
     )
+    sampler: Literal["uniform", "adversarial"] = field(
+        default="uniform",
+        metadata={
+            "help": "With sample_per_episode, how each episode's perturb.train entry is chosen: 'uniform' (at "
+            "random), or 'adversarial': a UCB bandit on failure, the entry with the highest failure rate over the "
+            "last sampler_window finished episodes plus sampler_exploration * sqrt(ln N / n) (N episodes in the "
+            "window and running, n of them under the entry; an entry with none is tried first). Logged per update "
+            "as perturb/choice_<entry>, the share of the episodes started under each. algorithm=ppo only."
+        },
+    )
+    sampler_exploration: float = field(
+        default=DEFAULT_EXPLORATION,
+        metadata={
+            "help": "The adversarial sampler's exploration constant c, >= 0 (0: always the entry failing most). The "
+            "default 1/sqrt(2) is Hoeffding's bound at level 1/N for a 0/1 outcome; UCB1's sqrt(2) explores more."
+        },
+    )
+    sampler_window: int = field(
+        default=DEFAULT_WINDOW,
+        metadata={
+            "help": "The adversarial sampler's memory: the failure rates are over this many most recent finished "
+            "training episodes (all entries together); an entry with none of them is tried again."
+        },
+    )
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+
+    def __post_init__(self) -> None:
+        check(
+            self.sampler_exploration >= 0 and math.isfinite(self.sampler_exploration),
+            "perturb.sampler_exploration",
+            f"must be a finite number >= 0, got {self.sampler_exploration}",
+        )
+        check(self.sampler_window >= 1, "perturb.sampler_window", f"must be >= 1 episode, got {self.sampler_window}")
+        if self.sampler == "adversarial":
+            check(
+                self.sample_per_episode,
+                "perturb.sampler",
+                "'adversarial' chooses each episode's perturb.train entry: set perturb.sample_per_episode=true",
+            )
+            check(
+                len(self.train) >= 2,
+                "perturb.sampler",
+                f"'adversarial' chooses between perturb.train entries: it needs at least 2, got {len(self.train)}",
+            )
 
 
 @dataclass
@@ -622,6 +667,12 @@ class TrainConfig:
                 f"{-(-self.env.max_episode_steps // self.ppo.num_steps)}",
             )
         check(self.eval_episodes >= 0, "eval_episodes", "must be >= 0")
+        check(
+            self.perturb.sampler == "uniform" or not self.uses_groups,
+            "perturb.sampler",
+            f"'adversarial' needs algorithm=ppo or distill: the members of a {self.algorithm} group replay one "
+            "perturbation draw",
+        )
         for key in ("train", "eval"):
             try:
                 validate_specs(getattr(self.perturb, key))

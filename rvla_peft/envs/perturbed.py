@@ -19,7 +19,8 @@ from rvla_peft.perturbations.base import (
     _rows,
     check_severity,
 )
-from rvla_peft.perturbations.specs import build_perturbations
+from rvla_peft.perturbations.sampler import PerturbationSampler, UniformSampler
+from rvla_peft.perturbations.specs import build_perturbations, spec_label
 from rvla_peft.utils.threads import torch_threads
 
 # --------------------------------------------------------------------------------------------------------------
@@ -60,13 +61,16 @@ class PerturbedEnv:
     the same seed see the same draws (common random numbers) even once their episodes end at different times.
 
     ``sample_per_episode``: instead of every spec applying to every env, each env draws one spec (a combination
-    counts as one) at each episode start, uniformly; every spec runs on the whole batch and ``torch.where``
-    selects per env. ``set_severity_scale(s)`` multiplies every severity by s (a curriculum).
+    counts as one) at each episode start, chosen by ``sampler`` (``rvla_peft.perturbations.sampler``: uniformly by
+    default; ``AdversarialSampler`` favours the specs under which recent episodes failed, fed each finished
+    episode's success here); every spec runs on the whole batch and ``torch.where`` selects per env.
+    ``set_severity_scale(s)`` multiplies every severity by s (a curriculum).
 
     ``keyed``: each env draws from its own generator, seeded from ``(seed, r)`` where r is the reset seed of its
     episode (``seed + i`` for env i after ``reset(seed)``, a queued episode's seed after that: ``Step.reset_seeds``).
     An episode's draws then depend on its reset seed alone, not on the env it runs in, the number of envs or when
-    the other envs' episodes end (the evaluation's ``stream`` schedule). Every episode must start from a seed.
+    the other envs' episodes end (the evaluation's ``stream`` schedule). Every episode must start from a seed. (An
+    adversarial ``sampler``'s choice of spec depends on earlier outcomes too; the spec's own draws still do not.)
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class PerturbedEnv:
         seed: int = 0,
         sample_per_episode: bool = False,
         keyed: bool = False,
+        sampler: PerturbationSampler | None = None,
     ) -> None:
         self.env = env
         self.seed = seed
@@ -84,6 +89,10 @@ class PerturbedEnv:
         self.sample_per_episode = sample_per_episode and len(self.groups) > 1
         self._base_severity = [p.severity for p in self.perturbations]
         self._choice: torch.Tensor | None = None  # [N] index of each env's group under sample_per_episode
+        self.sampler = sampler if sampler is not None else UniformSampler(max(len(self.groups), 1))
+        if self.sampler.num_settings != max(len(self.groups), 1):
+            raise ValueError(f"the sampler chooses among {self.sampler.num_settings} settings, not {len(self.groups)}")
+        self.setting_labels = [spec_label(spec) for spec in specs]
         self.severity_scale = 1.0
         self.generator = torch.Generator(device=env.device)
         self.generator.manual_seed(seed)
@@ -114,6 +123,24 @@ class PerturbedEnv:
         """[N] index in ``specs`` of the entry each env's current episode runs under (``sample_per_episode``), else
         None. Read before a step: an episode that ends in the step ran under it (rollouts log success per entry)."""
         return self._choice if self.sample_per_episode else None
+
+    def sampler_metrics(self) -> dict[str, float]:
+        """``perturb/choice_<label>``: the share of the episodes started since the last call that drew each spec
+        (``sample_per_episode``; empty when none started or nothing is drawn per episode)."""
+        if not self.sample_per_episode:
+            return {}
+        counts = self.sampler.choice_counts()
+        total = sum(counts)
+        if not total:
+            return {}
+        return {f"perturb/choice_{label}": n / total for label, n in zip(self.setting_labels, counts, strict=True)}
+
+    def sampler_state_dict(self) -> dict:
+        """The sampler's state (an adversarial sampler's recent outcomes), for a checkpoint."""
+        return self.sampler.state_dict()
+
+    def load_sampler_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
 
     def set_severity_scale(self, scale: float) -> None:
         """Effective severity = each spec's severity x ``scale`` in [0, 1], from the next step on."""
@@ -146,6 +173,8 @@ class PerturbedEnv:
             final_obs = self._perturb_obs(step.final_obs, peek=True)
             for g, state in zip(generators, states, strict=True):
                 g.set_state(state)
+            if self.sample_per_episode and self.sampler.learns:
+                self._report_outcomes(step)
             if self.keyed and step.reset_seeds is not None:
                 for i in (step.reset_seeds >= 0).nonzero().flatten().tolist():
                     self._generators[i].manual_seed(hash((self.seed, int(step.reset_seeds[i]))))
@@ -159,20 +188,25 @@ class PerturbedEnv:
     def close(self) -> None:
         self.env.close()
 
+    def _report_outcomes(self, step: Step) -> None:
+        """Each finished episode's success to the sampler, under the spec it ran with (before the next draw); an
+        episode a dead env worker cut short has no outcome."""
+        ended = step.terminated | step.truncated
+        if step.dropped is not None:
+            ended = ended & ~step.dropped.to(ended.device)
+        rows = ended.nonzero().flatten().tolist()
+        if rows:
+            choice, success = self._choice.tolist(), step.episode_success.tolist()
+            for i in rows:
+                self.sampler.update(choice[i], success[i])
+
     def _start_episodes(self, done: torch.Tensor) -> None:
         for p in self.perturbations:
             p.reset(done)
         if not self.sample_per_episode:
             return
-        if self.keyed:  # only the starting envs draw, each from its own generator
-            new = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
-            if self._choice is not None:
-                new.copy_(self._choice)
-            for i in done.nonzero().flatten().tolist():
-                new[i] = torch.randint(len(self.groups), (1,), generator=self._generators[i], device=self.device)
-        else:
-            new = torch.randint(len(self.groups), (self.num_envs,), generator=self.generator, device=self.device)
-        self._choice = new if self._choice is None else torch.where(done, new, self._choice)
+        # keyed: only the starting envs draw, each from its own generator
+        self._choice = self.sampler.choose(done, self._choice, self._generators if self.keyed else self.generator)
 
     @property
     def _draw_from(self) -> Generators:
