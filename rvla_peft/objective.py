@@ -111,6 +111,7 @@ def compute_losses(
     if cfg.algorithm == "distill":  # no reward: the reference's clean-frame actions are the target
         distill = distill_term(policy, rollout, idx, actions, out)
         terms = {"distill": distill}
+        del stats["loss/ppo"]  # not a term here; ppo/approx_kl and ppo/clip_frac still say how far the step went
         stats["loss/distill"] = distill
     else:
         terms = {"policy": pg_loss - cfg.ppo.ent_coef * entropy}

@@ -61,8 +61,8 @@ __all__ = ["NonFiniteError", "RobustPPOTrainer", "SaveError", "TrainerCallback",
 # shown on the progress bar's line after each update (everything goes to metrics.jsonl and the trackers)
 SHOWN_METRICS = (
     "rollout/success_rate", "rollout/return", "rollout/step_reward", "loss/ppo", "loss/value", "loss/jacobian",
-    "loss/smooth", "ppo/approx_kl", "ppo/clip_frac", "policy/kl_to_base", "policy/argmax_changed",
-    "groups/kept_frac", "time/env_steps_per_s",
+    "loss/smooth", "loss/invariance", "loss/distill", "ppo/approx_kl", "ppo/clip_frac", "policy/kl_to_base",
+    "policy/argmax_changed", "groups/kept_frac", "time/env_steps_per_s",
 )  # fmt: skip
 
 

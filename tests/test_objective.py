@@ -106,6 +106,7 @@ def test_distill_is_the_reference_clean_frame_distribution_against_the_policy_on
     idx = torch.arange(T * N)
     losses = compute_losses(policy, rollout, idx, batch, batch.advantages, cfg)
     assert list(losses.terms) == ["distill"], "no reward term, no critic"
+    assert "loss/ppo" not in losses.stats and "ppo/approx_kl" in losses.stats
     actions = rollout.flat(rollout.actions)
     with torch.no_grad():
         student = policy.evaluate(rollout.observations(idx), actions)
