@@ -21,6 +21,7 @@ from rvla_peft.cli import serve as serve_cli
 from rvla_peft.serving import json_numpy
 from rvla_peft.serving.batching import ActionBatcher
 from rvla_peft.serving.client import PolicyClient, PolicyServerError
+from rvla_peft.serving.policy import serve_config
 from rvla_peft.utils.threads import torch_threads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -319,7 +320,7 @@ def test_the_command_refuses_bad_arguments_before_loading_a_model(tmp_path, caps
     assert serve_cli.main(["--base", BASE, "--max-batch", "0"]) == 2
     assert "--max-batch must be >= 1" in capsys.readouterr().err
     # a base made by rvla_peft.pretrain, served without a recipe, decodes as it was trained (its policy.json)
-    cfg, local = serve_cli.load_config_for(serve_cli.parse_args(["--base", BASE]))
+    cfg, local = serve_config(BASE, None)
     assert local is None and cfg.policy.n_bins == 64 and cfg.env.image_size == 64
 
 

@@ -14,29 +14,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import socket
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from rvla_peft.adapters import HubError, adapter_recipe, check_base_match, resolve_adapter
-from rvla_peft.config import ConfigError, load_config
-from rvla_peft.utils.constants import POLICY_SETTINGS_FILE, RECIPE_FILE, REPORT_DIR, REPORT_JSON
+from rvla_peft.adapters import HubError, check_base_match
+from rvla_peft.config import ConfigError
+from rvla_peft.serving.policy import serve_config
 
 TOKEN_ENV = "RVLA_SERVE_TOKEN"
-# policy.json keys (written by rvla_peft.pretrain beside a base) -> the recipe keys they set
-_TRAINED_SETTINGS = {
-    "family": "policy.family",
-    "prompt_template": "policy.prompt_template",
-    "action_dim": "policy.action_dim",
-    "n_bins": "policy.n_bins",
-    "action_low": "policy.action_low",
-    "action_high": "policy.action_high",
-    "image_size": "env.image_size",
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,63 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-def trained_settings_overrides(name_or_path: str | None) -> list[str]:
-    """Overrides from the ``policy.json`` beside a base made by ``rvla_peft.pretrain`` (the settings it decodes
-    with), for a base served without a recipe."""
-    if not name_or_path:
-        return []
-    from rvla_peft.models.tiny import resolve_builtin
-
-    try:
-        settings = Path(resolve_builtin(name_or_path)) / POLICY_SETTINGS_FILE
-    except (ValueError, FileNotFoundError):
-        return []
-    if not settings.is_file():
-        return []
-    trained = json.loads(settings.read_text())
-    return [f"{key}={json.dumps(trained[name])}" for name, key in _TRAINED_SETTINGS.items() if name in trained]
-
-
-def robustness_of(adapter_dir: Path, adapter: str) -> dict | None:
-    """The adapter's robustness results, as its model card shows them, from the report beside it (a pushed repo,
-    a packaged adapter) or in its run folder (OUTPUT/report); None without one."""
-    from rvla_peft.hub.card import robustness_table, select_policy
-
-    for path in (adapter_dir / REPORT_JSON, adapter_dir.parent / REPORT_DIR / REPORT_JSON):
-        if path.is_file():
-            report = json.loads(path.read_text())
-            try:
-                policy = select_policy(report, adapter_dir, repo_id=adapter)
-            except HubError:
-                return None
-            return {
-                "policy": policy,
-                "task": report.get("task"),
-                "episodes": report.get("episodes"),
-                "summary": report.get("summary", {}).get(policy),
-                "results": [r for r in report.get("results", []) if r["policy"] == policy],
-                "table": robustness_table(report, policy),
-            }
-    return None
-
-
-def load_config_for(args):
-    """The recipe config (the adapter's, or ``--recipe``, or the base's trained settings) and the adapter folder."""
-    local = resolve_adapter(args.adapter) if args.adapter else None
-    recipe = args.recipe
-    if recipe is None and local is not None:
-        with contextlib.suppress(HubError):
-            recipe = adapter_recipe(local)
-    if recipe is None and args.base and (Path(args.base) / RECIPE_FILE).is_file():
-        recipe = Path(args.base) / RECIPE_FILE  # a merged export carries its recipe
-    overrides = [] if recipe is not None else trained_settings_overrides(args.base)
-    overrides += list(args.overrides)
-    if args.base:
-        overrides.append(f"model.name_or_path={args.base}")
-    cfg = load_config(recipe, overrides)
-    return cfg, local
-
-
 def listen(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` (port 0: a free one) for uvicorn to serve on."""
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say so, and without it every reply on a
@@ -157,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
         if not 0 <= args.port < 65536:
             raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-        cfg, local = load_config_for(args)
+        cfg, local = serve_config(args.base, args.adapter, args.recipe, args.overrides)
         from rvla_peft.policies.registry import base_model_id
 
         if local is not None:
@@ -175,9 +105,9 @@ def serve(args, cfg, local: Path | None, sock: socket.socket, token: str | None)
     import torch
     import uvicorn
 
-    from rvla_peft.envs.maniskill import resolve_instruction
-    from rvla_peft.policies.registry import base_model_id, build_policy
+    from rvla_peft.policies.registry import build_policy
     from rvla_peft.serving.app import create_app
+    from rvla_peft.serving.policy import served_metadata
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy = build_policy(cfg, adapter=local, device=device).eval()
@@ -187,28 +117,15 @@ def serve(args, cfg, local: Path | None, sock: socket.socket, token: str | None)
             # the bare base: its fresh LoRA (B = 0) changes no output bit and only costs time, as in evaluation
             stack.enter_context(policy.peft_model.disable_adapter())
         stack.enter_context(policy.acting())  # the LoRA folded into the weights (policy.merge_lora_to_act)
-        instruction = cfg.env.instruction or _default_instruction(cfg, resolve_instruction)
-        warmup = policy.predict_action(np.zeros((size, size, 3), np.uint8), instruction)  # first-call costs
-        metadata = {
-            "family": cfg.policy.family,
-            "base": base_model_id(cfg.model),
-            "adapter": args.adapter,
-            "task": cfg.env.task,
-            "instruction": instruction,
-            "image_size": [size, size],
-            "model_image_size": list(policy.image_hw),
-            "action_shape": list(warmup.shape),
-            "action_dtype": str(warmup.dtype),
-            "chunk_size": int(warmup.shape[0]) if warmup.ndim == 2 else 1,
-            "action_dim": int(warmup.shape[-1]),
-            "control_mode": cfg.env.control_mode,
-            "unnorm_key": getattr(cfg.policy, "unnorm_key", None),
-            "uses_state": bool(getattr(cfg.policy, "use_state", False)),
-            "lora_merged": bool(local is not None and cfg.policy.merge_lora_to_act),
-            "max_batch": args.max_batch,
-            "max_wait_ms": args.max_wait_ms,
-            "robustness": robustness_of(local, args.adapter) if local is not None else None,
-        }
+        metadata = served_metadata(
+            policy,
+            cfg,
+            adapter=args.adapter,
+            adapter_dir=local,
+            image_size=size,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+        )
         app = create_app(
             policy,
             metadata,
@@ -227,13 +144,6 @@ def serve(args, cfg, local: Path | None, sock: socket.socket, token: str | None)
         server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_keep_alive=30))
         server.run(sockets=[sock])
     return 0
-
-
-def _default_instruction(cfg, resolve_instruction) -> str:
-    try:
-        return resolve_instruction(cfg.env)
-    except ValueError:
-        return "do the task"
 
 
 if __name__ == "__main__":
