@@ -62,6 +62,8 @@ LAYERS: list[tuple[str, list[str]]] = [
             "rvla_peft.hub.push",
             "rvla_peft.hub.run_files",
             "rvla_peft.exporting",
+            "rvla_peft.serving",
+            "rvla_peft.serving.*",
         ],
     ),  # fmt: skip
     (
@@ -72,6 +74,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "rvla_peft.train",
             "rvla_peft.eval",
             "rvla_peft.export",
+            "rvla_peft.serve",
             "rvla_peft.hub.__main__",
         ],
     ),  # fmt: skip

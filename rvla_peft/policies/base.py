@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -40,6 +41,36 @@ class PolicyOutput:
     value: Tensor  # [B]
     mean: Tensor  # [B, A] differentiable mean action (normalised), what the regularisers act on
     logits: Tensor | None = None  # [B, A, n_bins] per-slot logits, teacher-forced (token policies only)
+
+
+def image_array(image) -> np.ndarray:
+    """A camera image as uint8 [H, W, 3]: a numpy array checked, a PIL image converted to RGB."""
+    if not isinstance(image, np.ndarray):
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image must be a uint8 numpy array [H, W, 3] or a PIL image, got {type(image).__name__}")
+        image = np.asarray(image.convert("RGB"))
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(
+            f"image must be uint8 [H, W, 3] (RGB), got {image.dtype} of shape {list(image.shape)}: convert it with "
+            "np.asarray(PIL.Image.open(path).convert('RGB'))"
+        )
+    return image
+
+
+def observation_batch(images: list, instructions: list[str], states: list | None = None) -> Observation:
+    """The :data:`Observation` of a batch of camera images (numpy or PIL, one size) and instructions, as envs give
+    it to ``act``."""
+    arrays = [image_array(image) for image in images]
+    if len({a.shape for a in arrays}) > 1:
+        raise ValueError(f"images of different sizes in one batch: {sorted({a.shape for a in arrays})}")
+    if not all(isinstance(i, str) for i in instructions):
+        raise TypeError("instruction must be a string")
+    obs: Observation = {"rgb": torch.from_numpy(np.stack(arrays)), "instruction": list(instructions)}
+    if states is not None:
+        obs["state"] = torch.as_tensor(np.stack([np.asarray(s, dtype=np.float32) for s in states]))
+    return obs
 
 
 class ValueHead(nn.Module):
@@ -121,6 +152,35 @@ class Policy(nn.Module):
     def act(self, obs: Observation, deterministic: bool = False) -> ActionSample:
         """Sample an action for the env (the most likely one when ``deterministic``)."""
         raise NotImplementedError
+
+    def predict_action(self, image, instruction: str, *, unnorm_key: str | None = None, state=None) -> np.ndarray:
+        """The env action for one camera image (uint8 numpy [H, W, 3] or a PIL image) and an instruction, as
+        OpenVLA's ``predict_action``: ``act(deterministic=True)``'s un-normalised action [A], or the
+        executed chunk [k, A] for an action-chunking family, as a numpy array. ``unnorm_key`` may only name the
+        statistics the policy was built with (``policy.unnorm_key``); ``state`` ([D] floats) feeds a pi0 policy
+        with ``policy.use_state``. Call it in eval mode, inside :meth:`acting` for speed, as evaluation does."""
+        return self.predict_actions(
+            [image], [instruction], unnorm_key=unnorm_key, states=None if state is None else [state]
+        )[0]
+
+    def predict_actions(
+        self, images: list, instructions: list[str], *, unnorm_key: str | None = None, states: list | None = None
+    ) -> list[np.ndarray]:
+        """:meth:`predict_action` for a batch, in one forward (the policy server's batches). The images must share
+        one size."""
+        own = getattr(self.cfg, "unnorm_key", None)
+        if unnorm_key is not None and unnorm_key != own:
+            raise ValueError(
+                f"unnorm_key={unnorm_key!r}, but this policy un-normalises with policy.unnorm_key={own!r}: load it "
+                f"with policy.unnorm_key={unnorm_key} to use those statistics"
+            )
+        if len(images) != len(instructions) or not images:
+            raise ValueError(
+                f"{len(images)} images and {len(instructions)} instructions: give one image per instruction"
+            )
+        obs = observation_batch(images, instructions, states)
+        env_action = self.act(obs, deterministic=True).env_action
+        return list(env_action.detach().cpu().numpy())
 
     def evaluate(self, obs: Observation, action: Tensor, pixel_values: Tensor | None = None) -> PolicyOutput:
         """Log-prob, entropy, value and mean action of ``action`` at ``obs``, with grad.
