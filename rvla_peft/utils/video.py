@@ -24,11 +24,12 @@ GIF_EVERY = 2  # the GIF keeps every 2nd frame (at half the frame rate: the same
 
 @dataclass
 class EpisodeFrames:
-    """One policy's frames of one episode: uint8 [T, H, W, 3] and its outcome."""
+    """One policy's frames of one episode: uint8 [T, H, W, 3] and its outcome (None: none shown, a stretch of
+    frames rather than a whole episode)."""
 
     policy: str
     frames: np.ndarray
-    success: bool
+    success: bool | None
 
 
 def panel_scale(width: int) -> int:
@@ -87,7 +88,7 @@ def side_by_side(episodes: list[EpisodeFrames], title: str) -> list[np.ndarray]:
                 image = image.resize((width * scale, height * scale), Image.Resampling.NEAREST)
             x = i * panel_w
             canvas.paste(image, (x, BAND))
-            if ended:
+            if ended and episode.success is not None:
                 colour = SUCCESS if episode.success else FAILURE
                 draw.rectangle([x, BAND, x + width * scale - 1, BAND + height * scale - 1], outline=colour, width=3)
                 caption = f"{episode.policy}: {'success' if episode.success else 'failure'}"
