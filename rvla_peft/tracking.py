@@ -79,7 +79,7 @@ def rollout_clip(rollout, update: int) -> list[np.ndarray]:
     panels = [EpisodeFrames("seen", seen.cpu().numpy(), None)]
     if clean is not None:
         panels.insert(0, EpisodeFrames("clean", clean.cpu().numpy(), None))
-    return side_by_side(panels, f"update {update} | env 0 | {rollout.instructions[0]}")
+    return side_by_side(panels, f"update {update} | env 0 | {rollout.instructions[0]}", hold=0)
 
 
 def log_rollout_clip(accelerator, rollout, update: int, output_dir: Path) -> Path | None:

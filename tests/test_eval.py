@@ -427,14 +427,15 @@ def test_training_seeds_of_an_arm_get_a_two_level_bootstrap_interval_and_paired_
 def test_side_by_side_frames_hold_each_panel_upscaled_and_mark_the_outcome():
     """Two policies on one episode of 32x32 frames: panels upscaled 4x (to 128 px) side by side under the setting's
     band; the shorter episode holds its last frame with a green (success) border, the other turns red at its end."""
-    from rvla_peft.utils.video import BAND, FAILURE, SUCCESS, EpisodeFrames, frame_size, side_by_side
+    from rvla_peft.utils.video import BAND, FAILURE, HOLD, SUCCESS, EpisodeFrames, frame_size, side_by_side
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randint(0, 256, (3, 32, 32, 3), generator=gen, dtype=torch.uint8).numpy()
     b = torch.randint(0, 256, (5, 32, 32, 3), generator=gen, dtype=torch.uint8).numpy()
     clip = side_by_side([EpisodeFrames("a", a, True), EpisodeFrames("b", b, False)], "clean | episode 0")
     assert frame_size(32, 32, 2) == (BAND + 128 + BAND, 256)
-    assert len(clip) == 5 and all(f.shape == (160, 256, 3) and f.dtype.name == "uint8" for f in clip)
+    assert len(clip) == 5 + HOLD and all(f.shape == (160, 256, 3) and f.dtype.name == "uint8" for f in clip)
+    assert HOLD > 0 and all((f == clip[4]).all() for f in clip[5:])  # the outcomes held before the next episode
     for t in range(5):  # interior pixels (away from the border) are the frames, each pixel a 4x4 block
         assert (clip[t][BAND + 8 : BAND + 120 : 4, 8:120:4] == a[min(t, 2), 2:30, 2:30]).all()
         assert (clip[t][BAND + 9 : BAND + 121 : 4, 136:248:4] == b[t, 2:30, 2:30]).all()
@@ -470,7 +471,7 @@ def test_recorded_episodes_are_the_grids_episodes(env_cfg, tiny_policy, schedule
 def test_cli_writes_side_by_side_videos_and_links_them(tmp_path, capsys, tiny_policy):
     import imageio.v3 as iio
 
-    from rvla_peft.utils.video import frame_size
+    from rvla_peft.utils.video import HOLD, frame_size
 
     adapter = tmp_path / "robust" / "adapter"
     tiny_policy.save_pretrained(adapter, base_model_id="builtin:tiny-llava")
@@ -487,6 +488,6 @@ def test_cli_writes_side_by_side_videos_and_links_them(tmp_path, capsys, tiny_po
         assert entry["mp4"] == f"videos/{stem}.mp4" and entry["gif"] == f"videos/{stem}.gif"
         assert entry["seeds"] == [0] and set(entry["successes"]) == {"base", "robust"}
         mp4, gif = iio.imread(out / entry["mp4"], plugin="FFMPEG"), iio.imread(out / entry["gif"])
-        assert mp4.shape == (5, height, width, 3)  # episodes of 4 steps: 5 observations
-        assert gif.shape[1:3] == (height, width) and gif.shape[0] == 3  # every 2nd frame, the last one in
+        assert mp4.shape == (5 + HOLD, height, width, 3)  # episodes of 4 steps: 5 observations, the last held
+        assert gif.shape[1:3] == (height, width) and 3 <= gif.shape[0] <= (5 + HOLD + 1) // 2 + 1
         assert f"![{setting}]({entry['gif']})" in md and f"([MP4]({entry['mp4']}))" in md

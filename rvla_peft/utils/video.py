@@ -20,6 +20,7 @@ PANEL_MIN_WIDTH = 128  # smaller frames are upscaled (nearest neighbour) by a wh
 SUCCESS, FAILURE, TEXT, BACKGROUND = (40, 170, 70), (200, 50, 50), (235, 235, 235), (25, 25, 25)
 FPS = 10  # ManiSkill's control frequency for the tabletop tasks is 20 Hz; half speed is easier to follow
 GIF_EVERY = 2  # the GIF keeps every 2nd frame (at half the frame rate: the same duration), to stay small
+HOLD = FPS // 2  # the last frame (every outcome shown) held for half a second before the next episode
 
 
 @dataclass
@@ -65,9 +66,9 @@ def _fit(text: str, width: int, font) -> str:
     return text + "..."
 
 
-def side_by_side(episodes: list[EpisodeFrames], title: str) -> list[np.ndarray]:
+def side_by_side(episodes: list[EpisodeFrames], title: str, hold: int = HOLD) -> list[np.ndarray]:
     """The frames of one episode played by several policies, side by side: as many frames as the longest episode
-    (a finished one holds its last frame, captioned with its outcome)."""
+    (a finished one holds its last frame, captioned with its outcome), then the last one ``hold`` more times."""
     from PIL import Image, ImageDraw
 
     font = _font()
@@ -96,7 +97,7 @@ def side_by_side(episodes: list[EpisodeFrames], title: str) -> list[np.ndarray]:
                 colour, caption = TEXT, f"{episode.policy}: step {t}"
             draw.text((x + 4, panel_h + 2), _fit(caption, panel_w - 8, font), fill=colour, font=font)
         clip.append(np.asarray(canvas))
-    return clip
+    return clip + [clip[-1]] * hold
 
 
 def write_mp4(frames: list[np.ndarray], path: Path, fps: int = FPS) -> None:
