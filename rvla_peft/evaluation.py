@@ -91,18 +91,19 @@ class CellResult:
         }
 
 
-def _play_cell(policy, env, setting: Setting, episodes, seed, max_steps, deterministic, progress, schedule, wrap=None):
-    """One cell of the grid: ``policy`` on ``setting``'s perturbations over episodes ``seed .. seed + episodes - 1``.
-    ``wrap``: applied to the perturbed env (a :class:`FrameRecorder`)."""
+def _play_cell(policy, env, setting: Setting, episodes, seed, max_steps, deterministic, progress, schedule, record=()):
+    """One cell of the grid: ``policy`` on ``setting``'s perturbations over episodes ``seed .. seed + episodes - 1``;
+    its outcomes, and the :class:`FrameRecorder` that kept the frames of the episodes with reset seeds in ``record``
+    (None if none)."""
     perturbed = PerturbedEnv(env, setting.specs, seed=seed, keyed=schedule == "stream")
+    recorder = FrameRecorder(perturbed, record) if record else None
     # Sampled actions draw from torch's global RNG: seed it per cell (and restore it after).
     devices = [env.device] if env.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        played = perturbed if wrap is None else wrap(perturbed)
-        return run_episodes(
-            policy, played, episodes, seed, max_steps, deterministic, on_batch=progress, schedule=schedule
-        )
+        played = recorder or perturbed
+        out = run_episodes(policy, played, episodes, seed, max_steps, deterministic, progress, schedule)
+    return out, recorder
 
 
 def evaluate_grid(
@@ -121,7 +122,7 @@ def evaluate_grid(
     results = []
     for setting in settings:
         for name, policy in policies.items():
-            out = _play_cell(policy, env, setting, episodes, seed, max_steps, deterministic, progress, schedule)
+            out, _ = _play_cell(policy, env, setting, episodes, seed, max_steps, deterministic, progress, schedule)
             results.append(CellResult(name, setting.name, out.success.cpu().tolist(), out.returns.cpu().tolist()))
     return results
 
@@ -201,14 +202,10 @@ def record_grid(
     cells = []
     for setting in settings:
         for name, policy in policies.items():
-            recorders = []
-
-            def wrap(perturbed, recorders=recorders):
-                recorders.append(FrameRecorder(perturbed, seeds))
-                return recorders[-1]
-
-            out = _play_cell(policy, env, setting, episodes, seed, max_steps, deterministic, None, schedule, wrap)
-            frames = [recorders[0].frames[s] for s in seeds]
+            out, recorder = _play_cell(
+                policy, env, setting, episodes, seed, max_steps, deterministic, None, schedule, record=seeds
+            )
+            frames = [recorder.frames[s] for s in seeds]
             success, returns = out.success.cpu().tolist(), out.returns.cpu().tolist()
             cells.append(RecordedCell(name, setting.name, success, returns, frames))
     return cells
