@@ -27,9 +27,10 @@ $(STAMP): pyproject.toml Makefile rvla_peft/renderer.py
 # with the invariance penalty) evaluated on the same episodes, clean and perturbed: outputs/tiny_cpu/report/report.md.
 # Reset seeds 2000 onwards: episodes no study or choice of adapter here has seen. 50 episodes per cell, 10 async envs
 # that each start their next episode as soon as one ends (a batched action costs about the same for 2 and for 10
-# envs, and async envs render on the second core; bench/bench_eval.py).
+# envs, and async envs render on the second core; bench/bench_eval.py). --video 2: the first 2 episodes of each
+# setting played again with the three policies side by side, report/videos/SETTING.mp4 and .gif.
 DEMO_EVAL ?= --suite none --perturb color_jitter@0.5 --perturb shift@0.5 --perturb rotation@0.5 --episodes 50 \
-	--seed 2000 --num-envs 10 --schedule stream env.vectorization=async
+	--seed 2000 --num-envs 10 --schedule stream --video 2 env.vectorization=async
 # Training: one torch thread while acting, since OpenMP workers spinning beside the in-process simulator and software
 # renderer took their cores (updates went 5-10x slower whenever anything else used the other core); the updates,
 # which have the machine to themselves, take every core (update_threads): 6.0 -> 3.3 s each on 2 cores. The

@@ -206,6 +206,13 @@ def summary_line(report: dict, policy: str) -> str:
     )
 
 
+def report_gifs(report: dict | None, report_dir: Path | None) -> list[str]:
+    """The rollout GIFs a report lists (``eval --video K``) that are on disk beside it, as paths relative to it."""
+    if not report or not report_dir:
+        return []
+    return [v["gif"] for v in report.get("videos", []) if (report_dir / v["gif"]).is_file()]
+
+
 def untried_perturbations(report: dict | None) -> list[str]:
     """Registered perturbations the report did not evaluate: the card says robustness to them is unknown."""
     tried = {s["perturbation"] for s in (report or {}).get("settings", [])}
@@ -328,6 +335,7 @@ def adapter_card(
         summary=summary_line(report, policy) if report else "",
         table=robustness_table(report, policy) if report else "",
         has_robustness_png=bool(run.report_dir and (run.report_dir / REPORT_PNG).is_file()),
+        videos=[v for v in (report or {}).get("videos", []) if v["gif"] in report_gifs(report, run.report_dir)],
         training_eval=training_eval_table(run.metric_rows()),
         has_curve=has_curve,
         recipe_yaml=run.recipe.read_text().rstrip(),

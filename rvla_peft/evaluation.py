@@ -17,7 +17,8 @@ report.json, schema_version 1::
      "arms": [{"arm", "setting", "seeds", "per_seed", "mean", "ci95", "t95", and against the baseline "baseline",
                "differences", "difference", "difference_ci95", "difference_t95", on "mean perturbed" "gap_cut",
                "gap_cut_ci95"}],
-     "intervals": {"results", "paired", "p_mcnemar", "arms": the method of each interval or test, in words}}
+     "intervals": {"results", "paired", "p_mcnemar", "arms": the method of each interval or test, in words},
+     "videos": [{"setting", "mp4", "gif", "seeds", "successes": {policy: [0/1 per recorded episode]}}]}
 
 ``resample`` (added in version 1, absent from older reports): when each spec's random parameters were drawn,
 "episode" (held per episode) or "step" (redrawn every step), per component joined by "+" for a combination.
@@ -26,6 +27,8 @@ perturbation draws depend on the number of envs too, so two reports pair episode
 number; "stream": on the episodes' reset seeds alone.
 ``intervals`` and ``p_mcnemar`` (added in version 1): reports without them computed ``paired`` intervals by a normal
 approximation, and ``arms`` had only ``t95`` intervals (Student-t over seeds).
+``videos`` (added in version 1, only when clips were recorded: ``--video K``): per setting, a side-by-side clip of
+its first K episodes (paths relative to the report's folder), their reset seeds and each policy's outcomes.
 
 Intervals: a cell's success rate, Wilson; a paired difference of two policies, Newcombe's score interval for paired
 proportions with the exact McNemar p-value; an arm's training seeds, the two-level bootstrap over seeds and
@@ -37,7 +40,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from rvla_peft.envs.perturbed import PerturbedEnv
@@ -86,6 +91,21 @@ class CellResult:
         }
 
 
+def _play_cell(policy, env, setting: Setting, episodes, seed, max_steps, deterministic, progress, schedule, record=()):
+    """One cell of the grid: ``policy`` on ``setting``'s perturbations over episodes ``seed .. seed + episodes - 1``;
+    its outcomes, and the :class:`FrameRecorder` that kept the frames of the episodes with reset seeds in ``record``
+    (None if none)."""
+    perturbed = PerturbedEnv(env, setting.specs, seed=seed, keyed=schedule == "stream")
+    recorder = FrameRecorder(perturbed, record) if record else None
+    # Sampled actions draw from torch's global RNG: seed it per cell (and restore it after).
+    devices = [env.device] if env.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        played = recorder or perturbed
+        out = run_episodes(policy, played, episodes, seed, max_steps, deterministic, progress, schedule)
+    return out, recorder
+
+
 def evaluate_grid(
     policies: dict[str, object],
     env,
@@ -102,16 +122,128 @@ def evaluate_grid(
     results = []
     for setting in settings:
         for name, policy in policies.items():
-            perturbed = PerturbedEnv(env, setting.specs, seed=seed, keyed=schedule == "stream")
-            # Sampled actions draw from torch's global RNG: seed it per cell (and restore it after).
-            devices = [env.device] if env.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
-                out = run_episodes(
-                    policy, perturbed, episodes, seed, max_steps, deterministic, on_batch=progress, schedule=schedule
-                )
+            out, _ = _play_cell(policy, env, setting, episodes, seed, max_steps, deterministic, progress, schedule)
             results.append(CellResult(name, setting.name, out.success.cpu().tolist(), out.returns.cpu().tolist()))
     return results
+
+
+class FrameRecorder:
+    """An env wrapper (around the :class:`PerturbedEnv` of a cell) that keeps the frames of the episodes starting
+    from the reset seeds in ``seeds``: every observation the env returns in them (what the policy saw), the last one
+    (``final_obs``) included; ``frames[seed]``: uint8 [T, H, W, 3] once that episode has ended. An env's episode
+    is known by its reset seed: ``seed + i`` after ``reset(seed)``, ``Step.reset_seeds`` for a queued episode, none
+    for an auto-reset one (never kept). Everything else is the wrapped env's."""
+
+    def __init__(self, env, seeds) -> None:
+        self.env, self.seeds = env, set(seeds)
+        self.frames: dict[int, np.ndarray] = {}
+        self._playing: list[int] = []  # the reset seed of each env's episode, -1 if unknown
+        self._current: list[list[np.ndarray]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.env, name)
+
+    def reset(self, seed: int | None = None, rebuild: bool = False):
+        obs = self.env.reset(seed=seed, rebuild=rebuild)
+        self._playing = [-1 if seed is None else seed + i for i in range(self.env.num_envs)]
+        self._current = [[] for _ in self._playing]
+        self._keep(obs["rgb"])
+        return obs
+
+    def step(self, action):
+        step = self.env.step(action)
+        for i in (step.terminated | step.truncated).cpu().nonzero().flatten().tolist():
+            if self._wanted(i):
+                if step.final_obs is not None:
+                    self._current[i].append(step.final_obs["rgb"][i].cpu().numpy())
+                self.frames[self._playing[i]] = np.stack(self._current[i])
+            self._playing[i] = -1 if step.reset_seeds is None else int(step.reset_seeds[i])
+            self._current[i] = []
+        self._keep(step.obs["rgb"])
+        return step
+
+    def _wanted(self, i: int) -> bool:
+        return self._playing[i] in self.seeds and self._playing[i] not in self.frames
+
+    def _keep(self, rgb) -> None:
+        rows = [i for i in range(len(self._playing)) if self._wanted(i)]
+        if rows:
+            frames = rgb[rows].cpu().numpy()
+            for j, i in enumerate(rows):
+                self._current[i].append(frames[j])
+
+
+@dataclass
+class RecordedCell:
+    """The first episodes of a cell played again with their frames (:func:`record_grid`)."""
+
+    policy: str
+    setting: str
+    successes: list[bool]
+    returns: list[float]
+    frames: list[np.ndarray]  # per episode, uint8 [T, H, W, 3]
+
+
+def record_grid(
+    policies: dict[str, object],
+    env,
+    settings: list[Setting],
+    episodes: int,
+    seed: int,
+    max_steps: int,
+    deterministic: bool = True,
+    schedule: str = "batch",
+) -> list[RecordedCell]:
+    """Play the first ``episodes`` episodes of every cell of :func:`evaluate_grid` (called with the same arguments)
+    again, keeping their frames. The same reset seeds, perturbation draws and (sampled actions) RNG seed give the
+    same episodes: with the batch schedule the first batches are replayed whole, with the stream schedule every
+    episode depends on its seed alone. A second pass, so that the grid itself never copies a frame."""
+    seeds = range(seed, seed + episodes)
+    cells = []
+    for setting in settings:
+        for name, policy in policies.items():
+            out, recorder = _play_cell(
+                policy, env, setting, episodes, seed, max_steps, deterministic, None, schedule, record=seeds
+            )
+            frames = [recorder.frames[s] for s in seeds]
+            success, returns = out.success.cpu().tolist(), out.returns.cpu().tolist()
+            cells.append(RecordedCell(name, setting.name, success, returns, frames))
+    return cells
+
+
+def replay_mismatches(results: list[CellResult], recorded: list[RecordedCell]) -> list[str]:
+    """The recorded cells whose outcomes (success and return) differ from the grid's on the same episodes (none
+    expected)."""
+    cell = {(r.policy, r.setting): r for r in results}
+    mismatches = []
+    for r in recorded:
+        grid, k = cell[r.policy, r.setting], len(r.successes)
+        if (grid.successes[:k], grid.returns[:k]) != (r.successes, r.returns):
+            mismatches.append(f"{r.policy} on {r.setting}")
+    return mismatches
+
+
+def write_videos(recorded: list[RecordedCell], out: Path, folder: str, seed: int) -> list[dict]:
+    """One MP4 and one GIF per setting under ``out / folder``: each recorded episode in turn, the policies side by
+    side. Returns the report's ``videos`` entries (paths relative to ``out``)."""
+    from rvla_peft.utils import video
+
+    by_setting: dict[str, list[RecordedCell]] = {}
+    for r in recorded:
+        by_setting.setdefault(r.setting, []).append(r)
+    entries = []
+    for setting, cells in by_setting.items():
+        frames = []
+        for e in range(len(cells[0].frames)):
+            played = [video.EpisodeFrames(c.policy, c.frames[e], c.successes[e]) for c in cells]
+            frames += video.side_by_side(played, f"{setting} | episode {e} (reset seed {seed + e})")
+        stem = f"{folder}/{video.file_stem(setting)}"
+        video.write_mp4(frames, out / f"{stem}.mp4")
+        video.write_gif(frames, out / f"{stem}.gif")
+        entries.append({"setting": setting, "mp4": f"{stem}.mp4", "gif": f"{stem}.gif",
+                        "seeds": [seed + e for e in range(len(cells[0].frames))],
+                        "successes": {c.policy: [int(s) for s in c.successes] for c in cells}})  # fmt: skip
+    return entries
 
 
 def summarize(results: list[CellResult], settings: list[Setting], baseline: str | None) -> tuple[dict, list]:
@@ -247,11 +379,12 @@ def build_report(
     deterministic: bool,
     command: str,
     schedule: str = "batch",
+    videos: list[dict] | None = None,
 ) -> dict:
     baseline = policies[0]["name"] if len(policies) > 1 else None
     summary, paired = summarize(results, settings, baseline)
     arms = summarize_arms(results, settings, baseline)
-    return {
+    report = {
         "schema_version": SCHEMA_VERSION,
         "command": command,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -270,3 +403,6 @@ def build_report(
         "arms": arms,
         "intervals": interval_methods(episodes),
     }
+    if videos:
+        report["videos"] = videos
+    return report

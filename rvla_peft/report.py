@@ -95,6 +95,14 @@ def render_markdown(report: dict) -> str:
             lines.append(row)
         arms = methods["arms"] if "ci95" in report["arms"][0] else _OLDER_METHODS["arms"]
         lines += ["", f"[3] {arms}."]
+    if report.get("videos"):
+        recorded = len(report["videos"][0]["seeds"])
+        lines += ["", f"Rollouts: the first {recorded} episode{'s' if recorded > 1 else ''} of each setting, the "
+                  "policies side by side on the same episode (what each saw; a green border: success, red: failure).",
+                  ""]  # fmt: skip
+        for v in report["videos"]:
+            lines += [f"**{v['setting']}** ([MP4]({v['mp4']}))", "", f"![{v['setting']}]({v['gif']})", ""]
+        lines.pop()
     lines += ["", "Command:", "", "```", report["command"], "```", ""]
     return "\n".join(lines)
 

@@ -29,8 +29,8 @@ ADAPTER_BYTES_PER_PARAM = 4
 CHECKPOINT_BYTES_PER_PARAM = 12
 # Recipe keys a resumed run may change: how long it runs and where it reports, not what it trains.
 RESUMABLE_CHANGES = (
-    "total_updates", "save_every", "eval_every", "eval_episodes", "report_to", "hub", "overwrite_output_dir",
-    "resume_from_checkpoint", "max_consecutive_skips", "output_dir",
+    "total_updates", "save_every", "eval_every", "eval_episodes", "report_to", "video_every", "hub",
+    "overwrite_output_dir", "resume_from_checkpoint", "max_consecutive_skips", "output_dir",
 )  # fmt: skip
 
 
@@ -101,7 +101,8 @@ def check_resume_recipe(recipe: dict, checkpoint: Path) -> None:
         more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
         raise ConfigError(
             f"resume_from_checkpoint: this recipe differs from the one {checkpoint} was trained with ({shown}{more});"
-            " resume with the same recipe (only total_updates, save_every, eval_*, report_to, hub.* may change)"
+            " resume with the same recipe (only total_updates, save_every, eval_*, report_to, video_every, hub.* may "
+            "change)"
         )
 
 

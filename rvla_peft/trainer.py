@@ -51,8 +51,9 @@ from rvla_peft.policies.registry import build_policy, resolve_lora
 from rvla_peft.rollout import Batch, GroupRollout, Rollout, collect, collect_groups
 from rvla_peft.run_folder import resolve_resume
 from rvla_peft.stats import explained_variance
+from rvla_peft.tracking import check_reporting, init_trackers, log_rollout_clip
 from rvla_peft.utils.collectives import average_gradients, broadcast_parameters, rank_max, rank_sum
-from rvla_peft.utils.constants import ADAPTER_DIR, METRICS_FILE, TENSORBOARD_RUN
+from rvla_peft.utils.constants import ADAPTER_DIR, METRICS_FILE
 from rvla_peft.utils.errors import NonFiniteError, SaveError, TrainingInterrupted
 from rvla_peft.utils.threads import torch_threads
 
@@ -77,6 +78,7 @@ class RobustPPOTrainer:
     ):
         # The saved recipe records the LoRA actually used, family defaults included.
         cfg = dataclasses.replace(cfg, lora=resolve_lora(cfg.policy.family, cfg.lora))
+        check_reporting(cfg)  # a tracker or the video writer missing: before anything is built
         self.cfg = cfg
         self.callbacks = CallbackList(callbacks)
         self.accelerator = accelerator or Accelerator(
@@ -134,10 +136,7 @@ class RobustPPOTrainer:
         elif acc.is_main_process:
             self.checkpointer.start_fresh()
         self.checkpointer.claim_output_dir()
-        if cfg.report_to:
-            # TensorBoard continues a resumed run in the same folder, hiding what was logged after the checkpoint.
-            kwargs = {"tensorboard": {"purge_step": self.start_update + 1}} if self.start_update else {}
-            acc.init_trackers(TENSORBOARD_RUN, init_kwargs=kwargs)
+        init_trackers(acc, cfg, self.start_update)
 
     # ---------------------------------------------------------------------------------------------------------
     # the loop
@@ -198,6 +197,8 @@ class RobustPPOTrainer:
             if cfg.eval_episodes and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_updates:
                 metrics.update(self.evaluate())
                 restart = True
+            if cfg.video_every and step % cfg.video_every == 0:
+                log_rollout_clip(acc, rollout, step, self.output_dir)
             self.callbacks.on_update_end(self, step, metrics)
             self.log(metrics, step, bar)  # before the checkpoint: a run resumed from it has this update's line
             checkpoint = None

@@ -35,12 +35,39 @@ def test_defaults_and_overrides_with_yaml_types():
         ("perturb.train=[{name: pixel_noise, severity: 2}]", "severity"),
         ("lora.r", "must look like key=value"),
         ("update_threads=0", "update_threads: must be >= 1"),
+        ("report_to=[tensorbord]", "unknown tracker 'tensorbord'; use a list of ('tensorboard', 'wandb', 'swanlab')"),
+        ("report_to=[wandb,wandb]", "report_to: names a tracker twice"),
+        ("video_every=-1", "video_every: must be >= 0"),
     ],
 )
 def test_bad_input_names_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(RECIPES / "tiny_cpu.yaml", [override])
     assert message in str(err.value)
+
+
+def test_trackers_are_accelerates_and_a_missing_one_is_named_before_any_work(tmp_path):
+    """report_to takes trackers of Accelerate's tracker layer; one whose package is not installed (swanlab here) is a
+    one-line error with the install command, raised before the trainer builds anything (Accelerate would drop it)."""
+    import importlib.util
+
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    from rvla_peft.config.schema import TRACKERS
+    from rvla_peft.tracking import TRACKER_PACKAGES, check_reporting
+
+    assert set(TRACKERS) <= set(LOGGER_TYPE_TO_CLASS) and set(TRACKER_PACKAGES) == set(TRACKERS)
+    if importlib.util.find_spec("swanlab") is not None:
+        pytest.skip("swanlab is installed")
+    cfg = load_config(RECIPES / "tiny_cpu.yaml", ["report_to=[tensorboard,swanlab]", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"^report_to: 'swanlab' needs the swanlab package: pip install 'swanlab'$"):
+        check_reporting(cfg)
+    from rvla_peft.trainer import RobustPPOTrainer
+
+    with pytest.raises(ConfigError, match="swanlab"):
+        RobustPPOTrainer(cfg)
+    assert not (tmp_path / "run").exists()
+    check_reporting(load_config(RECIPES / "tiny_cpu.yaml", ["report_to=[tensorboard,wandb]", "video_every=5"]))
 
 
 def test_exact_invariance_needs_a_token_policy():

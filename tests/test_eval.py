@@ -418,3 +418,76 @@ def test_training_seeds_of_an_arm_get_a_two_level_bootstrap_interval_and_paired_
     assert "| rl | mean perturbed | 37.5, 37.5, 37.5 | 37.5 [" in text
     assert f"| {100 * mean['gap_cut']:.1f} [{100 * mean['gap_cut_ci95'][0]:.1f}, " in text
     assert "[3] two-level percentile bootstrap over training seeds and evaluation episodes (2000 resamples" in text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rollout videos
+
+
+def test_side_by_side_frames_hold_each_panel_upscaled_and_mark_the_outcome():
+    """Two policies on one episode of 32x32 frames: panels upscaled 4x (to 128 px) side by side under the setting's
+    band; the shorter episode holds its last frame with a green (success) border, the other turns red at its end."""
+    from rvla_peft.utils.video import BAND, FAILURE, HOLD, SUCCESS, EpisodeFrames, frame_size, side_by_side
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (3, 32, 32, 3), generator=gen, dtype=torch.uint8).numpy()
+    b = torch.randint(0, 256, (5, 32, 32, 3), generator=gen, dtype=torch.uint8).numpy()
+    clip = side_by_side([EpisodeFrames("a", a, True), EpisodeFrames("b", b, False)], "clean | episode 0")
+    assert frame_size(32, 32, 2) == (BAND + 128 + BAND, 256)
+    assert len(clip) == 5 + HOLD and all(f.shape == (160, 256, 3) and f.dtype.name == "uint8" for f in clip)
+    assert HOLD > 0 and all((f == clip[4]).all() for f in clip[5:])  # the outcomes held before the next episode
+    for t in range(5):  # interior pixels (away from the border) are the frames, each pixel a 4x4 block
+        assert (clip[t][BAND + 8 : BAND + 120 : 4, 8:120:4] == a[min(t, 2), 2:30, 2:30]).all()
+        assert (clip[t][BAND + 9 : BAND + 121 : 4, 136:248:4] == b[t, 2:30, 2:30]).all()
+    assert tuple(clip[1][BAND, 0]) != SUCCESS and tuple(clip[2][BAND, 0]) == SUCCESS == tuple(clip[4][BAND, 0])
+    assert tuple(clip[3][BAND, 128]) != FAILURE and tuple(clip[4][BAND, 128]) == FAILURE
+
+
+@pytest.mark.parametrize("schedule", ["batch", "stream"])
+def test_recorded_episodes_are_the_grids_episodes(env_cfg, tiny_policy, schedule):
+    """The second pass that records frames replays the grid's first episodes exactly (same reset seeds, perturbation
+    draws and outcomes), over more than one batch of envs; its frames are what each policy saw."""
+    from rvla_peft.evaluation import record_grid, replay_mismatches
+
+    settings = suite_grid(None, ["color_jitter@0.5", "action_noise@1"])
+    seer = ConstantPolicy(0.3)
+    policies = {"tiny": tiny_policy, "constant": seer}
+    with make_envs(env_cfg) as env:  # 2 envs: the 3 recorded episodes span two batches
+        results = evaluate_grid(policies, env, settings, 4, seed=7, max_steps=5, schedule=schedule)
+        seer.seen.clear()
+        recorded = record_grid(policies, env, settings, 3, seed=7, max_steps=5, schedule=schedule)
+    assert replay_mismatches(results, recorded) == []
+    grid = {(r.policy, r.setting): r for r in results}
+    assert [(r.policy, r.setting) for r in recorded] == list(grid)
+    for r in recorded:
+        assert r.returns == grid[r.policy, r.setting].returns[:3] and len(r.frames) == 3
+        assert all(f.shape == (6, 32, 32, 3) for f in r.frames)  # the reset frame, 4 after steps, the last one
+    assert len({r.returns[0] for r in recorded if r.policy == "constant"}) > 1  # the settings differ
+    jitter = next(r for r in recorded if r.policy == "constant" and r.setting == "color_jitter@0.5")
+    first_seen = seer.seen[len(seer.seen) // 3].numpy()  # the jittered cell's first act: episodes 0 and 1
+    assert (jitter.frames[0][0] == first_seen[0]).all() and (jitter.frames[1][0] == first_seen[1]).all()
+
+
+def test_cli_writes_side_by_side_videos_and_links_them(tmp_path, capsys, tiny_policy):
+    import imageio.v3 as iio
+
+    from rvla_peft.utils.video import HOLD, frame_size
+
+    adapter = tmp_path / "robust" / "adapter"
+    tiny_policy.save_pretrained(adapter, base_model_id="builtin:tiny-llava")
+    args = _cli(tmp_path, "--suite", "none", "--perturb", "color_jitter@0.5", "--adapter", str(adapter))
+    assert rvla_eval.main([*args, "--video", "3"]) == 2
+    assert "--video must be between 0 and --episodes (2)" in capsys.readouterr().err
+    assert rvla_eval.main([*args, "--video", "1"]) == 0
+    out = tmp_path / "report"
+    report = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+    height, width = frame_size(32, 32, 2)  # two policies side by side
+    for setting, stem in [("clean", "clean"), ("color_jitter@0.5", "color_jitter_0.5")]:
+        entry = next(v for v in report["videos"] if v["setting"] == setting)
+        assert entry["mp4"] == f"videos/{stem}.mp4" and entry["gif"] == f"videos/{stem}.gif"
+        assert entry["seeds"] == [0] and set(entry["successes"]) == {"base", "robust"}
+        mp4, gif = iio.imread(out / entry["mp4"], plugin="FFMPEG"), iio.imread(out / entry["gif"])
+        assert mp4.shape == (5 + HOLD, height, width, 3)  # episodes of 4 steps: 5 observations, the last held
+        assert gif.shape[1:3] == (height, width) and 3 <= gif.shape[0] <= (5 + HOLD + 1) // 2 + 1
+        assert f"![{setting}]({entry['gif']})" in md and f"([MP4]({entry['mp4']}))" in md

@@ -278,6 +278,37 @@ def test_card_parses_validates_and_holds_the_report_numbers(run, hub):
     assert validate_card_metadata("---\nbase_model: builtin:tiny-llava\n---\n"), "the server validator must bite"
 
 
+def test_push_carries_the_rollout_gifs_and_the_card_shows_them(run, hub, tmp_path):
+    """A report with rollout clips (eval --video K): the push uploads the GIFs (not the MP4s) and the card embeds
+    each one, under its setting."""
+    import numpy as np
+    from huggingface_hub import ModelCard
+
+    from rvla_peft.utils.video import EpisodeFrames, side_by_side, write_gif, write_mp4
+
+    out = copy_run(run, tmp_path)
+    report_dir = out / "report"
+    report = json.loads((report_dir / "report.json").read_text())
+    report["videos"] = []
+    for setting, stem in [("clean", "clean"), ("rotation@0.5", "rotation_0.5")]:
+        frames = np.full((3, 16, 16, 3), 100, dtype=np.uint8)
+        clip = side_by_side([EpisodeFrames("base", frames, False), EpisodeFrames("robust", frames, True)], setting)
+        write_gif(clip, report_dir / "videos" / f"{stem}.gif")
+        write_mp4(clip, report_dir / "videos" / f"{stem}.mp4")
+        report["videos"].append({"setting": setting, "mp4": f"videos/{stem}.mp4", "gif": f"videos/{stem}.gif",
+                                 "seeds": [0], "successes": {"base": [0], "robust": [1]}})  # fmt: skip
+    (report_dir / "report.json").write_text(json.dumps(report))
+
+    rhub.push_adapter(out, "alice/robust-clips")
+    files = hub.files("alice/robust-clips")
+    assert set(files) == PUSHED | {"videos/clean.gif", "videos/rotation_0.5.gif"}  # no MP4
+    assert files["videos/clean.gif"] == (report_dir / "videos" / "clean.gif").read_bytes()
+    text = ModelCard.load("alice/robust-clips").text
+    assert "Rollouts: the first 1 episode of each setting, `robust` and the other evaluated policies" in text
+    assert "**clean**\n\n![robust on clean](videos/clean.gif)" in text
+    assert "**rotation@0.5**\n\n![robust on rotation@0.5](videos/rotation_0.5.gif)" in text
+
+
 def test_checkpoint_and_final_push_hooks(run, hub, tmp_path, caplog):
     """What RobustPPOTrainer.push_to_hub runs (hub.push_checkpoints / hub.push_to_hub), without a training run."""
     from rvla_peft.trainer import RobustPPOTrainer

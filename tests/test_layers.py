@@ -53,6 +53,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "rvla_peft.metrics",
             "rvla_peft.checkpointing",
             "rvla_peft.callbacks",
+            "rvla_peft.tracking",
             "rvla_peft.trainer",
             "rvla_peft.demos",
             "rvla_peft.pretrain",

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import torch
-from helpers import fixed_obs
+from helpers import fixed_obs, read_wandb_history
 from peft import PeftModel
 
 from rvla_peft.policies.registry import build_policy, load_base
@@ -125,3 +125,79 @@ def test_gradient_accumulation_matches_one_big_step(tiny_cfg):
     assert moved > 0
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_wandb_offline_logs_the_keys_of_metrics_jsonl_and_tensorboard_and_rollout_clips(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    """report_to=[tensorboard, wandb] (offline): both trackers get exactly the metric names of metrics.jsonl, and
+    video_every=1 writes each update's rollout clip, logged to wandb as a video and to TensorBoard as an image."""
+    import imageio.v3 as iio
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rvla_peft.utils.video import frame_size
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tiny_cfg.total_updates = 2
+    tiny_cfg.report_to = ["tensorboard", "wandb"]
+    tiny_cfg.video_every = 1
+    trainer = RobustPPOTrainer(tiny_cfg)
+    trainer.train()
+    import wandb
+
+    wandb.teardown()  # the run finished; its service process may still hold the run file's last writes
+    out = Path(tiny_cfg.output_dir)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = {k for row in rows for k in row} - {"update"}
+    assert "loss/total" in logged and "rollout/step_reward" in logged
+
+    (run_file,) = (tmp_path / "wandb_dir" / "wandb").glob("offline-run-*/run-*.wandb")
+    history = read_wandb_history(run_file)
+    assert [row["_step"] for row in history] == [1, 2]
+    for row, jsonl in zip(history, rows, strict=True):  # per update, the same keys and values
+        assert row["rollout/video"]["_type"] == "video-file" and row["rollout/video"]["path"].endswith(".gif")
+        assert {k for k in row if not k.startswith("_")} - {"rollout/video"} == set(jsonl) - {"update"}
+        assert all(row[k] == v for k, v in jsonl.items() if k != "update")
+    assert {k for row in history for k in row if not k.startswith("_")} - {"rollout/video"} == logged
+
+    events = EventAccumulator(str(out / "rvla_peft"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == logged
+    assert events.Tags()["images"] == ["rollout/video"]
+
+    panels = 2 if trainer.train_env.keep_clean else 1  # the clean frames beside the seen ones where kept
+    for update in (1, 2):
+        clip = iio.imread(out / "videos" / f"update-{update:06d}.gif")
+        image = tiny_cfg.env.image_size
+        assert clip.shape == (tiny_cfg.ppo.num_steps + 1, *frame_size(image, image, panels), 3)
+
+
+def test_rollout_clips_show_env_0_of_a_ppo_rollout_and_the_first_episode_of_a_group_rollout():
+    """The training clip reuses the rollout's frames: env 0's T+1 frames of a PPO rollout (the clean ones beside
+    them where kept), the first kept episode of a group rollout; no outcome is drawn on a stretch of frames."""
+    from rvla_peft.rollout import GroupRollout, Rollout
+    from rvla_peft.tracking import rollout_clip
+    from rvla_peft.utils.video import BAND, frame_size
+
+    gen = torch.Generator().manual_seed(0)
+    rgb = torch.randint(0, 256, (5, 2, 64, 64, 3), generator=gen, dtype=torch.uint8)  # T=4 steps, 2 envs
+    zeros = torch.zeros(4, 2)
+    actions = zeros[..., None]
+    ppo = Rollout(rgb, actions, zeros, zeros, zeros, zeros.bool(), actions, torch.zeros(2), ["a", "b"],
+                  rgb_clean=rgb[:4].flip(-1))  # fmt: skip
+    clip = rollout_clip(ppo, update=3)
+    assert len(clip) == 5 and clip[0].shape == (*frame_size(64, 64, 2), 3)
+    for t in range(5):  # seen frames in the right panel (2x upscaled), clean ones on the left (the last one held)
+        assert (clip[t][BAND + 16 : BAND + 112 : 2, 128 + 16 : 128 + 112 : 2] == rgb[t, 0, 8:56, 8:56].numpy()).all()
+        assert (clip[t][BAND + 16 : BAND + 112 : 2, 16:112:2] == rgb[min(t, 3), 0, 8:56, 8:56].flip(-1).numpy()).all()
+    ppo.rgb_clean = None
+    assert rollout_clip(ppo, update=3)[0].shape == (*frame_size(64, 64, 1), 3)
+
+    flat = rgb.reshape(10, 64, 64, 3)
+    episode = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    groups = GroupRollout(flat, torch.zeros(10, 1), torch.zeros(10), torch.zeros(10, 1), torch.zeros(10).long(),
+                          episode, torch.zeros(1, 3), torch.zeros(1).long(), ["a"], {})  # fmt: skip
+    clip = rollout_clip(groups, update=1)
+    assert len(clip) == 3 and (clip[2][BAND + 16 : BAND + 112 : 2, 16:112:2] == flat[2, 8:56, 8:56].numpy()).all()

@@ -2,7 +2,8 @@
 
 Evaluates the base and each adapter on the same grid of perturbation settings with common random numbers
 (:mod:`rvla_peft.evaluation`) and writes ``report.json``, ``report.md`` and ``robustness.png`` into ``--out``
-(:mod:`rvla_peft.report`).
+(:mod:`rvla_peft.report`); with ``--video K``, side-by-side clips of each setting's first K episodes in
+``--out/videos/``.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from rvla_peft.adapters import HubError, adapter_recipe, check_base_match, resol
 from rvla_peft.config import ConfigError, load_config
 from rvla_peft.envs import make_envs
 from rvla_peft.envs.maniskill import EnvWorkerError
-from rvla_peft.evaluation import build_report, evaluate_grid
+from rvla_peft.evaluation import build_report, evaluate_grid, record_grid, replay_mismatches, write_videos
 from rvla_peft.perturbations import Setting, suite_grid
 from rvla_peft.policies.registry import base_model_id, build_policy, load_policy
 from rvla_peft.report import render_markdown, write_report
 from rvla_peft.rollout import SCHEDULES, ScheduleError
 from rvla_peft.utils.commands import portable_command
-from rvla_peft.utils.constants import RECIPE_FILE, REPORT_JSON, REPORT_MD, REPORT_PNG
+from rvla_peft.utils.constants import RECIPE_FILE, REPORT_JSON, REPORT_MD, REPORT_PNG, VIDEOS_DIR
+from rvla_peft.utils.video import check_installed as check_video_writers
 
 # ------------------------------------------------------------------------------------------------------------------
 # the command line
@@ -64,6 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="batch: the envs play their episodes in lockstep batches (the draws depend on --num-envs); stream: "
         "each env starts the next episode as soon as it finishes one (no idle envs; the draws follow each "
         "episode's seed, so reports pair at any --num-envs; CPU envs and one action per step)",
+    )
+    parser.add_argument(
+        "--video",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also record the first K episodes of every setting, the policies side by side on the same episode: an "
+        "MP4 and a GIF per setting under OUT/videos/, linked from report.md (played again after the grid, so the "
+        "grid runs as fast as without; needs the video extra)",
     )
     parser.add_argument("--sample", action="store_true", help="sample actions instead of taking the most likely")
     parser.add_argument("--out", default="report", help="output folder for report.json, report.md, robustness.png")
@@ -106,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--no-base with no --adapter leaves nothing to evaluate")
         if args.episodes < 1:
             raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
+        if not 0 <= args.video <= args.episodes:
+            raise ValueError(f"--video must be between 0 and --episodes ({args.episodes}), got {args.video}")
+        if args.video:
+            check_video_writers()
         if (out / REPORT_JSON).exists() and not args.overwrite:
             raise ValueError(f"{out / REPORT_JSON} exists; choose another --out or pass --overwrite")
         # Hub ids are downloaded here (only the adapter's files), so that a wrong id fails before any model loads.
@@ -134,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = portable_command("python -m rvla_peft.eval", sys.argv[1:] if argv is None else argv)
     try:
-        report = run(cfg, env, named, local, settings, args, command)
+        report = run(cfg, env, named, local, settings, args, command, out)
     except EnvWorkerError as e:  # a dead env worker (env.restart_dead_workers=false): one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -149,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(cfg, env, named: list[tuple[str, str]], local: list[Path], settings: list[Setting], args, command: str):
-    """Load the policies (base first) and evaluate the grid; returns the report dict."""
+def run(
+    cfg, env, named: list[tuple[str, str]], local: list[Path], settings: list[Setting], args, command: str, out: Path
+):
+    """Load the policies (base first) and evaluate the grid (with ``--video K``, then record the first K episodes
+    of each setting into ``out``); returns the report dict."""
     policies, described = {}, []
     if not args.no_base:
         policies["base"] = build_policy(cfg, device=env.device)
@@ -183,6 +201,14 @@ def run(cfg, env, named: list[tuple[str, str]], local: list[Path], settings: lis
                 bar.update,
                 schedule=args.schedule,
             )
+        videos = None
+        if args.video:
+            recorded = record_grid(
+                policies, env, settings, args.video, args.seed, cfg.env.max_episode_steps, deterministic, args.schedule
+            )
+            for cell in replay_mismatches(results, recorded):  # the same episodes, so never expected
+                print(f"warning: the recorded episodes of {cell} ended unlike in the grid", file=sys.stderr)
+            videos = write_videos(recorded, out, VIDEOS_DIR, args.seed)
     return build_report(
         results,
         settings,
@@ -194,6 +220,7 @@ def run(cfg, env, named: list[tuple[str, str]], local: list[Path], settings: lis
         deterministic=deterministic,
         command=command,
         schedule=args.schedule,
+        videos=videos,
     )
 
 

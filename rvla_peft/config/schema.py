@@ -25,6 +25,9 @@ from rvla_peft.policies.action_tokens.configuration import ActionTokenPolicyConf
 from rvla_peft.policies.families import POLICY_VARIANTS, drop_keys_of_the_replaced_family, family_config
 from rvla_peft.utils.constants import HUB_REPO_ID_PATTERN
 
+# report_to: the trackers of Accelerate's tracker layer that robot-learning runs use (rvla_peft.tracking)
+TRACKERS = ("tensorboard", "wandb", "swanlab")
+
 
 @dataclass
 class ModelConfig:
@@ -546,7 +549,22 @@ class TrainConfig:
     eval_episodes: int = field(default=4, metadata={"help": "Episodes per evaluated setting (0: no eval)."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N updates (0: never)."})
     report_to: list[str] = field(
-        default_factory=lambda: ["tensorboard"], metadata={"help": "Trackers: 'tensorboard' or none ([])."}
+        default_factory=lambda: ["tensorboard"],
+        metadata={
+            "help": "Trackers, each through Accelerate with the metric names of metrics.jsonl: 'tensorboard' "
+            "(OUTPUT_DIR/rvla_peft/), 'wandb' (Weights & Biases, the track extra; OUTPUT_DIR/wandb/ unless WANDB_DIR "
+            "is set; WANDB_MODE=offline works without an account), 'swanlab' (pip install swanlab); [] for none. "
+            "tensorboard and wandb are tested here."
+        },
+    )
+    video_every: int = field(
+        default=0,
+        metadata={
+            "help": "Every N updates (0: off), a clip of the frames env 0 saw in that update's rollout (and the "
+            "clean frames beside them where the run keeps them) to OUTPUT_DIR/videos/update-N.gif, logged as "
+            "rollout/video: to wandb as a video of that GIF, to TensorBoard as a strip of 8 of its frames (its "
+            "add_video needs moviepy), to other trackers not at all. Needs the video extra."
+        },
     )
     model: ModelConfig = field(default_factory=ModelConfig)
     policy: PolicyConfig = field(
@@ -696,7 +714,9 @@ class TrainConfig:
         )
         check(not hub.push_checkpoints or self.save_every > 0, "hub.push_checkpoints", "needs save_every > 0")
         for tracker in self.report_to:
-            check(tracker in ("tensorboard",), "report_to", f"unknown tracker {tracker!r}; use ['tensorboard'] or []")
+            check(tracker in TRACKERS, "report_to", f"unknown tracker {tracker!r}; use a list of {TRACKERS} or []")
+        check(len(set(self.report_to)) == len(self.report_to), "report_to", "names a tracker twice")
+        check(self.video_every >= 0, "video_every", "must be >= 0 (0: off)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

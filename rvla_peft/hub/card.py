@@ -1,5 +1,6 @@
 """What a push uploads, staged in a local folder: the adapter with its base named by a Hub id, the value head, the
-recipe, the report, the training curve and the model card (rendered by :mod:`rvla_peft.cards`)."""
+recipe, the report (with its rollout GIFs), the training curve and the model card (rendered by
+:mod:`rvla_peft.cards`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from rvla_peft.adapters import HubError, is_local_path
-from rvla_peft.cards import adapter_card
+from rvla_peft.cards import adapter_card, report_gifs
 from rvla_peft.config import ModelConfig
 from rvla_peft.hub.run_files import RunFiles
 from rvla_peft.utils.constants import (
@@ -119,6 +120,9 @@ def stage(
         for name in (REPORT_JSON, REPORT_MD, REPORT_PNG):
             if (run.report_dir / name).is_file():
                 shutil.copyfile(run.report_dir / name, staging / name)
+        for gif in report_gifs(run.report(), run.report_dir):  # the rollout clips the card shows (not the MP4s)
+            (staging / gif).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run.report_dir / gif, staging / gif)
     has_curve = plot_training_curve(run.metric_rows(), staging / CURVE_PNG, f"{repo_id}: {cfg.env.task}")
     card = adapter_card(
         run,

@@ -26,6 +26,7 @@ POLICY_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, VALUE_HEAD_FILE, ACTION_HEADS_F
 # A robustness report (python -m rvla_peft.eval --out DIR); push looks for OUTPUT_DIR/report by default
 REPORT_DIR = "report"
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "robustness.png"
+VIDEOS_DIR = "videos"  # REPORT_DIR/videos/SETTING.mp4 and .gif (python -m rvla_peft.eval --video K)
 
 # A model card and what it shows
 CARD_FILE = "README.md"
