@@ -95,6 +95,33 @@ def bounds_tensor(values: list[float] | None) -> Tensor | None:
     return None if values is None else torch.tensor(values, dtype=torch.float32)
 
 
+def gripper_to_env(action: Tensor, convention: str | None) -> Tensor:
+    """Actions [..., A] whose last dim is the gripper in ``convention`` -> ManiSkill's (-1 closed, +1 open).
+
+    'zero_one' is OpenVLA's ``normalize_gripper_action`` (``experiments/robot/robot_utils.py``): ``2 * (x - 0) /
+    (1 - 0) - 1``, and 'zero_one_binary' its ``binarize=True`` (``np.sign`` of that). OpenVLA's
+    ``invert_gripper_action`` is not applied: it is for simulators where -1 opens (LIBERO); ManiSkill's -1 closes.
+    'signed' and None (unresolved: as is) leave the action unchanged."""
+    if convention in (None, "signed"):
+        return action
+    gripper = 2 * action[..., -1:] - 1
+    if convention == "zero_one_binary":
+        gripper = torch.sign(gripper)
+    elif convention != "zero_one":
+        raise ValueError(f"unknown gripper convention {convention!r}: use 'signed', 'zero_one' or 'zero_one_binary'")
+    return torch.cat([action[..., :-1], gripper], dim=-1)
+
+
+def gripper_from_env(action: Tensor, convention: str | None) -> Tensor:
+    """ManiSkill's gripper command (-1 closed, +1 open) -> the policy's ``convention``: the inverse of
+    :func:`gripper_to_env` on {-1, +1} (demonstrations recorded in ManiSkill, tokenised for an OpenVLA base)."""
+    if convention in (None, "signed"):
+        return action
+    if convention not in ("zero_one", "zero_one_binary"):
+        raise ValueError(f"unknown gripper convention {convention!r}: use 'signed', 'zero_one' or 'zero_one_binary'")
+    return torch.cat([action[..., :-1], (action[..., -1:] + 1) / 2], dim=-1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # OpenVLA checkpoints (families openvla and openvla_oft)
 

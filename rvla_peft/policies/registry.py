@@ -13,6 +13,7 @@ import torch
 
 from rvla_peft.adapters import HubError, adapter_recipe, check_base_match, resolve_adapter, with_base
 from rvla_peft.config import ConfigError, ModelConfig, load_config
+from rvla_peft.config.policy import gripper_convention
 from rvla_peft.models.tiny import resolve_builtin
 from rvla_peft.policies.base import Policy
 from rvla_peft.policies.families import LORA_DEFAULTS, POLICY_FAMILIES, family_config
@@ -174,6 +175,7 @@ def build_policy(cfg, adapter: str | Path | None = None, device: torch.device | 
     from safetensors.torch import load_file
 
     policy_cfg = family_config(cfg.policy)  # the family's class, also for a config whose family was changed
+    policy_cfg = dataclasses.replace(policy_cfg, gripper=gripper_convention(policy_cfg, cfg.model.name_or_path))
     model, processor = load_base(cfg.model)
     check_trained_policy_settings(cfg.model.name_or_path, policy_cfg)
     if adapter is None:

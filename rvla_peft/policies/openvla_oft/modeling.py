@@ -56,6 +56,7 @@ from rvla_peft.policies.base import ActionSample, MemoryHooks, Observation, Poli
 from rvla_peft.policies.common import (
     OPENVLA_EMPTY_WORD,
     bounds_tensor,
+    gripper_to_env,
     image_geometry,
     openvla_action_bounds,
     positions,
@@ -308,8 +309,10 @@ class OpenVLAOFTPolicy(Policy):
         return mean, log_scale
 
     def _env_action(self, block: Tensor) -> Tensor:
-        """Executed steps [B, k, A], clipped to [-1, 1] and un-normalised (q01 / q99 where set)."""
-        return unnormalize_actions(block.clamp(-1, 1), self.action_low, self.action_high)
+        """Executed steps [B, k, A], clipped to [-1, 1], un-normalised (q01 / q99 where set), the gripper in
+        ManiSkill's convention (policy.gripper)."""
+        env_action = unnormalize_actions(block.clamp(-1, 1), self.action_low, self.action_high)
+        return gripper_to_env(env_action, self.cfg.gripper)
 
     @torch.no_grad()
     def act(self, obs: Observation, deterministic: bool = False) -> ActionSample:

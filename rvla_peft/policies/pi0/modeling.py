@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rvla_peft.policies.base import ActionSample, MemoryHooks, Observation, Policy, PolicyOutput
-from rvla_peft.policies.common import blank_image, bounds_tensor, unnormalize_actions
+from rvla_peft.policies.common import blank_image, bounds_tensor, gripper_to_env, unnormalize_actions
 from rvla_peft.policies.distributions import gaussian_entropy, gaussian_log_prob
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,7 +177,8 @@ class Pi0Policy(Policy):
     def _env_action(self, block: Tensor) -> Tensor:
         """Executed block [B, k, A] clipped to [-1, 1] -> env action, un-normalised as the action-token family does
         (q01 / q99 to [-1, 1]) when ``policy.action_low/high`` are set, else as is."""
-        return unnormalize_actions(block.clamp(-1, 1), self.action_low, self.action_high)
+        env_action = unnormalize_actions(block.clamp(-1, 1), self.action_low, self.action_high)
+        return gripper_to_env(env_action, self.cfg.gripper)
 
     # ------------------------------------------------------------------------------------------------------------
     # forward passes
