@@ -336,9 +336,28 @@ def make_envs(cfg: EnvConfig, device: torch.device | str | None = None) -> VecEn
     use_gpu = simulates_on_gpu(cfg)
     render = cfg.render_backend if cfg.render_backend != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     out_device = torch.device(device) if device is not None else None
+    index = cuda_index(out_device) if use_gpu or render == "gpu" else None
+    if render == "gpu":
+        render = f"cuda:{index}"  # ManiSkill renders on GPU n only when told "cuda:n"; bare "gpu" is GPU 0
     if use_gpu:
-        return GpuVecEnv(cfg, instruction, render, out_device)
+        return GpuVecEnv(cfg, instruction, render, out_device, index)
     return CpuVecEnv(cfg, instruction, render, out_device or torch.device("cpu"))
+
+
+def cuda_index(device: torch.device | None) -> int:
+    """The GPU this process simulates and renders on: ``device``'s (the Accelerator's ``cuda:<local rank>``), else
+    the current CUDA device (which accelerate and torchrun set per rank). ManiSkill picks GPU n only from
+    ``"physx_cuda:n"`` / ``"cuda:n"`` (its ``envs/utils/system/backend.py``): without the index every rank of a
+    multi-GPU run would simulate on GPU 0."""
+    if device is not None and device.type == "cuda" and device.index is not None:
+        return device.index
+    return torch.cuda.current_device()
+
+
+def set_local_cuda_device() -> None:
+    """Make this rank's GPU (``LOCAL_RANK``, set by accelerate launch and torchrun; 0 alone) the current one, as the
+    Accelerator will: CUDA work before it (GPU PhysX's start at preflight) then lands on the rank's own GPU."""
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -348,11 +367,13 @@ def make_envs(cfg: EnvConfig, device: torch.device | str | None = None) -> VecEn
 class GpuVecEnv(VecEnv):
     """ManiSkill's GPU simulation of N sub-scenes; observations, rewards and flags never leave the GPU."""
 
-    def __init__(self, cfg: EnvConfig, instruction: str, render_backend: str, device: torch.device | None) -> None:
+    def __init__(
+        self, cfg: EnvConfig, instruction: str, render_backend: str, device: torch.device | None, index: int
+    ) -> None:
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
         enable_gpu_physics()
-        env = gym.make(cfg.task, **_make_kwargs(cfg, cfg.num_envs, "physx_cuda", render_backend))
+        env = gym.make(cfg.task, **_make_kwargs(cfg, cfg.num_envs, f"physx_cuda:{index}", render_backend))
         try:
             check_obs_keys(env.unwrapped.single_observation_space, cfg.camera, cfg.state_keys)
         except ValueError:

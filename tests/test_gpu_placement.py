@@ -1,0 +1,94 @@
+"""Where each rank simulates and renders: ManiSkill uses GPU n only when told ``physx_cuda:n`` / ``cuda:n``, so the
+envs get the rank's index; preflight starts GPU PhysX on the rank's own GPU. No GPU here: a fake ManiSkill entry
+point registered with gymnasium records what the env would have been built with, under simulated local ranks."""
+
+from pathlib import Path
+
+import gymnasium as gym
+import pytest
+import torch
+import yaml
+
+import rvla_peft.envs.maniskill as maniskill
+from rvla_peft import train
+from rvla_peft.config import EnvConfig, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TASK = "PickCube-v1"  # a real task id, so that the task and asset checks run as they do
+
+
+class Recorded(Exception):
+    """Raised by the fake env once it has recorded its kwargs: nothing past gym.make can run without a GPU."""
+
+
+class FakeManiSkillEnv:
+    made: list[dict] = []
+
+    def __init__(self, **kwargs):
+        FakeManiSkillEnv.made.append(kwargs)
+        raise Recorded
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """CUDA "available" with a current device that ``torch.cuda.set_device`` moves; the task's gymnasium entry
+    point replaced by the recorder (ManiSkill's own registry, which the task check reads, is left alone)."""
+    maniskill._import_mani_skill()
+    current = {"index": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["index"])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: current.update(index=torch.device("cuda", i).index))
+    monkeypatch.setattr(maniskill, "enable_gpu_physics", lambda: current.setdefault("physx_on", current["index"]))
+    spec = gym.spec(TASK)
+    fake = gym.envs.registration.EnvSpec(TASK, entry_point=FakeManiSkillEnv, kwargs=dict(spec.kwargs))
+    monkeypatch.setitem(gym.registry, TASK, fake)
+    FakeManiSkillEnv.made = []
+    return current
+
+
+def env_cfg(**overrides) -> EnvConfig:
+    return EnvConfig(task=TASK, num_envs=4, vectorization="sync", **overrides)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_gpu_envs_simulate_and_render_on_the_ranks_gpu(fake_gpu, rank):
+    # the Accelerator's device
+    with pytest.raises(Recorded):
+        maniskill.make_envs(env_cfg(sim_backend="physx_cuda", render_backend="gpu"), device=f"cuda:{rank}")
+    # no device given: the current one, which the launcher's LOCAL_RANK made the rank's
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("LOCAL_RANK", str(rank))
+        maniskill.set_local_cuda_device()
+        with pytest.raises(Recorded):
+            maniskill.make_envs(env_cfg(sim_backend="auto", render_backend="auto"))
+    for kwargs in FakeManiSkillEnv.made:
+        assert kwargs["sim_backend"] == f"physx_cuda:{rank}" and kwargs["render_backend"] == f"cuda:{rank}"
+        assert kwargs["num_envs"] == 4
+    assert len(FakeManiSkillEnv.made) == 2
+
+
+def test_cpu_simulation_renders_on_the_ranks_gpu_and_cpu_rendering_is_unchanged(fake_gpu):
+    with pytest.raises(Recorded):
+        maniskill.make_envs(env_cfg(sim_backend="physx_cpu", render_backend="gpu"), device="cuda:1")
+    with pytest.raises(Recorded):
+        maniskill.make_envs(env_cfg(sim_backend="physx_cpu", render_backend="cpu"), device="cuda:1")
+    (gpu_render, cpu_render) = FakeManiSkillEnv.made
+    assert gpu_render["sim_backend"] == "physx_cpu" and gpu_render["render_backend"] == "cuda:1"
+    assert cpu_render["sim_backend"] == "physx_cpu" and cpu_render["render_backend"] == "cpu"
+
+
+def test_preflight_starts_gpu_physics_on_the_ranks_gpu(fake_gpu, monkeypatch, tmp_path):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"env.task={TASK}", "env.sim_backend=physx_cuda"])
+    train.check_task(cfg)
+    assert fake_gpu["physx_on"] == 1  # GPU PhysX started after the rank's device was made current
+
+
+def test_multi_gpu_config_leaves_the_process_count_to_the_launch(tmp_path):
+    """No hard-coded 8: accelerate asks for --num_processes (one per GPU) instead of starting 8 on fewer GPUs."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = ROOT / "accelerate_configs" / "multi_gpu.yaml"
+    assert "num_processes" not in yaml.safe_load(path.read_text())
+    cluster = load_config_from_file(str(path))
+    assert cluster.num_processes == -1 and cluster.distributed_type == "MULTI_GPU" and cluster.gpu_ids == "all"
