@@ -56,8 +56,10 @@ from rvla_peft.policies.base import ActionSample, MemoryHooks, Observation, Poli
 from rvla_peft.policies.common import (
     OPENVLA_EMPTY_WORD,
     bounds_tensor,
+    center_crop,
     gripper_to_env,
     image_geometry,
+    normalize_images,
     openvla_action_bounds,
     positions,
     prompt_ids,
@@ -301,6 +303,15 @@ class OpenVLAOFTPolicy(Policy):
         ).last_hidden_state
         before_first_action = hidden.shape[1] - (n_actions + 1) - 1
         return hidden[:, before_first_action : before_first_action + n_actions], hidden[:, before_first_action]
+
+    def observation_inputs(self, obs: Observation) -> Tensor:
+        """OFT's evaluation crop (policy.center_crop_area of the image, resized back), then the shared normalisation.
+        Deterministic, so rollouts and updates see the same pixels."""
+        area = self.cfg.center_crop_area
+        if area is None:
+            return super().observation_inputs(obs)
+        rgb = center_crop(obs["rgb"].to(self.device), area, self.image_hw)
+        return normalize_images(rgb, self.image_hw, self.pixel_mean, self.pixel_std, self.rescale, self.model_dtype)
 
     def _heads(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Mean [B, chunk, A] and clamped log-scale [B, chunk, A] of the action distribution, in float32."""
