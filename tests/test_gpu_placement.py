@@ -92,3 +92,32 @@ def test_multi_gpu_config_leaves_the_process_count_to_the_launch(tmp_path):
     assert "num_processes" not in yaml.safe_load(path.read_text())
     cluster = load_config_from_file(str(path))
     assert cluster.num_processes == -1 and cluster.distributed_type == "MULTI_GPU" and cluster.gpu_ids == "all"
+
+
+class FakeBatchedEnv:
+    """Stands in for ManiSkill's GPU env behind ManiSkillVectorEnv: records each reset's arguments."""
+
+    def __init__(self):
+        self.resets = []
+
+    def reset(self, seed=None, options=None):
+        self.resets.append({"seed": seed, "options": options})
+        return {"n": len(seed)}, {}
+
+
+def gpu_env_without_a_gpu(num_envs: int) -> maniskill.GpuVecEnv:
+    """A GpuVecEnv over the fake batched env (its constructor needs a GPU): the reset logic is the real one."""
+    env = maniskill.GpuVecEnv.__new__(maniskill.GpuVecEnv)
+    maniskill.VecEnv.__init__(env, num_envs, torch.device("cpu"), 7, ["lift"] * num_envs)
+    env._env = FakeBatchedEnv()
+    env._obs = lambda raw: raw
+    return env
+
+
+def test_gpu_envs_never_rebuild_their_scenes():
+    """The trainer restarts with rebuild=True after every evaluation and checkpoint; on GPU that would reconfigure
+    (reallocate PhysX's GPU buffers) each time."""
+    env = gpu_env_without_a_gpu(3)
+    env.reset(seed=10, rebuild=True)
+    env.reset(seed=20)
+    assert env._env.resets == [{"seed": [10, 11, 12], "options": None}, {"seed": [20, 21, 22], "options": None}]

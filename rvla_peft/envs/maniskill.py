@@ -104,7 +104,10 @@ class VecEnv:
 
         ``rebuild``: also rebuild the scenes (ManiSkill's ``reconfigure``), dropping what the physics engine carries
         over from earlier episodes (its solver caches shift later states by float rounding): a run resumed from a
-        checkpoint then continues exactly as the uninterrupted run, which rebuilt at the same update."""
+        checkpoint then continues exactly as the uninterrupted run, which rebuilt at the same update. CPU envs
+        only: GPU envs keep the scenes they were built with, as each GPU reconfiguration reallocates PhysX's GPU
+        buffers (the pattern behind ManiSkill's GPU out-of-memory reports); a resumed GPU run differs from the
+        uninterrupted one at that float level."""
         self._returns.zero_()
         self._lengths.zero_()
         self._queue = []
@@ -394,7 +397,7 @@ class GpuVecEnv(VecEnv):
 
     def _reset(self, seed: int | None) -> Obs:
         seeds = None if seed is None else [seed + i for i in range(self.num_envs)]
-        raw, _ = self._env.reset(seed=seeds, options={"reconfigure": True} if self._rebuild else None)
+        raw, _ = self._env.reset(seed=seeds)  # never reconfigure (``rebuild`` is CPU only: VecEnv.reset)
         return self._obs(raw)
 
     def _step(
