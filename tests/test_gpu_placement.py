@@ -121,3 +121,35 @@ def test_gpu_envs_never_rebuild_their_scenes():
     env.reset(seed=10, rebuild=True)
     env.reset(seed=20)
     assert env._env.resets == [{"seed": [10, 11, 12], "options": None}, {"seed": [20, 21, 22], "options": None}]
+
+
+class ManiSkillLikeBatchedEnv(FakeBatchedEnv):
+    """ManiSkill 3's batched GPU reset, as ``sapien_env.reset`` does it: the whole batch's initial state drawn after
+    ``torch.manual_seed(seed[0])``, in two draws (a position, then an angle, as its tasks' ``_initialize_episode``)."""
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed, options)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed[0])
+            xy = torch.rand(len(seed), 2)
+            angle = torch.rand(len(seed))
+        return torch.cat([xy, angle[:, None]], dim=1), {}
+
+
+def test_gpu_initial_states_depend_on_the_batch_and_the_env_says_so():
+    """The documented rule (README, eval --seed): a GPU batch's env i starts from a state of (seed, i, num_envs),
+    not from seed + i's, so a GPU report pairs with another only at the same num_envs."""
+    assert maniskill.CpuVecEnv.initial_state_per_seed and not maniskill.GpuVecEnv.initial_state_per_seed
+    starts = {}
+    for n in (2, 4):
+        env = gpu_env_without_a_gpu(n)
+        env._env = ManiSkillLikeBatchedEnv()
+        starts[n] = env.reset(seed=100)
+        assert env._env.resets[0]["seed"] == list(range(100, 100 + n))
+        again = gpu_env_without_a_gpu(n)
+        again._env = ManiSkillLikeBatchedEnv()
+        assert torch.equal(again.reset(seed=100), starts[n])  # same seed and num_envs: the same starts
+    assert not torch.equal(starts[2], starts[4][:2])  # env 0 and 1 start elsewhere with 4 envs
+    single = gpu_env_without_a_gpu(1)
+    single._env = ManiSkillLikeBatchedEnv()
+    assert not torch.equal(single.reset(seed=101)[0], starts[2][1])  # env 1 is not seed 101's single env

@@ -99,8 +99,15 @@ class VecEnv:
         self._dropped: torch.Tensor | None = None  # set by a backend's _step when it dropped episodes
         self._queue: list[int] = []  # reset seeds of the episodes to start next (queue_episodes)
 
+    # Whether env i's initial state after ``reset(seed)`` is the one a single env reset with ``seed + i`` starts
+    # from, at any num_envs (CPU envs). GPU envs: ManiSkill draws the whole batch's initial states after
+    # ``torch.manual_seed`` of the first seed, so env i's start depends on ``seed``, ``i`` and ``num_envs``.
+    initial_state_per_seed: bool = True
+
     def reset(self, seed: int | None = None, rebuild: bool = False) -> Obs:
-        """Reset every env; env i gets ``seed + i``, so the same seed gives the same initial states.
+        """Reset every env; env i gets ``seed + i``, so the same seed gives the same initial states: on CPU envs
+        those of single envs reset with ``seed + i``; on GPU envs a batched draw seeded with ``seed``, the same
+        only at the same ``num_envs`` (``initial_state_per_seed``).
 
         ``rebuild``: also rebuild the scenes (ManiSkill's ``reconfigure``), dropping what the physics engine carries
         over from earlier episodes (its solver caches shift later states by float rounding): a run resumed from a
@@ -369,6 +376,8 @@ def set_local_cuda_device() -> None:
 
 class GpuVecEnv(VecEnv):
     """ManiSkill's GPU simulation of N sub-scenes; observations, rewards and flags never leave the GPU."""
+
+    initial_state_per_seed = False  # ManiSkill's batched reset: torch.manual_seed(seeds[0]), then one draw for all
 
     def __init__(
         self, cfg: EnvConfig, instruction: str, render_backend: str, device: torch.device | None, index: int
