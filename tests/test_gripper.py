@@ -102,3 +102,18 @@ def test_recipes_state_their_convention(recipe, expected):
 def test_an_unknown_convention_is_refused_with_the_choices():
     with pytest.raises(ConfigError, match=r"policy.gripper: 'zero-one' is not one of .*did you mean 'zero_one'"):
         load_config(None, ["policy.gripper=zero-one"])
+
+
+def test_the_resolved_convention_is_saved_with_the_recipe(tmp_path):
+    """A run's recipe.yaml keeps the convention its base had: an export or a copy of the base under another path
+    (not builtin:, so it would resolve otherwise) acts the same."""
+    from rvla_peft.config import dump_yaml
+
+    cfg = load_config(None, ["policy.family=openvla", "model.name_or_path=builtin:tiny-openvla"])
+    assert cfg.policy.gripper == "signed"
+    saved = tmp_path / "recipe.yaml"
+    saved.write_text(dump_yaml(cfg))
+    assert load_config(saved, ["model.name_or_path=/exports/merged"]).policy.gripper == "signed"
+    assert load_config(None, ["policy.family=openvla", "model.name_or_path=/exports/merged"]).policy.gripper == (
+        "zero_one_binary"
+    )

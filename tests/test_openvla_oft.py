@@ -203,8 +203,11 @@ def test_the_gripper_is_mapped_to_maniskills_convention_after_unnormalising(tmp_
     unnormalised = 0.5 * (block + 1) * (torch.tensor(high) - torch.tensor(low)) + torch.tensor(low)
     torch.testing.assert_close(sample.env_action[..., :6], unnormalised[..., :6])
     torch.testing.assert_close(sample.env_action[..., 6], 2 * unnormalised[..., 6] - 1)
-    cfg = oft_cfg(tmp_path, "policy.gripper=null")
-    assert cfg.policy.gripper is None and make_policy(tmp_path, "policy.gripper=null").cfg.gripper == "signed"
+    # null: the base's convention, resolved when the recipe loads (and so written into the run's recipe.yaml)
+    assert oft_cfg(tmp_path, "policy.gripper=null").policy.gripper == "signed"  # a builtin base
+    assert oft_cfg(tmp_path, "policy.gripper=null", "model.name_or_path=/ckpt/openvla-oft").policy.gripper == (
+        "zero_one_binary"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
