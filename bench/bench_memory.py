@@ -246,7 +246,7 @@ def full_7b(checkpoint_dir: Path, updates: int, extra: list[str]) -> None:
     print(f"random OpenVLA-7B at {directory} ({time.perf_counter() - start:.0f} s)")
     recipe = RECIPES / "openvla_qlora_maniskill.yaml"
     base = [f"model.name_or_path={directory}", "model.hub_id=openvla/openvla-7b", "ppo.num_steps=8"]
-    base += ["ppo.num_minibatches=4", *RUN_SETTINGS, *extra]  # 16 envs x 8 steps / 4 = 32: micro-batches of 2
+    base += ["ppo.num_minibatches=4", *RUN_SETTINGS, *extra]  # 16 envs x 8 steps / 4 = 32: micro-batches of 1
     for quantization, label in (("none", "7B bf16 LoRA"), ("4bit", "7B 4-bit QLoRA")):
         compare(label, str(recipe), [*base, f"model.quantization={quantization}"], updates)
 

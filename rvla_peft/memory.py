@@ -29,11 +29,14 @@ How, piece by piece (every formula is a small pure function below, checked by ``
   (no ``s^2`` term) outside the Jacobian pass. It is applied to the language model over image + prompt + action
   tokens and to each vision tower over its own patch tokens, plus one layer's worth for the backward's working set
   and autocast's 16-bit copies of fp32 weights. It matches autograd's saved tensors of a Llama layer and of
-  OpenVLA's ViT block within 3% (``saved_tensors_hooks``, in the tests), and the live tensors of a real update of
-  ``builtin:tiny-llava`` within ~5% (``bench/bench_memory.py``).
+  OpenVLA's ViT block within 3% (``saved_tensors_hooks``, in the tests). Against the live tensors of a real update of
+  ``builtin:tiny-llava`` (``bench/bench_memory.py``, CPU, ``tiny_cpu.yaml``): 157 MiB estimated, 136 measured without
+  the Jacobian penalty; 340 against 313 with it (``jacobian.fraction`` 0.25), 523 against 506 at 0.5.
 - **Jacobian pass**: ``ceil(regularizers.jacobian.fraction * micro-batch)`` samples again, with the MATH attention
   kernel (fp32 scores, the only one with a double backward), times :data:`JACOBIAN_GRAPH_FACTOR` = 2.7: the
-  forward plus the graph ``autograd.grad(create_graph=True)`` keeps for the final backward (measured 2.5-2.8x).
+  forward plus the graph ``autograd.grad(create_graph=True)`` keeps for the final backward (measured 2.5-2.8x), and
+  :data:`JACOBIAN_SCORE_TENSORS` = 8 fp32 attention-score tensors per layer instead of 2.7 (the double backward's
+  transients through the softmax: the term the live tensors of a real update showed missing).
 - **Rollout phase** (``collect``, no grad, every env at once): KV cache + hidden states of the prompt forward,
   instead of the update's activations when larger; plus the rollout buffer of images kept on the device.
 
@@ -86,6 +89,12 @@ ADAM_BYTES = 2 * FP32
 # saved tensors of the Jacobian pass (forward + the graph of the create_graph=True backward) over its forward's:
 # 2.45-2.74 on tiny-llava / tiny-openvla, 2.62-2.79 on two Llama layers (saved_tensors_hooks, fp32 and bf16)
 JACOBIAN_GRAPH_FACTOR = 2.7
+# fp32 attention-score tensors [heads, s, keys] per layer and sample alive at the Jacobian pass's peak with the MATH
+# kernel: the probabilities, their gradients and the products of the double backward through the softmax, most of them
+# transient (not saved for backward, so outside the graph factor, which counts them 2.7 times). Live tensors of a real
+# update of builtin:tiny-llava: 7.94 per Jacobian sample at jacobian.fraction 0.25 and 0.5 alike (bench/bench_memory.py
+# measured 312.6 MiB at its peak against the 271.7 estimated without this term).
+JACOBIAN_SCORE_TENSORS = 8
 # what nvidia-smi shows beyond torch.cuda.max_memory_allocated: CUDA context, cuBLAS workspaces (typical, torch 2.x)
 CUDA_CONTEXT_GIB = 0.5
 # prompt length when no tokenizer is on disk: SentencePiece (Llama, Gemma) reads ~4 characters of English per token
@@ -223,6 +232,11 @@ def stack_activation_bytes(stack: Stack, p: Precision, attention: str = "fused",
     return total
 
 
+def attention_score_bytes(stack: Stack) -> float:
+    """Per sample: one fp32 attention-score tensor [heads, tokens, keys] in every layer of every kept pass."""
+    return stack.passes * stack.layers * stack.heads * stack.tokens * (stack.kv_tokens or stack.tokens) * FP32
+
+
 def kv_cache_bytes(stack: Stack, p: Precision) -> float:
     """Per sample: keys and values of every layer over the stack's tokens (the rollout's cached prompt)."""
     return 2 * stack.layers * stack.kv_heads * stack.head_dim * stack.tokens * p.act
@@ -336,6 +350,9 @@ def estimate_training_memory(cfg: TrainConfig, prompt_tokens: int | None = None)
     jac_attention = "eager" if cfg.model.attn_implementation == "eager" else "math"
     jac_per_sample = sum(stack_activation_bytes(s, p, jac_attention, lora_cfg.r) for s in stacks)
     jacobian = jac_samples * JACOBIAN_GRAPH_FACTOR * jac_per_sample
+    if jac_attention == "math":  # the score tensors the graph factor undercounts
+        scores = sum(attention_score_bytes(s) for s in stacks)
+        jacobian += jac_samples * (JACOBIAN_SCORE_TENSORS - JACOBIAN_GRAPH_FACTOR) * scores
     if jac_samples:  # its forward casts the frozen fp32 weights again (autocast caches only trainable leaves)
         jacobian += autocast_copy_bytes(cfg, 0, base["linear_params"])
     rollout = cfg.env.num_envs * max(inference_bytes(s, p) for s in stacks)

@@ -51,6 +51,7 @@ from rvla_peft.envs.maniskill import INSTRUCTIONS
 from rvla_peft.models.tiny import CHARS, build_tiny_llava, fast_tokenizer, resolve_builtin
 from rvla_peft.policies.action_tokens.configuration import ActionTokenPolicyConfig
 from rvla_peft.policies.action_tokens.modeling import ActionTokenPolicy
+from rvla_peft.policies.common import gripper_from_env
 from rvla_peft.rollout import run_episodes
 from rvla_peft.utils.commands import portable_command_line, portable_path
 from rvla_peft.utils.constants import CARD_FILE, POLICY_SETTINGS_FILE, PRETRAIN_RECORD_FILE
@@ -141,7 +142,8 @@ def normalize_actions(action: Tensor, low: list[float] | None, high: list[float]
 def action_slots(action_tokenizer, action: Tensor) -> Tensor:
     """Expert env actions [..., A] -> the policy's action slots [..., A] (token id = first_id + slot)."""
     low, high = action_tokenizer.low.tolist(), action_tokenizer.high.tolist()
-    return action_tokenizer.encode(normalize_actions(action.float(), low, high))
+    action = gripper_from_env(action.float(), action_tokenizer.gripper)
+    return action_tokenizer.encode(normalize_actions(action, low, high))
 
 
 def build_dataset(dirs: list[str | Path], action_tokenizer) -> BCData:

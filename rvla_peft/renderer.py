@@ -29,6 +29,9 @@ BACKPORT_PACKAGES = ("mesa-vulkan-drivers", "libdrm2", "libdrm-amdgpu1")
 MAIN_SUITE_PACKAGES = ("libvulkan1", "mesa-vulkan-drivers")
 
 _configured = False
+# Where the NVIDIA driver (and the NVIDIA container toolkit) puts its Vulkan ICD, and its CUDA device nodes.
+NVIDIA_ICD_FILES = ("/usr/share/vulkan/icd.d/nvidia_icd.json", "/etc/vulkan/icd.d/nvidia_icd.json")
+CUDA_DEVICE_NODES = "/dev/nvidia[0-9]*"
 
 
 def _lib_dirs(prefix: Path) -> list[str]:
@@ -36,7 +39,9 @@ def _lib_dirs(prefix: Path) -> list[str]:
 
 
 def ensure_vulkan() -> str | None:
-    """Point Vulkan at the private lavapipe if it is installed and the user chose no ICD themselves.
+    """Point Vulkan at the private lavapipe if it is installed, the user chose no ICD themselves, and the machine
+    has no GPU to render with (a CUDA device and the NVIDIA Vulkan driver): an image with lavapipe installed that
+    runs on a GPU machine renders on the GPU.
 
     Returns the ICD file in use, or None when the system's own devices are left to the loader. Called
     before SAPIEN is imported; cheap and idempotent.
@@ -44,7 +49,7 @@ def ensure_vulkan() -> str | None:
     global _configured
     if os.environ.get("VK_ICD_FILENAMES") or os.environ.get("VK_DRIVER_FILES"):
         return os.environ.get("VK_ICD_FILENAMES") or os.environ.get("VK_DRIVER_FILES")
-    if not ICD_FILE.exists():
+    if not ICD_FILE.exists() or (_has_gpu_vulkan() and _has_cuda_device()):
         return None
     lib_dirs = _lib_dirs(PREFIX)
     # Children (vector-env workers) read LD_LIBRARY_PATH at start-up; this process already started, so
@@ -65,9 +70,14 @@ def ensure_vulkan() -> str | None:
 
 def _has_gpu_vulkan() -> bool:
     """A machine with an NVIDIA driver brings its own Vulkan ICD: nothing to install."""
-    return any(
-        Path(d).exists() for d in ("/usr/share/vulkan/icd.d/nvidia_icd.json", "/etc/vulkan/icd.d/nvidia_icd.json")
-    )
+    return any(Path(d).exists() for d in NVIDIA_ICD_FILES)
+
+
+def _has_cuda_device() -> bool:
+    """A visible CUDA device, from its device node (no CUDA initialisation: env workers fork after this)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return bool(glob.glob(CUDA_DEVICE_NODES))
 
 
 def _sudo() -> list[str]:

@@ -167,7 +167,8 @@ class RobustPPOTrainer:
             scale = self.curriculum.scale(self.update_index, self._last_success_rate)
             self.train_env.set_severity_scale(scale)
             self.policy.eval()
-            with self.policy.acting():  # the LoRA folded into the weights while collecting (policy.merge_lora_to_act)
+            # acting under the updates' autocast: the first minibatch's ratio is 1 under mixed precision too
+            with self.policy.acting(), acc.autocast():  # the LoRA folded in while collecting (merge_lora_to_act)
                 if cfg.uses_groups:
                     rollout = self.collect_groups()
                 else:

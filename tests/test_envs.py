@@ -195,6 +195,7 @@ def test_gpu_physics_offline_says_where_the_library_goes(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     check_task(cfg)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU that this test stands in for
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)  # preflight makes the rank's GPU current
     with pytest.raises(RuntimeError, match="could not load its PhysX GPU library"):
         check_task(cfg)
 

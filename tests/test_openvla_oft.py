@@ -185,6 +185,25 @@ def test_env_actions_are_unnormalised_with_q01_q99(tmp_path):
     torch.testing.assert_close(sample.env_action, expected)
 
 
+def test_the_gripper_is_mapped_to_maniskills_convention_after_unnormalising(tmp_path):
+    """policy.gripper=zero_one (OFT checkpoints: 0 = close, 1 = open): the executed gripper is 2x - 1 of the
+    un-normalised value, the arm as before; a published checkpoint gets OpenVLA's binarised map by default."""
+    low, high = [-0.1] * 6 + [0.0], [0.1] * 6 + [1.0]
+    bounds = (f"policy.action_low={low}", f"policy.action_high={high}")
+    policy = make_policy(tmp_path, *bounds, "policy.gripper=zero_one")
+    assert policy.cfg.gripper == "zero_one"
+    sample = policy.act(fixed_obs(2))
+    block = sample.action[:, :EXECUTED].clamp(-1, 1)
+    unnormalised = 0.5 * (block + 1) * (torch.tensor(high) - torch.tensor(low)) + torch.tensor(low)
+    torch.testing.assert_close(sample.env_action[..., :6], unnormalised[..., :6])
+    torch.testing.assert_close(sample.env_action[..., 6], 2 * unnormalised[..., 6] - 1)
+    # null: the base's convention, resolved when the recipe loads (and so written into the run's recipe.yaml)
+    assert oft_cfg(tmp_path, "policy.gripper=null").policy.gripper == "signed"  # a builtin base
+    assert oft_cfg(tmp_path, "policy.gripper=null", "model.name_or_path=/ckpt/openvla-oft").policy.gripper == (
+        "zero_one_binary"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # training
 

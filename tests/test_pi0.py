@@ -16,7 +16,7 @@ from rvla_peft.algorithms.ppo import policy_loss, value_loss
 from rvla_peft.config import load_config
 from rvla_peft.envs.maniskill import Step
 from rvla_peft.policies.distributions import gaussian_entropy, gaussian_log_prob
-from rvla_peft.policies.pi0.modeling import flow_sde_sigma, flow_sde_step, flow_timesteps
+from rvla_peft.policies.pi0.modeling import flow_sde_sigma, flow_sde_step, flow_timesteps, noisy_step
 from rvla_peft.policies.registry import LORA_DEFAULTS, build_policy
 from rvla_peft.regularizers import grad_norm_penalty, hutchinson_jacobian_sq_norm, smoothness_penalty
 from rvla_peft.rollout import collect
@@ -44,8 +44,8 @@ def new_policy(*overrides):
 
 @pytest.fixture(scope="module")
 def policy():
-    """Read-only: tests that change weights build their own."""
-    return new_policy()
+    """Read-only: tests that change weights build their own. Every step noised and scored (likelihood=sum)."""
+    return new_policy("policy.likelihood=sum")
 
 
 def with_random_lora(policy):
@@ -137,6 +137,56 @@ def test_act_log_prob_is_the_sum_of_gaussian_step_log_probs(policy):
     stds = [math.sqrt(dt) * 0.5 * math.sqrt(t / max(1 - t, dt)) for t in (1 - i * dt for i in range(k_steps))]
     entropy = sum(float(Normal(0.0, std).entropy()) for std in stds) * EXECUTE * a
     torch.testing.assert_close(out.entropy, torch.full((3,), entropy), atol=1e-4, rtol=0)
+
+
+def test_one_step_noises_one_step_per_chain_and_scores_that_step_alone():
+    """likelihood=one_step (RLinf's default): the chain leaves the ODE at one step, drawn from its x_0, and the
+    log-prob is that step's Gaussian on the executed block; the update recomputes it from the stored chain."""
+    policy = new_policy()  # the default
+    assert policy.cfg.likelihood == "one_step"
+    obs = fixed_obs(3)
+    torch.manual_seed(2)
+    sample = policy.act(obs)
+    k_steps, a, chain = policy.num_steps, policy.action_dim, sample.action
+    noised = noisy_step(chain[:, 0], k_steps)
+    expected = torch.zeros(3)
+    with torch.no_grad():
+        for i in range(k_steps):
+            t, dt = 1 - i / k_steps, 1 / k_steps
+            x, x_next = chain[:, i], chain[:, i + 1]
+            v = _full_velocity(policy, obs, x, t)
+            sigma = 0.5 * math.sqrt(t / max(1 - t, dt))
+            mean = x - dt * v - sigma**2 * dt / (2 * t) * (x + (1 - t) * v)
+            for row in range(3):
+                if i == noised[row]:
+                    step = Normal(mean[row, :EXECUTE, :a], math.sqrt(dt) * sigma)
+                    expected[row] = step.log_prob(x_next[row, :EXECUTE, :a]).sum()
+                    assert (x_next[row] - (x - dt * v)[row]).abs().max() > 1e-3  # noised here
+                else:
+                    torch.testing.assert_close(x_next[row], (x - dt * v)[row], atol=1e-5, rtol=0)  # the ODE
+    torch.testing.assert_close(sample.log_prob, expected, atol=1e-4, rtol=0)
+    out = policy.evaluate(obs, chain)
+    torch.testing.assert_close(out.log_prob, sample.log_prob, atol=1e-4, rtol=0)
+    t, dt = 1 - noised.double() / k_steps, 1 / k_steps
+    std = math.sqrt(dt) * 0.5 * (t / (1 - t).clamp(min=dt)).sqrt()
+    entropy = torch.stack([Normal(0.0, s.item()).entropy() for s in std]) * EXECUTE * a
+    torch.testing.assert_close(out.entropy, entropy.float(), atol=1e-4, rtol=0)
+    # the step drawn from x_0 takes every value
+    draws = noisy_step(torch.randn(400, 4, 3), k_steps)
+    assert set(draws.tolist()) == set(range(k_steps))
+
+
+def test_mean_is_the_sum_divided_by_k(policy):
+    averaged = new_policy("policy.likelihood=mean")
+    obs = fixed_obs(2)
+    torch.manual_seed(3)
+    summed = policy.act(obs)
+    torch.manual_seed(3)
+    sample = averaged.act(obs)
+    assert torch.equal(sample.action, summed.action)  # every step noised in both
+    torch.testing.assert_close(sample.log_prob, summed.log_prob / policy.num_steps, atol=1e-5, rtol=0)
+    out, out_sum = averaged.evaluate(obs, sample.action), policy.evaluate(obs, sample.action)
+    torch.testing.assert_close(out.entropy, out_sum.entropy / policy.num_steps, atol=1e-5, rtol=0)
 
 
 def test_env_action_is_the_first_k_actions_of_the_chunk_in_range(policy):

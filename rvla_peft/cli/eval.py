@@ -52,7 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--suite", default="paper", help="named perturbation suite: paper, full, quick or none")
     parser.add_argument("--perturb", action="append", default=[], metavar="NAME@SEVERITY", help="add a setting")
     parser.add_argument("--episodes", type=int, default=50, help="episodes per policy and setting")
-    parser.add_argument("--seed", type=int, default=0, help="episode e starts from reset seed SEED + e")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="episode e starts from reset seed SEED + e (CPU envs: the initial state of a single env reset with "
+        "it, at any --num-envs; GPU envs: ManiSkill draws each batch's initial states from its first seed, so "
+        "GPU reports pair only at the same --num-envs, and never with CPU reports)",
+    )
     parser.add_argument(
         "--num-envs",
         type=int,
@@ -141,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
             check_base_match(path, base_model_id(cfg.model), allow=args.allow_base_mismatch, adapter_name=given)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         env = make_envs(cfg.env, device=device)  # before any model loads: a bad task fails in seconds
+        if not env.initial_state_per_seed:
+            print(
+                f"note: GPU envs draw each batch's initial states from its first seed: this report pairs with others "
+                f"at --num-envs {env.num_envs} on GPU envs only",
+                file=sys.stderr,
+            )
         if args.schedule == "stream" and not env.can_queue_episodes:
             env.close()
             raise ValueError("--schedule stream needs CPU envs (env.sim_backend=physx_cpu); GPU envs use batch")

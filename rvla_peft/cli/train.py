@@ -64,7 +64,13 @@ def check_task(cfg: TrainConfig) -> None:
     simulation, where asked for, can start."""
     import torch
 
-    from rvla_peft.envs.maniskill import _check_task, _import_mani_skill, enable_gpu_physics, simulates_on_gpu
+    from rvla_peft.envs.maniskill import (
+        _check_task,
+        _import_mani_skill,
+        enable_gpu_physics,
+        set_local_cuda_device,
+        simulates_on_gpu,
+    )
 
     _import_mani_skill()
     try:
@@ -73,6 +79,7 @@ def check_task(cfg: TrainConfig) -> None:
         raise ConfigError(str(e)) from None
     # Only where the run will simulate on the GPU: a CPU machine planning a GPU recipe (--dry-run) has no GPU PhysX
     if simulates_on_gpu(cfg.env) and torch.cuda.is_available():
+        set_local_cuda_device()  # before the Accelerator does: GPU PhysX starts on the rank's own GPU, not GPU 0
         enable_gpu_physics()
 
 

@@ -9,9 +9,15 @@ flat (``policy.chunk_size: 4`` beside ``policy.family: openvla_oft``): parsing p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from rvla_peft.config.parsing import check
+
+# How a policy's gripper output maps to ManiSkill's gripper command (Panda: -1 closed, +1 open; its mimic joint
+# controller spans -0.01 m to 0.04 m per finger, so 0 is a 3 cm gap).
+GRIPPER_CONVENTIONS = ("signed", "zero_one", "zero_one_binary")
+# Published OpenVLA / OpenVLA-OFT checkpoints were trained on RLDS data aligned so that 0 = close, 1 = open.
+CHECKPOINT_GRIPPER = {"openvla": "zero_one_binary", "openvla_oft": "zero_one_binary"}
 
 
 def family_field(name: str = "action_tokens") -> Any:
@@ -47,6 +53,18 @@ class PolicyConfig:
     )
     value_head_hidden: int = field(default=256, metadata={"help": "Width of the value head's hidden layer."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of action tokens."})
+    gripper: Literal["signed", "zero_one", "zero_one_binary"] | None = field(
+        default=None,
+        metadata={
+            "help": "What the policy's gripper value (the last action dim, after un-normalisation) means. 'signed': "
+            "ManiSkill's own, -1 closed and +1 open, executed as is. 'zero_one': 0 = close, 1 = open (OpenVLA's "
+            "RLDS convention), executed as 2x - 1 (OpenVLA's normalize_gripper_action); 'zero_one_binary': the "
+            "same then its sign, as OpenVLA's evaluation does (binarize=True). No inversion: OpenVLA inverts for "
+            "LIBERO, where -1 opens; ManiSkill's -1 closes. None: the base's convention, 'zero_one_binary' for a "
+            "published OpenVLA or OpenVLA-OFT checkpoint (policy.family openvla / openvla_oft), 'signed' for "
+            "builtin: bases (trained in ManiSkill's convention) and the other families."
+        },
+    )
     merge_lora_to_act: bool = field(
         default=True,
         metadata={
@@ -70,6 +88,15 @@ class PolicyConfig:
                 f"policy.{key}",
                 f"needs {self.action_dim} values (policy.action_dim), got {value and len(value)}",
             )
+
+
+def gripper_convention(policy: PolicyConfig, name_or_path: str) -> str:
+    """``policy.gripper``, or the convention of the base ``name_or_path`` when it is None (see its help)."""
+    if policy.gripper is not None:
+        return policy.gripper
+    if name_or_path.startswith("builtin:"):
+        return "signed"
+    return CHECKPOINT_GRIPPER.get(policy.family, "signed")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Literal
 import yaml
 
 from rvla_peft.config.parsing import ConfigError, apply_override, check, from_dict, read_yaml, to_dict
-from rvla_peft.config.policy import PolicyConfig
+from rvla_peft.config.policy import PolicyConfig, gripper_convention
 from rvla_peft.perturbations.sampler import DEFAULT_EXPLORATION, DEFAULT_WINDOW
 from rvla_peft.perturbations.specs import suite_settings, validate_specs
 from rvla_peft.policies.action_tokens.configuration import ActionTokenPolicyConfig
@@ -603,6 +603,8 @@ class TrainConfig:
         check(self.env.image_size >= 16, "env.image_size", "must be >= 16 pixels")
         check(self.env.max_episode_steps >= 1, "env.max_episode_steps", "must be >= 1")
         policy = family_config(self.policy)
+        if self.policy.gripper is None:  # the base's convention, kept in every recipe this config is saved as
+            self.policy.gripper = policy.gripper = gripper_convention(policy, self.model.name_or_path)
         policy.validate(self)  # the shared keys and the family's own
         ppo = self.ppo
         check(ppo.learning_rate > 0, "ppo.learning_rate", "must be > 0")

@@ -99,12 +99,22 @@ class VecEnv:
         self._dropped: torch.Tensor | None = None  # set by a backend's _step when it dropped episodes
         self._queue: list[int] = []  # reset seeds of the episodes to start next (queue_episodes)
 
+    # Whether env i's initial state after ``reset(seed)`` is the one a single env reset with ``seed + i`` starts
+    # from, at any num_envs (CPU envs). GPU envs: ManiSkill draws the whole batch's initial states after
+    # ``torch.manual_seed`` of the first seed, so env i's start depends on ``seed``, ``i`` and ``num_envs``.
+    initial_state_per_seed: bool = True
+
     def reset(self, seed: int | None = None, rebuild: bool = False) -> Obs:
-        """Reset every env; env i gets ``seed + i``, so the same seed gives the same initial states.
+        """Reset every env; env i gets ``seed + i``, so the same seed gives the same initial states: on CPU envs
+        those of single envs reset with ``seed + i``; on GPU envs a batched draw seeded with ``seed``, the same
+        only at the same ``num_envs`` (``initial_state_per_seed``).
 
         ``rebuild``: also rebuild the scenes (ManiSkill's ``reconfigure``), dropping what the physics engine carries
         over from earlier episodes (its solver caches shift later states by float rounding): a run resumed from a
-        checkpoint then continues exactly as the uninterrupted run, which rebuilt at the same update."""
+        checkpoint then continues exactly as the uninterrupted run, which rebuilt at the same update. CPU envs
+        only: GPU envs keep the scenes they were built with, as each GPU reconfiguration reallocates PhysX's GPU
+        buffers (the pattern behind ManiSkill's GPU out-of-memory reports); a resumed GPU run differs from the
+        uninterrupted one at that float level."""
         self._returns.zero_()
         self._lengths.zero_()
         self._queue = []
@@ -336,9 +346,28 @@ def make_envs(cfg: EnvConfig, device: torch.device | str | None = None) -> VecEn
     use_gpu = simulates_on_gpu(cfg)
     render = cfg.render_backend if cfg.render_backend != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     out_device = torch.device(device) if device is not None else None
+    index = cuda_index(out_device) if use_gpu or render == "gpu" else None
+    if render == "gpu":
+        render = f"cuda:{index}"  # ManiSkill renders on GPU n only when told "cuda:n"; bare "gpu" is GPU 0
     if use_gpu:
-        return GpuVecEnv(cfg, instruction, render, out_device)
+        return GpuVecEnv(cfg, instruction, render, out_device, index)
     return CpuVecEnv(cfg, instruction, render, out_device or torch.device("cpu"))
+
+
+def cuda_index(device: torch.device | None) -> int:
+    """The GPU this process simulates and renders on: ``device``'s (the Accelerator's ``cuda:<local rank>``), else
+    the current CUDA device (which accelerate and torchrun set per rank). ManiSkill picks GPU n only from
+    ``"physx_cuda:n"`` / ``"cuda:n"`` (its ``envs/utils/system/backend.py``): without the index every rank of a
+    multi-GPU run would simulate on GPU 0."""
+    if device is not None and device.type == "cuda" and device.index is not None:
+        return device.index
+    return torch.cuda.current_device()
+
+
+def set_local_cuda_device() -> None:
+    """Make this rank's GPU (``LOCAL_RANK``, set by accelerate launch and torchrun; 0 alone) the current one, as the
+    Accelerator will: CUDA work before it (GPU PhysX's start at preflight) then lands on the rank's own GPU."""
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -348,11 +377,15 @@ def make_envs(cfg: EnvConfig, device: torch.device | str | None = None) -> VecEn
 class GpuVecEnv(VecEnv):
     """ManiSkill's GPU simulation of N sub-scenes; observations, rewards and flags never leave the GPU."""
 
-    def __init__(self, cfg: EnvConfig, instruction: str, render_backend: str, device: torch.device | None) -> None:
+    initial_state_per_seed = False  # ManiSkill's batched reset: torch.manual_seed(seeds[0]), then one draw for all
+
+    def __init__(
+        self, cfg: EnvConfig, instruction: str, render_backend: str, device: torch.device | None, index: int
+    ) -> None:
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
         enable_gpu_physics()
-        env = gym.make(cfg.task, **_make_kwargs(cfg, cfg.num_envs, "physx_cuda", render_backend))
+        env = gym.make(cfg.task, **_make_kwargs(cfg, cfg.num_envs, f"physx_cuda:{index}", render_backend))
         try:
             check_obs_keys(env.unwrapped.single_observation_space, cfg.camera, cfg.state_keys)
         except ValueError:
@@ -373,7 +406,7 @@ class GpuVecEnv(VecEnv):
 
     def _reset(self, seed: int | None) -> Obs:
         seeds = None if seed is None else [seed + i for i in range(self.num_envs)]
-        raw, _ = self._env.reset(seed=seeds, options={"reconfigure": True} if self._rebuild else None)
+        raw, _ = self._env.reset(seed=seeds)  # never reconfigure (``rebuild`` is CPU only: VecEnv.reset)
         return self._obs(raw)
 
     def _step(

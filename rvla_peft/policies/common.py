@@ -40,6 +40,44 @@ def normalize_images(
     return ((x * rescale - mean) / std).to(dtype)
 
 
+def center_crop(rgb: Tensor, area: float, out_hw: tuple[int, int]) -> Tensor:
+    """uint8 [B, H, W, 3] -> uint8 [B, h, w, 3]: the centred box of ``area`` of the image, resized to ``out_hw``.
+
+    openvla-oft's evaluation crop (``experiments/robot/openvla_utils.py``: ``center_crop_image`` with
+    ``crop_scale=0.9``, through ``tf.image.crop_and_resize``): sides of ``sqrt(area)``, bilinear sampling on the
+    box's corner-aligned grid (``in = y1 * (H - 1) + i * (y2 - y1) * (H - 1) / (h - 1)``, no antialiasing), in
+    float32 on [0, 1], back to uint8 as ``tf.image.convert_image_dtype(saturate=True)`` does (``x * 255.5``,
+    truncated)."""
+    # float32 throughout, as TensorFlow computes the box and the sampling grid
+    # (the float32 square root correctly rounded, through float64: torch's float32 sqrt
+    # of a 0-d tensor was one ulp off here)
+    side = torch.tensor(area, dtype=torch.float32).double().sqrt().float().clamp(0, 1).to(rgb.device)
+    lo = (1 - side) / 2
+    hi = lo + side
+    x = rgb.to(torch.float32) * (1.0 / 255)
+
+    def grid(n_in: int, n_out: int) -> tuple[Tensor, Tensor, Tensor]:
+        i = torch.arange(n_out, device=rgb.device, dtype=torch.float32)
+        if n_out > 1:
+            at = lo * (n_in - 1) + i * ((hi - lo) * (n_in - 1) / (n_out - 1))
+        else:
+            at = (0.5 * (lo + hi) * (n_in - 1)).expand(1)
+        low = at.floor()
+        return low.long(), at.ceil().long(), (at - low)
+
+    top, bottom, y_lerp = grid(rgb.shape[1], out_hw[0])
+    left, right, x_lerp = grid(rgb.shape[2], out_hw[1])
+    x_lerp = x_lerp[None, None, :, None]
+
+    def row(index: Tensor) -> Tensor:
+        r = x[:, index]
+        return r[:, :, left] + (r[:, :, right] - r[:, :, left]) * x_lerp
+
+    upper, lower = row(top), row(bottom)
+    out = upper + (lower - upper) * y_lerp[None, :, None, None]
+    return (out.clamp(0, 1) * 255.5).to(torch.uint8)
+
+
 def blank_image(image_hw: tuple[int, int]) -> Image.Image:
     """A black image of the model's size: the processor expands its image placeholders without a real frame."""
     return Image.fromarray(np.zeros((*image_hw, 3), dtype=np.uint8))
@@ -93,6 +131,33 @@ def unnormalize_actions(normalized: Tensor, low: Tensor | None, high: Tensor | N
 
 def bounds_tensor(values: list[float] | None) -> Tensor | None:
     return None if values is None else torch.tensor(values, dtype=torch.float32)
+
+
+def gripper_to_env(action: Tensor, convention: str | None) -> Tensor:
+    """Actions [..., A] whose last dim is the gripper in ``convention`` -> ManiSkill's (-1 closed, +1 open).
+
+    'zero_one' is OpenVLA's ``normalize_gripper_action`` (``experiments/robot/robot_utils.py``): ``2 * (x - 0) /
+    (1 - 0) - 1``, and 'zero_one_binary' its ``binarize=True`` (``np.sign`` of that). OpenVLA's
+    ``invert_gripper_action`` is not applied: it is for simulators where -1 opens (LIBERO); ManiSkill's -1 closes.
+    'signed' and None (unresolved: as is) leave the action unchanged."""
+    if convention in (None, "signed"):
+        return action
+    gripper = 2 * action[..., -1:] - 1
+    if convention == "zero_one_binary":
+        gripper = torch.sign(gripper)
+    elif convention != "zero_one":
+        raise ValueError(f"unknown gripper convention {convention!r}: use 'signed', 'zero_one' or 'zero_one_binary'")
+    return torch.cat([action[..., :-1], gripper], dim=-1)
+
+
+def gripper_from_env(action: Tensor, convention: str | None) -> Tensor:
+    """ManiSkill's gripper command (-1 closed, +1 open) -> the policy's ``convention``: the inverse of
+    :func:`gripper_to_env` on {-1, +1} (demonstrations recorded in ManiSkill, tokenised for an OpenVLA base)."""
+    if convention in (None, "signed"):
+        return action
+    if convention not in ("zero_one", "zero_one_binary"):
+        raise ValueError(f"unknown gripper convention {convention!r}: use 'signed', 'zero_one' or 'zero_one_binary'")
+    return torch.cat([action[..., :-1], (action[..., -1:] + 1) / 2], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 
 from rvla_peft.adapters import HubError, adapter_recipe, check_base_match, resolve_adapter, with_base
 from rvla_peft.config import ConfigError, ModelConfig, load_config
+from rvla_peft.config.policy import gripper_convention
 from rvla_peft.models.tiny import resolve_builtin
 from rvla_peft.policies.base import Policy
 from rvla_peft.policies.families import LORA_DEFAULTS, POLICY_FAMILIES, family_config
@@ -33,8 +34,18 @@ def policy_class(family: str) -> type[Policy]:
     return getattr(importlib.import_module(module), cls)
 
 
-def load_base(model_cfg):
-    """The base model and processor through the Auto classes (the real ``from_pretrained`` path)."""
+def load_device_map(device: torch.device | str | None) -> dict | None:
+    """``device_map`` for ``from_pretrained``: on a GPU the weights load straight onto it, shard by shard, instead of
+    the whole checkpoint staged in host memory first (15 GB at 7B bf16, on every rank of a multi-GPU run). None
+    on the CPU (loaded where they are used) and where no device is given."""
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    return {"": torch.device(device)}
+
+
+def load_base(model_cfg, device: torch.device | str | None = None):
+    """The base model and processor through the Auto classes (the real ``from_pretrained`` path), on ``device``
+    when it is a GPU (:func:`load_device_map`)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import rvla_peft.models.openvla  # noqa: F401  registers model_type "openvla" (native OpenVLA) with the Auto classes
@@ -46,6 +57,7 @@ def load_base(model_cfg):
         dtype=_DTYPES[model_cfg.torch_dtype],
         attn_implementation=model_cfg.attn_implementation,
         quantization_config=quantization_config(model_cfg),
+        device_map=load_device_map(device),
         # transformers 5 swaps layers for Hub kernels by default, on load and at every .train()/.eval(): code
         # downloaded at run time (on an offline GPU machine the load failed: kernels-community/rotary not in the
         # cache), not checked for the Jacobian penalty's double backward, and different numerics per machine.
@@ -213,7 +225,8 @@ def _build_policy(cfg, adapter: str | Path | None, device: torch.device | str) -
     from safetensors.torch import load_file
 
     policy_cfg = family_config(cfg.policy)  # the family's class, also for a config whose family was changed
-    model, processor = load_base(cfg.model)
+    policy_cfg = dataclasses.replace(policy_cfg, gripper=gripper_convention(policy_cfg, cfg.model.name_or_path))
+    model, processor = load_base(cfg.model, device)
     check_trained_policy_settings(cfg.model.name_or_path, policy_cfg)
     if adapter is None:
         peft_model = get_peft_model(model, lora_config(model, resolve_lora(policy_cfg.family, cfg.lora)))

@@ -26,7 +26,12 @@ class ActionTokenPolicy(Policy):
         super().__init__(peft_model, processor, policy_cfg, hidden_size)
         vocab_size = peft_model.get_output_embeddings().weight.shape[0]
         self.action_tokenizer = ActionTokenizer(
-            vocab_size, policy_cfg.n_bins, policy_cfg.action_low, policy_cfg.action_high, policy_cfg.action_dim
+            vocab_size,
+            policy_cfg.n_bins,
+            policy_cfg.action_low,
+            policy_cfg.action_high,
+            policy_cfg.action_dim,
+            policy_cfg.gripper,
         )
         self.set_image_normalization(*image_geometry(processor.image_processor))
         # act()'s forwards: a small model decoding token by token on the CPU spends most of its time in Python and

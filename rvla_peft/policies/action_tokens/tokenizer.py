@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rvla_peft.policies.common import unnormalize_actions
+from rvla_peft.policies.common import gripper_to_env, unnormalize_actions
 
 
 class ActionTokenizer:
@@ -23,12 +23,14 @@ class ActionTokenizer:
         low: list[float] | None = None,
         high: list[float] | None = None,
         action_dim: int = 7,
+        gripper: str | None = None,
     ):
         if vocab_size <= n_bins:
             raise ValueError(
                 f"vocab_size ({vocab_size}) must exceed n_bins ({n_bins}): the action ids would overlap text"
             )
         self.vocab_size, self.n_bins, self.action_dim = vocab_size, n_bins, action_dim
+        self.gripper = gripper  # the gripper convention (policy.gripper): applied after un-normalising
         self.first_id = vocab_size - n_bins  # ids [first_id, vocab_size) are action tokens
         edges = torch.linspace(-1.0, 1.0, n_bins, dtype=torch.float64)
         centres = (edges[:-1] + edges[1:]) / 2
@@ -53,5 +55,5 @@ class ActionTokenizer:
         return probs @ self.slot_values.to(probs.device, probs.dtype)
 
     def unnormalize(self, normalized: Tensor) -> Tensor:
-        """[-1, 1] -> env range with q01 / q99 (-1 / 1 by default)."""
-        return unnormalize_actions(normalized, self.low, self.high)
+        """[-1, 1] -> env range with q01 / q99 (-1 / 1 by default), the gripper in ManiSkill's convention."""
+        return gripper_to_env(unnormalize_actions(normalized, self.low, self.high), self.gripper)

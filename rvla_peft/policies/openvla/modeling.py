@@ -39,7 +39,7 @@ class OpenVLAPolicy(ActionTokenPolicy):
                 "policy.n_bins=%d but the checkpoint was trained with %d bins", policy_cfg.n_bins, config.n_action_bins
             )
         self.action_tokenizer = ActionTokenizer(
-            config.action_vocab_size, policy_cfg.n_bins, low, high, policy_cfg.action_dim
+            config.action_vocab_size, policy_cfg.n_bins, low, high, policy_cfg.action_dim, policy_cfg.gripper
         )
         self.empty_word_id = processor.tokenizer.get_vocab().get(OPENVLA_EMPTY_WORD)
 

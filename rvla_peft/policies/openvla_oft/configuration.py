@@ -51,6 +51,15 @@ class OpenVLAOFTPolicyConfig(PolicyConfig):
         default_factory=lambda: [-5.0, 0.5],
         metadata={"help": "[min, max] the log-scale is clamped to (RIPT-VLA: [-2, 0.5])."},
     )
+    center_crop_area: float | None = field(
+        default=0.9,
+        metadata={
+            "help": "Area of OFT's centre crop, resized back to the model's size, on every image the policy sees "
+            "(rollouts, updates, evaluation): OFT trains with random crops of 90% of the area and evaluates with "
+            "the centre one (openvla-oft: center_crop=True, crop_scale 0.9). null: the whole image (a checkpoint "
+            "trained without image augmentation)."
+        },
+    )
     action_head_file: str | None = field(
         default=None,
         metadata={
@@ -72,6 +81,8 @@ class OpenVLAOFTPolicyConfig(PolicyConfig):
         bounds = self.log_scale_bounds
         check(len(bounds) == 2 and bounds[0] < bounds[1], "policy.log_scale_bounds", f"needs [min, max], got {bounds}")
         check_unnorm_key(self)
+        area = self.center_crop_area
+        check(area is None or 0 < area <= 1, "policy.center_crop_area", f"must be in (0, 1] (or null), got {area}")
         check(
             not cfg.lora.adapt_output_layer,
             "lora.adapt_output_layer",

@@ -56,7 +56,10 @@ from rvla_peft.policies.base import ActionSample, MemoryHooks, Observation, Poli
 from rvla_peft.policies.common import (
     OPENVLA_EMPTY_WORD,
     bounds_tensor,
+    center_crop,
+    gripper_to_env,
     image_geometry,
+    normalize_images,
     openvla_action_bounds,
     positions,
     prompt_ids,
@@ -301,6 +304,15 @@ class OpenVLAOFTPolicy(Policy):
         before_first_action = hidden.shape[1] - (n_actions + 1) - 1
         return hidden[:, before_first_action : before_first_action + n_actions], hidden[:, before_first_action]
 
+    def observation_inputs(self, obs: Observation) -> Tensor:
+        """OFT's evaluation crop (policy.center_crop_area of the image, resized back), then the shared normalisation.
+        Deterministic, so rollouts and updates see the same pixels."""
+        area = self.cfg.center_crop_area
+        if area is None:
+            return super().observation_inputs(obs)
+        rgb = center_crop(obs["rgb"].to(self.device), area, self.image_hw)
+        return normalize_images(rgb, self.image_hw, self.pixel_mean, self.pixel_std, self.rescale, self.model_dtype)
+
     def _heads(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Mean [B, chunk, A] and clamped log-scale [B, chunk, A] of the action distribution, in float32."""
         mean = self.action_head(features).float()
@@ -308,8 +320,10 @@ class OpenVLAOFTPolicy(Policy):
         return mean, log_scale
 
     def _env_action(self, block: Tensor) -> Tensor:
-        """Executed steps [B, k, A], clipped to [-1, 1] and un-normalised (q01 / q99 where set)."""
-        return unnormalize_actions(block.clamp(-1, 1), self.action_low, self.action_high)
+        """Executed steps [B, k, A], clipped to [-1, 1], un-normalised (q01 / q99 where set), the gripper in
+        ManiSkill's convention (policy.gripper)."""
+        env_action = unnormalize_actions(block.clamp(-1, 1), self.action_low, self.action_high)
+        return gripper_to_env(env_action, self.cfg.gripper)
 
     @torch.no_grad()
     def act(self, obs: Observation, deterministic: bool = False) -> ActionSample:

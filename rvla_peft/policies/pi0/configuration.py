@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from rvla_peft.config.parsing import check
 from rvla_peft.config.policy import Family, PolicyConfig, family_field
@@ -29,6 +29,18 @@ class Pi0PolicyConfig(PolicyConfig):
         metadata={
             "help": "Flow-SDE noise level a; each denoising step adds Gaussian noise of std sqrt(dt) * a * "
             "sqrt(t / (1 - t)) to the executed actions (RLinf's flow-SDE; 0.5 is its default)."
+        },
+    )
+    likelihood: Literal["one_step", "mean", "sum"] = field(
+        default="one_step",
+        metadata={
+            "help": "What the PPO ratio compares. 'one_step' (RLinf's default for pi0, joint_logprob: false): each "
+            "chain adds noise at one of its K steps (drawn per chain), the other steps follow the ODE, and the "
+            "log-prob is that step's Gaussian: one term per executed entry, as one action token gives, so "
+            "ppo.clip_coef means what it does for token policies. 'sum': every step noised, the log-probs of all K "
+            "summed (the chain's exact likelihood, but a log-ratio about K times one step's: 5 x 7 x 10 terms at "
+            "pi0's defaults, so the clipped ratio saturates). 'mean': every step noised, the sum divided by K (as "
+            "RLinf's joint_logprob averages its steps): every step explores, the ratio is the steps' geometric mean."
         },
     )
     execute_steps: int | None = field(

@@ -10,7 +10,9 @@ transition with the same marginals as the ODE:
 
 (``x_t + (1 - t) v`` is the predicted noise, ``a`` is ``policy.noise_level``; ``1 - t`` is floored at ``dt`` so that
 the first step, t = 1, stays finite, as RLinf does). The policy's action is the whole chain x_0 .. x_K; its log-prob
-is the sum of the K Gaussian step log-probs (x_0 ~ N(0, I) does not depend on the weights and is left out).
+(``policy.likelihood``) is the sum of the K Gaussian step log-probs, their mean, or, by default, as RLinf, the one
+step a chain noises (the others follow the ODE; the step is drawn from the chain's x_0, so the update finds it in the
+stored chain). x_0 ~ N(0, I) does not depend on the weights and is left out.
 
 Only the dimensions the env executes are noised: the first ``execute_steps`` rows of the chunk and the first
 ``action_dim`` columns of pi0's ``max_action_dim``. The other entries follow the plain ODE step (sigma = 0), so the
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rvla_peft.policies.base import ActionSample, MemoryHooks, Observation, Policy, PolicyOutput
-from rvla_peft.policies.common import blank_image, bounds_tensor, unnormalize_actions
+from rvla_peft.policies.common import blank_image, bounds_tensor, gripper_to_env, unnormalize_actions
 from rvla_peft.policies.distributions import gaussian_entropy, gaussian_log_prob
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,6 +74,21 @@ def flow_sde_step(x: Tensor, velocity: Tensor, t: float, dt: float, sigma: Tenso
     predicted_noise = x + (1 - t) * velocity
     mean = x - dt * velocity - sigma**2 * dt / (2 * t) * predicted_noise
     return mean, math.sqrt(dt) * sigma.expand_as(mean)
+
+
+def noisy_step(x0: Tensor, num_steps: int) -> Tensor:
+    """For ``policy.likelihood=one_step``: the denoising step [B] that each chain noises, drawn from the chain's own
+    start x_0 (its float32 bits, summed, modulo K): random as x_0 is, independent of the weights, and found again
+    from the stored chain when the update recomputes the log-prob."""
+    bits = x0.detach().float().contiguous().flatten(1).view(torch.int32).long()
+    return bits.sum(1).remainder(num_steps)
+
+
+def chain_log_prob(step_log_probs: Tensor, noised: Tensor, likelihood: str) -> Tensor:
+    """The action's log-prob from its per-step Gaussian terms [B, K] (0 where a step adds no noise): their sum, their
+    mean over the K steps, or (one_step) the one noised step's term."""
+    total = (step_log_probs * noised).sum(1)
+    return total / step_log_probs.shape[1] if likelihood == "mean" else total
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,7 +194,8 @@ class Pi0Policy(Policy):
     def _env_action(self, block: Tensor) -> Tensor:
         """Executed block [B, k, A] clipped to [-1, 1] -> env action, un-normalised as the action-token family does
         (q01 / q99 to [-1, 1]) when ``policy.action_low/high`` are set, else as is."""
-        return unnormalize_actions(block.clamp(-1, 1), self.action_low, self.action_high)
+        env_action = unnormalize_actions(block.clamp(-1, 1), self.action_low, self.action_high)
+        return gripper_to_env(env_action, self.cfg.gripper)
 
     # ------------------------------------------------------------------------------------------------------------
     # forward passes
@@ -247,23 +265,33 @@ class Pi0Policy(Policy):
         )
         lanes.cache.batch_repeat_interleave(2)  # rows 2n and 2n+1 are sample n's ODE and SDE lanes
         x = chain[:, 0].float() if chain is not None else torch.randn(shape, device=self.device)
-        steps, log_prob, entropy = [x], 0.0, 0.0
+        likelihood = self.cfg.likelihood
+        steps = torch.arange(self.num_steps, device=self.device)
+        if likelihood == "one_step":  # [B, K]: the one step each chain noises
+            noised = (steps[None] == noisy_step(x, self.num_steps).to(self.device)[:, None]).float()
+        else:
+            noised = torch.ones(batch, self.num_steps, device=self.device)
+        chain_steps, log_probs, entropies = [x], [], []
         for i in range(self.num_steps):
             t, dt = times[i], times[i] - times[i + 1]
             both = self._velocity(lanes, torch.stack([x_ode, x], 1).flatten(0, 1), t)
             v_ode, v = both.unflatten(0, (batch, 2)).unbind(1)
             x_ode = x_ode - dt * v_ode
-            mean, std = flow_sde_step(x, v, t, dt, self._noise_sigma(t, dt))
+            sigma = self._noise_sigma(t, dt)
+            mean, std = flow_sde_step(x, v, t, dt, sigma * noised[:, i, None, None])
             if chain is not None:
                 x_next = chain[:, i + 1].float()
             else:
                 x_next = mean + std * torch.randn(shape, device=self.device)
-            log_std = std[block].log()  # sigma > 0 on the executed block
-            log_prob = log_prob + gaussian_log_prob(x_next[block], mean[block], log_std).sum((1, 2))
-            entropy = entropy + gaussian_entropy(log_std).sum((1, 2))
+            # the step's terms as if it were noised (sigma > 0 on the executed block); kept where it is
+            log_std = (math.sqrt(dt) * sigma[block[1:]]).log().expand_as(mean[block])
+            log_probs.append(gaussian_log_prob(x_next[block], mean[block], log_std).sum((1, 2)))
+            entropies.append(gaussian_entropy(log_std).sum((1, 2)))
             x = x_next
-            steps.append(x)
-        return _Chains(mean=x_ode[block], chain=torch.stack(steps, 1), log_prob=log_prob, entropy=entropy)
+            chain_steps.append(x)
+        log_prob = chain_log_prob(torch.stack(log_probs, 1), noised, likelihood)
+        entropy = chain_log_prob(torch.stack(entropies, 1), noised, likelihood)
+        return _Chains(mean=x_ode[block], chain=torch.stack(chain_steps, 1), log_prob=log_prob, entropy=entropy)
 
     @torch.no_grad()
     def act(self, obs: Observation, deterministic: bool = False) -> ActionSample:
