@@ -58,6 +58,14 @@ class ModelConfig:
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint."})
     revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the base model."})
+    adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "A warm-up adapter (folder or Hub id, e.g. the adapter/ of `rvla-sft`) that training starts from: "
+            "its LoRA (and OpenVLA-OFT's heads) go on training, and a frozen copy of it is the reference policy "
+            "(kl_to_base, the invariance teacher). It must be of this base and policy family. None: a fresh LoRA."
+        },
+    )
     processor_name_or_path: str | None = field(
         default=None,
         metadata={

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rvla_peft.policies.common import unnormalize_actions
+from rvla_peft.policies.common import normalize_actions, unnormalize_actions
 
 
 class ActionTokenizer:
@@ -55,3 +55,8 @@ class ActionTokenizer:
     def unnormalize(self, normalized: Tensor) -> Tensor:
         """[-1, 1] -> env range with q01 / q99 (-1 / 1 by default)."""
         return unnormalize_actions(normalized, self.low, self.high)
+
+    def env_to_slots(self, action: Tensor) -> Tensor:
+        """Env actions [..., A] -> the action slots [..., A] that decode nearest to them (normalised with the
+        policy's statistics, then digitised): the supervised targets of expert actions."""
+        return self.encode(normalize_actions(action.float(), self.low, self.high))
