@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rvla_peft.config import ConfigError
 from rvla_peft.config.parsing import help_text
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text(SFTConfig))
         return 0
     overrides = list(args.overrides)
+    if args.recipe is not None and "=" in args.recipe and not Path(args.recipe).is_file():
+        args.recipe, overrides = None, [args.recipe, *overrides]  # overrides alone, no recipe
     if args.full:
         overrides.append("full_finetune=true")
     if args.resume:
