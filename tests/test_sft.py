@@ -454,3 +454,42 @@ def test_a_warm_up_of_another_base_or_family_is_refused(tmp_path, tiny_cfg, no_m
     (folder / RECIPE_FILE).write_text(dump_yaml(pi0))
     with pytest.raises(WarmupAdapterError, match="is a 'pi0' adapter"):
         build_policy(tiny_cfg)
+
+
+def test_oft_rl_from_a_warm_up_trains_its_heads_and_keeps_them_as_reference(tmp_path):
+    """OpenVLA-OFT: the warm-up's action heads are the trainable heads at the start and the reference's heads for
+    good; a change to the LoRA and the heads (an RL step) leaves the reference acting as the warm-up policy."""
+    cfg = sft_config(tmp_path, "openvla_oft", "max_steps=3", "val_fraction=0")
+    sft(cfg)
+    adapter = tmp_path / "out" / ADAPTER_DIR
+    warm = load_policy(None, adapter).eval()
+    rl_cfg = cfg.train_config()
+    rl_cfg.model.adapter = str(adapter)
+    policy = build_policy(rl_cfg).eval()
+    policy.freeze_reference()
+    assert torch.equal(policy.action_head.model.fc1.weight, warm.action_head.model.fc1.weight)
+    assert policy.action_head.model.fc1.weight.requires_grad
+    obs, _, _ = batch()
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if p.requires_grad and ("lora_" in name or name.startswith("action_head.")):
+                p.add_(0.01)  # what an RL step does to the trained weights
+        moved = policy.act(obs, deterministic=True).action
+        with policy.reference():
+            reference = policy.act(obs, deterministic=True).action
+        expected = warm.act(obs, deterministic=True).action
+    assert torch.equal(reference, expected) and not torch.equal(moved, expected)
+
+
+def test_closed_loop_success_is_measured_and_the_best_state_kept(tmp_path):
+    """With eval_episodes, each evaluation runs the policy in ManiSkill on every task of the demos; the record keeps
+    the success per task and the best state is the one saved."""
+    cfg = sft_config(
+        tmp_path, "action_tokens", "max_steps=4", "eval_every=2", "eval_episodes=1", "env.max_episode_steps=3",
+        "env.num_envs=1",
+    )  # fmt: skip
+    record = sft(cfg)
+    assert [h["step"] for h in record["history"]] == [2, 4]
+    assert all(set(h["success"]) == {"PushCube-v1"} and "val_loss" in h for h in record["history"])
+    saved = json.loads((tmp_path / "out" / ADAPTER_DIR / SFT_RECORD_FILE).read_text())
+    assert saved["best"] == record["best"]
