@@ -4,10 +4,13 @@ a warm-up adapter with the warm-up as its reference policy. Fast: synthetic demo
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from rvla_peft.adapters import WarmupAdapterError
@@ -33,6 +36,7 @@ from rvla_peft.sft import (
 from rvla_peft.utils.constants import ADAPTER_DIR, ADAPTER_WEIGHTS, RECIPE_FILE, SFT_RECORD_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 FAMILIES = {
     "action_tokens": ["model.name_or_path=builtin:tiny-llava"],
@@ -493,3 +497,58 @@ def test_closed_loop_success_is_measured_and_the_best_state_kept(tmp_path):
     assert all(set(h["success"]) == {"PushCube-v1"} and "val_loss" in h for h in record["history"])
     saved = json.loads((tmp_path / "out" / ADAPTER_DIR / SFT_RECORD_FILE).read_text())
     assert saved["best"] == record["best"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the commands, end to end (processes)
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("sft_*.yaml")))
+def test_every_warm_up_recipe_passes_dry_run(recipe, tmp_path):
+    cfg = load_sft_config(RECIPES / recipe, ["demos=[unused]"])
+    demos = write_demos(tmp_path / "demos", size=cfg.env.image_size)
+    done = run("-m", "rvla_peft.sft", str(RECIPES / recipe), f"demos=[{demos}]", "--dry-run", cwd=tmp_path)
+    assert done.stdout.startswith("ok: ") and "Loading weights" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def pushcube_demos(tmp_path_factory, asset_dir) -> Path:
+    """Two real scripted PushCube episodes (rvla-demos), 32 px."""
+    root = tmp_path_factory.mktemp("chain")
+    run("-m", "rvla_peft.demos", "--task", "PushCube-v1", "--episodes", "2", "--seed", "10000", "--out", "demos",
+        "--image-size", "32", "--num-envs", "2", cwd=root)  # fmt: skip
+    return root / "demos"
+
+
+CHAIN = {  # each family's small architecture: the token head and the OFT head of tiny-openvla, tiny-pi0
+    "openvla": FAMILIES["openvla"],
+    "openvla_oft": FAMILIES["openvla_oft"],
+    "pi0": FAMILIES["pi0"],
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", sorted(CHAIN))
+def test_demos_warm_up_then_rl_from_the_adapter(family, pushcube_demos, tmp_path):
+    """The chain with the commands: recorded PushCube demonstrations -> `python -m rvla_peft.sft` (a few steps) ->
+    `python -m rvla_peft.train model.adapter=...` (one update). No success bar: the small version of the chain."""
+    run("-m", "rvla_peft.sft", *CHAIN[family], f"demos=[{pushcube_demos}]", "output_dir=warm", "env.image_size=32",
+        "max_steps=2", "batch_size=4", "eval_every=0", "val_fraction=0", cwd=tmp_path)  # fmt: skip
+    adapter = tmp_path / "warm" / ADAPTER_DIR
+    assert (adapter / ADAPTER_WEIGHTS).is_file() and (adapter / "README.md").is_file()
+    run("-m", "rvla_peft.train", *CHAIN[family], f"model.adapter={adapter}", "output_dir=rl", "total_updates=1",
+        "eval_episodes=0", "report_to=[]", "env.task=PushCube-v1", "env.image_size=32", "env.num_envs=2",
+        "env.max_episode_steps=8", "ppo.num_steps=4", "ppo.num_minibatches=2", "ppo.update_epochs=1",
+        "kl_to_base=0.1", cwd=tmp_path)  # fmt: skip
+    rl = tmp_path / "rl" / ADAPTER_DIR
+    assert not any(REFERENCE_ADAPTER in k for k in load_file(rl / ADAPTER_WEIGHTS))
+    assert yaml.safe_load((tmp_path / "rl" / RECIPE_FILE).read_text())["model"]["adapter"] == str(adapter)
+    metrics = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and math.isfinite(metrics[-1]["policy/kl_to_base"])
