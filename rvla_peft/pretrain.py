@@ -30,6 +30,7 @@ temporary folder swapped in), so that it loads with ``AutoModelForImageTextToTex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -258,12 +259,18 @@ def validate(policy, data: BCData, idx: Tensor, batch_size: int) -> dict[str, fl
 class ClosedLoop:
     """One CPU env per task, kept open between evaluations; argmax actions, episodes from ``seed + e``."""
 
-    def __init__(self, tasks: list[str], image_size: int, num_envs: int, max_episode_steps: int) -> None:
-
+    def __init__(
+        self, tasks: list[str], image_size: int, num_envs: int, max_episode_steps: int, env: EnvConfig | None = None
+    ) -> None:
+        """``env``: the other env settings (simulation and render backends, camera, ...; ManiSkill's defaults when
+        None)."""
         self.max_steps = max_episode_steps
         self.envs = {}
         for task in tasks:
-            cfg = EnvConfig(task=task, num_envs=num_envs, image_size=image_size, max_episode_steps=max_episode_steps)
+            cfg = dataclasses.replace(
+                env or EnvConfig(), task=task, num_envs=num_envs, image_size=image_size,
+                max_episode_steps=max_episode_steps,
+            )  # fmt: skip
             self.envs[task] = make_envs(cfg)
 
     def __call__(self, policy, episodes: int, seed: int) -> dict[str, float]:

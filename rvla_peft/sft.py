@@ -435,7 +435,8 @@ def sft(cfg: SFTConfig, command: str = "") -> dict:
             step, record = state["step"], state["record"]
             best_key = tuple(state["best_key"]) if state["best_key"] is not None else None
         if cfg.eval_episodes > 0 and acc.is_main_process:
-            closed_loop = ClosedLoop(data.tasks, cfg.env.image_size, cfg.env.num_envs, cfg.env.max_episode_steps)
+            env = cfg.env
+            closed_loop = ClosedLoop(data.tasks, env.image_size, env.num_envs, env.max_episode_steps, env)
         horizon, world, rank = policy.action_horizon, acc.num_processes, acc.process_index
         micro_samples = cfg.batch_size
         consecutive_skips = 0

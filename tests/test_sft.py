@@ -552,3 +552,32 @@ def test_demos_warm_up_then_rl_from_the_adapter(family, pushcube_demos, tmp_path
     assert yaml.safe_load((tmp_path / "rl" / RECIPE_FILE).read_text())["model"]["adapter"] == str(adapter)
     metrics = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert metrics and math.isfinite(metrics[-1]["policy/kl_to_base"])
+
+
+GPU_CHAINS = {  # RL recipe -> the warm-up recipe it starts from
+    "openvla_maniskill.yaml": "sft_openvla_maniskill.yaml",
+    "openvla_qlora_maniskill.yaml": "sft_openvla_maniskill.yaml",
+    "openvla_oft_maniskill.yaml": "sft_openvla_oft_maniskill.yaml",
+    "pi0_maniskill.yaml": "sft_pi0_maniskill.yaml",
+    "tiny_cpu.yaml": "sft_tiny_cpu.yaml",
+}
+
+
+@pytest.mark.parametrize(("rl", "warm"), sorted(GPU_CHAINS.items()))
+def test_rl_recipes_start_from_a_warm_up_that_fits_on_a_visible_goal(rl, warm):
+    """Each GPU RL recipe runs a task whose goal the camera sees (not PickCube) and starts from the adapter of a
+    warm-up recipe of the same base, policy and LoRA (tiny_cpu.yaml's warm-up is optional: it starts from the
+    shipped base)."""
+    from dataclasses import replace
+
+    from rvla_peft.config import load_config
+
+    rl_cfg = load_config(RECIPES / rl)
+    warm_cfg = load_sft_config(RECIPES / warm)
+    assert rl_cfg.env.task in {"PushCube-v1", "PullCube-v1", "StackCube-v1"}
+    assert warm_cfg.env.task == rl_cfg.env.task and warm_cfg.env.image_size == rl_cfg.env.image_size
+    if rl != "tiny_cpu.yaml":
+        assert rl_cfg.model.adapter == f"{warm_cfg.output_dir}/{ADAPTER_DIR}"
+    model = replace(rl_cfg.model, adapter=None, quantization="none")  # QLoRA: the bf16 warm-up on the 4-bit base
+    assert replace(warm_cfg.model, quantization="none") == model
+    assert warm_cfg.policy == rl_cfg.policy and warm_cfg.lora == rl_cfg.lora
