@@ -581,3 +581,28 @@ def test_rl_recipes_start_from_a_warm_up_that_fits_on_a_visible_goal(rl, warm):
     model = replace(rl_cfg.model, adapter=None, quantization="none")  # QLoRA: the bf16 warm-up on the 4-bit base
     assert replace(warm_cfg.model, quantization="none") == model
     assert warm_cfg.policy == rl_cfg.policy and warm_cfg.lora == rl_cfg.lora
+
+
+def test_a_non_finite_step_is_skipped_and_too_many_stop_the_run(tmp_path, monkeypatch):
+    """One NaN loss: that step is skipped (no optimizer step) and training goes on; NaN every step: the run stops with
+    NonFiniteError after max_consecutive_skips, and nothing was saved."""
+    from rvla_peft.policies.action_tokens.modeling import ActionTokenPolicy
+    from rvla_peft.utils.errors import NonFiniteError
+
+    real = ActionTokenPolicy.supervised_loss
+    calls = []
+
+    def nan_first(self, *args, **kwargs):
+        calls.append(1)
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if len(calls) == 1 else loss
+
+    monkeypatch.setattr(ActionTokenPolicy, "supervised_loss", nan_first)
+    record = sft(sft_config(tmp_path / "once", "action_tokens", "max_steps=3", "val_fraction=0"))
+    assert record["skipped_steps"] == 1 and math.isfinite(record["history"][-1]["train_loss"])
+
+    monkeypatch.setattr(ActionTokenPolicy, "supervised_loss", lambda self, *a, **k: real(self, *a, **k) * float("nan"))
+    cfg = sft_config(tmp_path / "always", "action_tokens", "max_steps=5", "max_consecutive_skips=2")
+    with pytest.raises(NonFiniteError, match="2 warm-up steps in a row"):
+        sft(cfg)
+    assert not (Path(cfg.output_dir) / ADAPTER_DIR).exists() and not (Path(cfg.output_dir) / CHECKPOINT_DIR).exists()
