@@ -368,7 +368,8 @@ class InvarianceConfig:
     target: Literal["base", "current"] = field(
         default="base",
         metadata={
-            "help": "The clean-frame side: 'base', the adapter switched off (a fixed teacher, so the penalty cannot "
+            "help": "The clean-frame side: 'base', the adapter switched off (with model.adapter: the frozen warm-up "
+            "adapter; a fixed teacher, so the penalty cannot "
             "be met by a policy whose actions on both frames agree and are worse), or 'current', the policy being "
             "trained (no gradient through it). Under shift@0.5, 'base' kept clean success where 'current' lost it "
             "(README, Does RL improve the shipped base?)."
@@ -456,7 +457,8 @@ class TrainConfig:
         default=0.0,
         metadata={
             "help": "Weight of a KL penalty to the base policy (the same model with the adapter switched off: no "
-            "second copy), k3 estimator per sample. policy/kl_to_base is logged whatever the weight."
+            "second copy; with model.adapter, the frozen warm-up adapter), k3 estimator per sample. "
+            "policy/kl_to_base is logged whatever the weight."
         },
     )
     kl_to_base_frames: Literal["rollout", "clean"] = field(
