@@ -266,6 +266,9 @@ def test_sft_lowers_the_loss_and_writes_an_adapter_rl_can_load(tmp_path, family)
     adapter = tmp_path / "out" / ADAPTER_DIR
     assert {ADAPTER_WEIGHTS, RECIPE_FILE, SFT_RECORD_FILE, "README.md"} <= {p.name for p in adapter.iterdir()}
     assert record["best"]["step"] == 12 and (tmp_path / "out" / SFT_RECORD_FILE).is_file()
+    card = (adapter / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and f"({family})" in card
+    assert {"action_tokens": "cross-entropy", "openvla_oft": "L1 regression", "pi0": "flow matching"}[family] in card
     warm = load_policy(None, adapter)  # the recipe beside it; PeftModel.from_pretrained underneath
     after = fixed_loss(warm, cfg)
     # deterministic (seeded); flow matching keeps the irreducible variance of its noise, so it falls least
