@@ -178,3 +178,33 @@ def check_base_match(adapter_dir: Path, base_id: str, *, allow: bool = False, ad
         f"{recorded!r} (base=None takes the recipe's), or pass allow_base_mismatch=True (--allow-base-mismatch) "
         "if both names are the same weights"
     )
+
+
+class WarmupAdapterError(ValueError):
+    """A warm-up adapter (``model.adapter``) that does not fit the run: another base or another policy family."""
+
+
+def check_warmup_adapter(adapter_dir: Path, base_id: str, family: str, adapter_name: str | None = None) -> None:
+    """Refuse, before the base loads, a warm-up adapter trained on another base or as another policy family (its
+    LoRA would land on other weights, its heads would not fit): the base from its ``adapter_config.json``, the family
+    from the recipe beside it (when it has one)."""
+    import yaml
+
+    name = adapter_name or str(adapter_dir)
+    recorded = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if recorded and recorded != base_id:
+        raise WarmupAdapterError(
+            f"model.adapter={name} was trained on base {recorded!r}, not model.name_or_path={base_id!r}: start from "
+            f"{recorded!r} (set model.name_or_path, or model.hub_id if it is the same weights under another name)"
+        )
+    try:
+        recipe = adapter_recipe(Path(adapter_dir))
+    except HubError:
+        return  # a plain PEFT adapter: nothing records its family
+    policy = (yaml.safe_load(recipe.read_text()) or {}).get("policy") or {}
+    trained = policy.get("family", "action_tokens")
+    if trained != family:
+        raise WarmupAdapterError(
+            f"model.adapter={name} is a {trained!r} adapter ({recipe.name}), this run is policy.family={family!r}: "
+            f"set policy.family={trained} or warm up a {family!r} adapter"
+        )

@@ -42,9 +42,10 @@ if TYPE_CHECKING:
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 ADAPTER_TEMPLATE, BASE_TEMPLATE, MERGED_TEMPLATE = "adapter_card.md", "base_card.md", "merged_card.md"
+WARMUP_TEMPLATE = "warmup_card.md"
 PIPELINE_TAG = "robotics"
 BASE_TAGS = ("lora", "robustness", "rvla-peft")
-CARD_TEMPLATES = (ADAPTER_TEMPLATE, BASE_TEMPLATE, MERGED_TEMPLATE)
+CARD_TEMPLATES = (ADAPTER_TEMPLATE, BASE_TEMPLATE, MERGED_TEMPLATE, WARMUP_TEMPLATE)
 # the copies in the repository's cards/ link to the files beside the shipped card
 CARDS_LINK_PREFIX = "../rvla_peft/assets/{name}/"
 
@@ -397,6 +398,42 @@ def base_card(record: dict) -> ModelCard:
         val_action_mae=f"{best.get('val_action_mae', nan):.3f}",
         success_rows="\n".join(f"| {task} | {100 * rate:.0f} |" for task, rate in success.items()) or "| - | - |",
         evaluation=(record.get("evaluation") or "").strip(),
+    )
+
+
+OBJECTIVES = {
+    "action_tokens": "cross-entropy of the expert's action tokens (teacher-forced)",
+    "openvla": "cross-entropy of the expert's action tokens (teacher-forced)",
+    "openvla_oft": "OpenVLA-OFT's L1 regression of the expert's action chunk",
+    "pi0": "pi0's flow matching (MSE to the velocity noise - actions, t ~ Beta(1.5, 1))",
+}
+
+
+def warmup_card(record: dict, full: bool = False) -> ModelCard:
+    """The card of a supervised warm-up (``rvla_peft.sft``), from its ``sft.json`` record."""
+    from huggingface_hub import ModelCardData
+
+    cfg, best, data = record["config"], record.get("best") or {}, record["dataset"]
+    success = best.get("success") or {}
+    base_id = cfg["model"].get("hub_id") or cfg["model"]["name_or_path"]
+    return render(
+        ModelCardData(
+            library_name="transformers" if full else "peft",
+            pipeline_tag=PIPELINE_TAG,
+            base_model=base_id if is_hub_id(base_id) and not full else None,  # the Hub rejects other ids
+            tags=["rvla-peft", "vision-language-action", "behaviour-cloning", "maniskill", *data["tasks"]],
+        ),
+        WARMUP_TEMPLATE,
+        full=full,
+        cfg=cfg,
+        family=record["family"],
+        objective=OBJECTIVES.get(record["family"], record["family"]),
+        dataset=data,
+        trained_m=f"{record['trained_parameters'] / 1e6:.2f}",
+        command=record.get("command") or "",
+        best=best,
+        val_loss="-" if best.get("val_loss") is None else f"{best['val_loss']:.4f}",
+        success_rows="\n".join(f"| {task} | {100 * rate:.0f} |" for task, rate in success.items()) or "| - | - |",
     )
 
 

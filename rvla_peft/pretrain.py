@@ -30,6 +30,7 @@ temporary folder swapped in), so that it loads with ``AutoModelForImageTextToTex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -51,7 +52,7 @@ from rvla_peft.envs.maniskill import INSTRUCTIONS
 from rvla_peft.models.tiny import CHARS, build_tiny_llava, fast_tokenizer, resolve_builtin
 from rvla_peft.policies.action_tokens.configuration import ActionTokenPolicyConfig
 from rvla_peft.policies.action_tokens.modeling import ActionTokenPolicy
-from rvla_peft.policies.common import gripper_from_env
+from rvla_peft.policies.common import normalize_actions  # noqa: F401  (re-exported)
 from rvla_peft.rollout import run_episodes
 from rvla_peft.utils.commands import portable_command_line, portable_path
 from rvla_peft.utils.constants import CARD_FILE, POLICY_SETTINGS_FILE, PRETRAIN_RECORD_FILE
@@ -72,7 +73,7 @@ class BCData:
     """Demo steps: images, the policy's target action slots, and each step's episode and instruction."""
 
     rgb: Tensor  # [T, H, W, 3] uint8
-    slots: Tensor  # [T, A] int64, the policy's action slots of the expert actions
+    slots: Tensor | None  # [T, A] int64, the policy's action slots of the expert actions (token policies)
     action: Tensor  # [T, A] float32, the expert actions as recorded
     step_episode: Tensor  # [T] int64
     episode_task: Tensor  # [E] int64
@@ -129,29 +130,21 @@ def read_demos(dirs: list[str | Path]) -> tuple[dict, list[dict]]:
     return merged, indexes
 
 
-def normalize_actions(action: Tensor, low: list[float] | None, high: list[float] | None) -> Tensor:
-    """Env actions -> [-1, 1]: the inverse of ``ActionTokenizer.unnormalize``."""
-    if low is None and high is None:
-        return action
-    lo = torch.tensor(low if low is not None else [-1.0] * action.shape[-1], dtype=action.dtype)
-    hi = torch.tensor(high if high is not None else [1.0] * action.shape[-1], dtype=action.dtype)
-    span = hi - lo
-    return torch.where(span.abs() > 1e-8, 2 * (action - lo) / span.where(span.abs() > 1e-8, 1.0) - 1, 0.0)
-
-
 def action_slots(action_tokenizer, action: Tensor) -> Tensor:
     """Expert env actions [..., A] -> the policy's action slots [..., A] (token id = first_id + slot)."""
-    low, high = action_tokenizer.low.tolist(), action_tokenizer.high.tolist()
-    action = gripper_from_env(action.float(), action_tokenizer.gripper)
-    return action_tokenizer.encode(normalize_actions(action, low, high))
+    return action_tokenizer.env_to_slots(action)
 
 
 def build_dataset(dirs: list[str | Path], action_tokenizer) -> BCData:
-    data, indexes = read_demos(dirs)
+    return dataset_from(*read_demos(dirs), action_tokenizer)
+
+
+def dataset_from(data: dict, indexes: list[dict], action_tokenizer=None) -> BCData:
+    """:func:`read_demos`' output as a :class:`BCData`; the action slots only with an ``action_tokenizer``."""
     lengths = data["episode_length"]
     return BCData(
         rgb=data["rgb"],
-        slots=action_slots(action_tokenizer, data["action"]),
+        slots=None if action_tokenizer is None else action_slots(action_tokenizer, data["action"]),
         action=data["action"],
         step_episode=torch.repeat_interleave(torch.arange(len(lengths)), lengths),
         episode_task=data["episode_task"],
@@ -266,12 +259,18 @@ def validate(policy, data: BCData, idx: Tensor, batch_size: int) -> dict[str, fl
 class ClosedLoop:
     """One CPU env per task, kept open between evaluations; argmax actions, episodes from ``seed + e``."""
 
-    def __init__(self, tasks: list[str], image_size: int, num_envs: int, max_episode_steps: int) -> None:
-
+    def __init__(
+        self, tasks: list[str], image_size: int, num_envs: int, max_episode_steps: int, env: EnvConfig | None = None
+    ) -> None:
+        """``env``: the other env settings (simulation and render backends, camera, ...; ManiSkill's defaults when
+        None)."""
         self.max_steps = max_episode_steps
         self.envs = {}
         for task in tasks:
-            cfg = EnvConfig(task=task, num_envs=num_envs, image_size=image_size, max_episode_steps=max_episode_steps)
+            cfg = dataclasses.replace(
+                env or EnvConfig(), task=task, num_envs=num_envs, image_size=image_size,
+                max_episode_steps=max_episode_steps,
+            )  # fmt: skip
             self.envs[task] = make_envs(cfg)
 
     def __call__(self, policy, episodes: int, seed: int) -> dict[str, float]:

@@ -89,7 +89,7 @@ def _cli(*args, cwd=None):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml") if not p.name.startswith("sft_")))
 def test_every_recipe_passes_dry_run(recipe):
     result = _cli(str(RECIPES / recipe), "--dry-run")
     assert result.returncode == 0, result.stderr

@@ -57,6 +57,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "rvla_peft.trainer",
             "rvla_peft.demos",
             "rvla_peft.pretrain",
+            "rvla_peft.sft",
             "rvla_peft.cards",
             "rvla_peft.hub",
             "rvla_peft.hub.card",

@@ -72,9 +72,11 @@ def test_a_wheel_install_renders_a_card_and_runs_every_command(tmp_path):
 
     # every console script pyproject declares, and the python -m forms that cards and docs name
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert {"rvla-train", "rvla-eval", "rvla-export", "rvla-hub", "rvla-demos", "rvla-pretrain"} <= set(scripts)
+    assert {"rvla-train", "rvla-eval", "rvla-export", "rvla-hub", "rvla-demos", "rvla-pretrain", "rvla-sft"} <= set(
+        scripts
+    )
     commands = [[str(target / "bin" / name)] for name in scripts]
-    modules = ["train", "eval", "export", "hub", "demos", "pretrain", "experts", "cards"]
+    modules = ["train", "eval", "export", "hub", "demos", "pretrain", "sft", "experts", "cards"]
     commands += [[sys.executable, "-m", f"rvla_peft.{m}"] for m in modules]
     for command in commands:
         done = subprocess.run([*command, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

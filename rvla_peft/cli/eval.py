@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -184,7 +185,10 @@ def run(
     of each setting into ``out``); returns the report dict."""
     policies, described = {}, []
     if not args.no_base:
-        policies["base"] = build_policy(cfg, device=env.device)
+        # the raw base, also for a recipe that starts RL from a warm-up (model.adapter): evaluate a warm-up as an
+        # adapter of its own (--adapter warmup=PATH)
+        raw = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, adapter=None))
+        policies["base"] = build_policy(raw, device=env.device)
         described.append({"name": "base", "base": base_model_id(cfg.model), "adapter": None})
     for (name, given), path in zip(named, local, strict=True):
         if _recipe_of(path) is None:  # no recipe beside it: the evaluation recipe's policy settings

@@ -63,6 +63,14 @@ class ModelConfig:
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint."})
     revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the base model."})
+    adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "A warm-up adapter (folder or Hub id, e.g. the adapter/ of `rvla-sft`) that training starts from: "
+            "its LoRA (and OpenVLA-OFT's heads) go on training, and a frozen copy of it is the reference policy "
+            "(kl_to_base, the invariance teacher). It must be of this base and policy family. None: a fresh LoRA."
+        },
+    )
     processor_name_or_path: str | None = field(
         default=None,
         metadata={
@@ -408,7 +416,8 @@ class InvarianceConfig:
     target: Literal["base", "current"] = field(
         default="base",
         metadata={
-            "help": "The clean-frame side: 'base', the adapter switched off (a fixed teacher, so the penalty cannot "
+            "help": "The clean-frame side: 'base', the adapter switched off (with model.adapter: the frozen warm-up "
+            "adapter; a fixed teacher, so the penalty cannot "
             "be met by a policy whose actions on both frames agree and are worse), or 'current', the policy being "
             "trained (no gradient through it). Under shift@0.5, 'base' kept clean success where 'current' lost it "
             "(README, Does RL improve the shipped base?)."
@@ -496,7 +505,8 @@ class TrainConfig:
         default=0.0,
         metadata={
             "help": "Weight of a KL penalty to the base policy (the same model with the adapter switched off: no "
-            "second copy), k3 estimator per sample. policy/kl_to_base is logged whatever the weight."
+            "second copy; with model.adapter, the frozen warm-up adapter), k3 estimator per sample. "
+            "policy/kl_to_base is logged whatever the weight."
         },
     )
     kl_to_base_frames: Literal["rollout", "clean"] = field(

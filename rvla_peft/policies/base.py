@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from rvla_peft.policies.common import normalize_images, pad_prompts
 from rvla_peft.utils.constants import VALUE_HEAD_FILE
 
+REFERENCE_ADAPTER = "reference"  # the frozen warm-up adapter that RL from model.adapter is anchored to
+
 Observation = dict  # {"rgb": uint8 [B,H,W,3], "state": float [B,D], "instruction": list[str]}
 
 
@@ -245,11 +247,34 @@ class Policy(nn.Module):
                 for tensor, original in zip(tensors, saved, strict=True):
                     tensor.copy_(original)
 
+    # ------------------------------------------------------------------------------------------------------------
+    # the supervised objective (the warm-up on demonstrations, rvla_peft.sft)
+
+    @property
+    def action_horizon(self) -> int:
+        """Expert actions per observation that :meth:`supervised_loss` reads: 1, or a family's chunk."""
+        return 1
+
+    def supervised_loss(
+        self, obs: Observation, actions: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """The family's own supervised loss of expert ``actions`` at ``obs``, a scalar with grad.
+
+        ``actions`` [B, H, A] are env actions (as the demonstrations record them), H >= :attr:`action_horizon`:
+        row h is the expert's action h steps after the observation; ``mask`` [B, H] is false past the episode's end.
+        ``generator`` draws what the loss samples (flow matching's noise and time), on the CPU."""
+        raise NotImplementedError(f"policy family {self.cfg.family!r} has no supervised objective")
+
+    @classmethod
+    def has_supervised_objective(cls) -> bool:
+        return cls.supervised_loss is not Policy.supervised_loss
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------------------------------------
-    # the reference policy: the same model with the adapter switched off (no second copy of the weights)
+    # the reference policy: the same model with the adapter switched off (no second copy of the weights), or, for RL
+    # that continues from a warm-up adapter (``model.adapter``), the frozen copy of that adapter named "reference"
 
     def freeze_reference(self) -> None:
         """Take the current values of the trained weights that are neither LoRA nor the value head (OpenVLA-OFT's
@@ -261,17 +286,23 @@ class Policy(nn.Module):
             if p.requires_grad and "lora_" not in name and id(p) not in value_ids
         }
 
+    @property
+    def has_reference_adapter(self) -> bool:
+        """Whether a frozen adapter named :data:`REFERENCE_ADAPTER` (the warm-up) is the reference's LoRA."""
+        return REFERENCE_ADAPTER in getattr(self.peft_model, "peft_config", {})
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """Inside the block this policy is the reference policy (the KL anchor, the invariance teacher with
-        ``target: base``, the drift probes' baseline): the adapter switched off and the weights of
-        :meth:`freeze_reference` swapped in."""
+        ``target: base``, the drift probes' baseline): the adapter switched off, or switched to the frozen
+        "reference" adapter when there is one, and the weights of :meth:`freeze_reference` swapped in."""
         weights = getattr(self, "_reference_weights", None)
         if weights is None:
             raise RuntimeError("no reference policy: call freeze_reference() before training")
         params = dict(self.named_parameters())
         current = {name: params[name].data for name in weights}
-        with self.peft_model.disable_adapter():
+        switch = self._reference_adapter() if self.has_reference_adapter else self.peft_model.disable_adapter()
+        with switch:
             try:
                 for name, initial in weights.items():
                     params[name].data = initial
@@ -279,6 +310,22 @@ class Policy(nn.Module):
             finally:
                 for name, data in current.items():
                     params[name].data = data
+
+    @contextlib.contextmanager
+    def _reference_adapter(self) -> Iterator[None]:
+        """Every LoRA layer computes with the "reference" adapter inside the block. The layers' active adapter is
+        set directly: peft's ``set_adapter`` would also flip which weights require grad."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        active = [layer._active_adapter for layer in layers]
+        try:
+            for layer in layers:
+                layer._active_adapter = [REFERENCE_ADAPTER]
+            yield
+        finally:
+            for layer, name in zip(layers, active, strict=True):
+                layer._active_adapter = name
 
     # ------------------------------------------------------------------------------------------------------------
     # prompts
@@ -311,7 +358,10 @@ class Policy(nn.Module):
             for config in self.peft_model.peft_config.values():
                 config.base_model_name_or_path = base_model_id
         # embeddings are not adapted: skip peft's vocabulary check, which would look the base id up online
-        self.peft_model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
+        # only the trained adapter: a frozen "reference" adapter (the warm-up RL started from) is not part of it
+        self.peft_model.save_pretrained(
+            str(directory), safe_serialization=True, save_embedding_layers=False, selected_adapters=["default"]
+        )
         state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
         save_file(
             state, str(directory / VALUE_HEAD_FILE), metadata={"hidden_size": str(state["net.0.weight"].shape[1])}

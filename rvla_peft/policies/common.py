@@ -129,6 +129,25 @@ def unnormalize_actions(normalized: Tensor, low: Tensor | None, high: Tensor | N
     return 0.5 * (normalized + 1) * (high - low) + low
 
 
+def normalize_actions(action: Tensor, low: Tensor | list[float] | None, high: Tensor | list[float] | None) -> Tensor:
+    """Env actions [..., A] -> [-1, 1]: the inverse of :func:`unnormalize_actions` (a dimension with low == high maps
+    to 0). ``low`` / ``high`` None stand for -1 / 1; both None is the identity, exactly."""
+    if low is None and high is None:
+        return action
+    lo = torch.as_tensor(low if low is not None else [-1.0] * action.shape[-1]).to(action)
+    hi = torch.as_tensor(high if high is not None else [1.0] * action.shape[-1]).to(action)
+    span = hi - lo
+    return torch.where(span.abs() > 1e-8, 2 * (action - lo) / span.where(span.abs() > 1e-8, 1.0) - 1, 0.0)
+
+
+def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``values`` [B, H, ...] over the entries whose ``mask`` [B, H] is true (all when None)."""
+    if mask is None:
+        return values.mean()
+    weights = mask.to(values.dtype).reshape(*mask.shape, *([1] * (values.dim() - mask.dim()))).expand_as(values)
+    return (values * weights).sum() / weights.sum().clamp(min=1)
+
+
 def bounds_tensor(values: list[float] | None) -> Tensor | None:
     return None if values is None else torch.tensor(values, dtype=torch.float32)
 

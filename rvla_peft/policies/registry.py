@@ -13,11 +13,18 @@ from pathlib import Path
 
 import torch
 
-from rvla_peft.adapters import HubError, adapter_recipe, check_base_match, resolve_adapter, with_base
+from rvla_peft.adapters import (
+    HubError,
+    adapter_recipe,
+    check_base_match,
+    check_warmup_adapter,
+    resolve_adapter,
+    with_base,
+)
 from rvla_peft.config import ConfigError, ModelConfig, load_config
 from rvla_peft.config.policy import gripper_convention
 from rvla_peft.models.tiny import resolve_builtin
-from rvla_peft.policies.base import Policy
+from rvla_peft.policies.base import REFERENCE_ADAPTER, Policy
 from rvla_peft.policies.families import LORA_DEFAULTS, POLICY_FAMILIES, family_config
 from rvla_peft.utils.constants import POLICY_SETTINGS_FILE, VALUE_HEAD_FILE
 
@@ -215,12 +222,18 @@ _BITSANDBYTES_FLAGS = [
 
 
 def build_policy(cfg, adapter: str | Path | None = None, device: torch.device | str = "cpu") -> Policy:
-    """Base model + LoRA (fresh from ``cfg.lora``, or loaded from ``adapter``) + value head, on ``device``."""
+    """Base model + LoRA + value head, on ``device``. The LoRA is loaded from ``adapter`` when given (a trained
+    policy: ``cfg.model.adapter`` is then ignored), else from the warm-up adapter ``cfg.model.adapter`` (trainable,
+    plus a frozen copy named "reference" that :meth:`Policy.reference` switches to), else fresh from ``cfg.lora``."""
+    warmup = None
+    if adapter is None and getattr(cfg.model, "adapter", None):
+        warmup = resolve_adapter(cfg.model.adapter)  # before the base loads: a missing or damaged adapter, by name
+        check_warmup_adapter(warmup, base_model_id(cfg.model), family_config(cfg.policy).family, cfg.model.adapter)
     with _bitsandbytes_only_if(cfg.model.quantization != "none"):
-        return _build_policy(cfg, adapter, device)
+        return _build_policy(cfg, adapter if warmup is None else warmup, device, reference=warmup is not None)
 
 
-def _build_policy(cfg, adapter: str | Path | None, device: torch.device | str) -> Policy:
+def _build_policy(cfg, adapter: str | Path | None, device: torch.device | str, reference: bool = False) -> Policy:
     from peft import get_peft_model
     from safetensors.torch import load_file
 
@@ -232,6 +245,9 @@ def _build_policy(cfg, adapter: str | Path | None, device: torch.device | str) -
         peft_model = get_peft_model(model, lora_config(model, resolve_lora(policy_cfg.family, cfg.lora)))
     else:
         peft_model = load_adapter_strict(model, adapter)
+    if reference:  # the same weights again, frozen: the reference policy's LoRA; "default" stays the active one
+        peft_model.load_adapter(str(adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        peft_model.set_adapter("default")
     hidden = getattr(model.config, "vlm_config", model.config).get_text_config().hidden_size  # pi0: vlm_config
     policy = policy_class(policy_cfg.family)(peft_model, processor, policy_cfg, hidden)
     if adapter is not None and (Path(adapter) / VALUE_HEAD_FILE).exists():

@@ -35,6 +35,7 @@ CURVE_PNG = "training_curve.png"
 # A checkpoint made by rvla_peft.pretrain: its decoding settings and its training record
 POLICY_SETTINGS_FILE = "policy.json"
 PRETRAIN_RECORD_FILE = "pretrain.json"
+SFT_RECORD_FILE = "sft.json"  # a warm-up (rvla_peft.sft): its recipe, data and history
 
 # Model names: "builtin:NAME" is a tiny model built from a config, or a checkpoint shipped in the package
 BUILTIN_PREFIX = "builtin:"

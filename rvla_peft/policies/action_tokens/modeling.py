@@ -21,6 +21,13 @@ from rvla_peft.policies.base import ActionSample, Observation, Policy, PolicyOut
 from rvla_peft.policies.common import image_geometry, positions, prompt_ids
 
 
+def token_cross_entropy(logits: Tensor, slots: Tensor) -> Tensor:
+    """Mean cross-entropy of the action slots ``slots`` [B, A] under per-slot ``logits`` [B, A, n_bins] (in float32
+    at least): the action-token families' supervised loss, as OpenVLA fine-tunes its action tokens."""
+    log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+    return -log_probs.gather(-1, slots.to(log_probs.device)[..., None]).mean()
+
+
 class ActionTokenPolicy(Policy):
     def __init__(self, peft_model, processor, policy_cfg, hidden_size: int):
         super().__init__(peft_model, processor, policy_cfg, hidden_size)
@@ -140,6 +147,11 @@ class ActionTokenPolicy(Policy):
         """Logits over the action slots [B, A, n_bins], teacher-forced on ``action``."""
         out, _ = self._teacher_forced(obs, action, pixel_values)
         return self._dist_logits(out.logits)
+
+    def supervised_loss(self, obs: Observation, actions: Tensor, mask=None, generator=None) -> Tensor:
+        """Cross-entropy of the expert's next action digitised into the policy's action tokens (teacher-forced)."""
+        slots = self.action_tokenizer.env_to_slots(actions[:, 0])
+        return token_cross_entropy(self.action_logits(obs, slots), slots)
 
     def evaluate(self, obs: Observation, action: Tensor, pixel_values: Tensor | None = None) -> PolicyOutput:
         out, prompt_len = self._teacher_forced(obs, action, pixel_values)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rvla_peft.policies.common import gripper_to_env, unnormalize_actions
+from rvla_peft.policies.common import gripper_from_env, gripper_to_env, normalize_actions, unnormalize_actions
 
 
 class ActionTokenizer:
@@ -57,3 +57,10 @@ class ActionTokenizer:
     def unnormalize(self, normalized: Tensor) -> Tensor:
         """[-1, 1] -> env range with q01 / q99 (-1 / 1 by default), the gripper in ManiSkill's convention."""
         return gripper_to_env(unnormalize_actions(normalized, self.low, self.high), self.gripper)
+
+    def env_to_slots(self, action: Tensor) -> Tensor:
+        """Env actions [..., A] -> the action slots [..., A] that decode nearest to them (the gripper in the policy's
+        convention, normalised with the policy's statistics, then digitised): the supervised targets of expert
+        actions."""
+        action = gripper_from_env(action.float(), self.gripper)
+        return self.encode(normalize_actions(action, self.low, self.high))

@@ -57,8 +57,11 @@ from rvla_peft.policies.common import (
     OPENVLA_EMPTY_WORD,
     bounds_tensor,
     center_crop,
+    gripper_from_env,
     gripper_to_env,
     image_geometry,
+    masked_mean,
+    normalize_actions,
     normalize_images,
     openvla_action_bounds,
     positions,
@@ -154,6 +157,12 @@ class StateDependentScale(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.log_b_head(self.trunk(_per_step(features.to(self.log_b_head.weight.dtype), self.action_dim)))
+
+
+def l1_regression_loss(predicted: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """OFT's fine-tuning loss: the mean absolute error between the action head's chunk [B, H, A] and the expert's
+    normalised chunk, over the steps whose ``mask`` [B, H] is true (steps past an episode's end left out)."""
+    return masked_mean((predicted.float() - target.float()).abs(), mask)
 
 
 def make_scale_head(policy_cfg, hidden_size: int) -> nn.Module:
@@ -362,6 +371,21 @@ class OpenVLAOFTPolicy(Policy):
             value=self.value_head(prompt_hidden),
             mean=mean[:, :k],
         )
+
+    @property
+    def action_horizon(self) -> int:
+        return self.chunk_size
+
+    def supervised_loss(self, obs: Observation, actions: Tensor, mask=None, generator=None) -> Tensor:
+        """OFT's L1 regression (``vla-scripts/finetune.py``): the action head's chunk against the expert's next
+        ``chunk_size`` actions, normalised with the policy's statistics and clipped to [-1, 1] as OpenVLA's q01 / q99
+        normalisation does. The scale head is not trained by it."""
+        features, _ = self._features(obs)
+        predicted = self.action_head(features)
+        chunk = gripper_from_env(actions[:, : self.chunk_size].to(self.device, torch.float32), self.cfg.gripper)
+        target = normalize_actions(chunk, self.action_low, self.action_high).clamp(-1, 1)
+        step_mask = None if mask is None else mask[:, : self.chunk_size].to(self.device)
+        return l1_regression_loss(predicted, target, step_mask)
 
     @torch.no_grad()
     def value(self, obs: Observation) -> Tensor:

@@ -46,7 +46,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rvla_peft.policies.base import ActionSample, MemoryHooks, Observation, Policy, PolicyOutput
-from rvla_peft.policies.common import blank_image, bounds_tensor, gripper_to_env, unnormalize_actions
+from rvla_peft.policies.common import (
+    blank_image,
+    bounds_tensor,
+    gripper_from_env,
+    gripper_to_env,
+    masked_mean,
+    normalize_actions,
+    unnormalize_actions,
+)
 from rvla_peft.policies.distributions import gaussian_entropy, gaussian_log_prob
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,6 +97,40 @@ def chain_log_prob(step_log_probs: Tensor, noised: Tensor, likelihood: str) -> T
     mean over the K steps, or (one_step) the one noised step's term."""
     total = (step_log_probs * noised).sum(1)
     return total / step_log_probs.shape[1] if likelihood == "mean" else total
+
+
+def flow_matching_inputs(actions: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """The noisy chunk x_t = t * noise + (1 - t) * actions and the target velocity u = noise - actions (openpi's and
+    LeRobot's convention, the one this family's sampler integrates from t = 1 to 0); ``t`` [B]."""
+    t = t.to(actions.dtype).reshape(-1, *([1] * (actions.dim() - 1)))
+    return t * noise + (1 - t) * actions, noise - actions
+
+
+def flow_matching_loss(velocity: Tensor, target: Tensor, mask: Tensor | None, action_dim: int) -> Tensor:
+    """pi0's training loss: the mean squared error between predicted and target velocity [B, H, D], over the first
+    ``action_dim`` columns (the rest is padding to ``max_action_dim``) and the steps whose ``mask`` [B, H] is true
+    (LeRobot drops padded dimensions and steps past the episode's end the same way)."""
+    return masked_mean((velocity.float() - target.float())[..., :action_dim].square(), mask)
+
+
+def sample_flow_time(
+    batch: int,
+    generator: torch.Generator | None,
+    alpha: float = 1.5,
+    beta: float = 1.0,
+    scale: float = 0.999,
+    offset: float = 0.001,
+) -> Tensor:
+    """Training times t = Beta(alpha, beta) * scale + offset, as openpi (Beta(1.5, 1) * 0.999 + 0.001). Beta(alpha, 1)
+    is drawn by inverting its CDF t^alpha, so that ``generator`` alone decides it. float32 [B]."""
+    if beta == 1.0:
+        draw = torch.rand(batch, generator=generator, dtype=torch.float64) ** (1.0 / alpha)
+    else:  # torch's Beta takes no generator: seed the global RNG from it, inside a fork
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            draw = torch.distributions.Beta(float(alpha), float(beta)).sample((batch,)).double()
+    return (draw * scale + offset).float()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,14 +261,18 @@ class Pi0Policy(Policy):
         pooled = (out.last_hidden_state * weights).sum(1) / weights.sum(1)
         return _Prefix(cache=out.cache, mask=mask, pooled=pooled, state=self._state(obs, batch))
 
-    def _velocity(self, prefix: _Prefix, x: Tensor, t: float) -> Tensor:
+    def _velocity(self, prefix: _Prefix, x: Tensor, t: float | Tensor) -> Tensor:
         """v(x, t) from the action expert over the cached prefix; float32 [B, H, D]. The expert's keys are cropped
         from the cache afterwards, so every step attends to the prefix only."""
         prefix_length = prefix.cache.get_seq_length()
         out = self.model(
             state=prefix.state,
             noise=x.to(self.model_dtype),
-            timestep=torch.full((x.shape[0],), t, dtype=torch.float32, device=self.device),
+            timestep=(
+                t.to(self.device, torch.float32)
+                if isinstance(t, Tensor)
+                else torch.full((x.shape[0],), t, dtype=torch.float32, device=self.device)
+            ),
             attention_mask=prefix.mask,
             cache=prefix.cache,
         )
@@ -313,6 +359,29 @@ class Pi0Policy(Policy):
         value = self.value_head(prefix.pooled)
         out = self._run(prefix, chain=action.to(self.device))
         return PolicyOutput(log_prob=out.log_prob, entropy=out.entropy, value=value, mean=out.mean)
+
+    @property
+    def action_horizon(self) -> int:
+        return self.chunk_size
+
+    def supervised_loss(self, obs: Observation, actions: Tensor, mask=None, generator=None) -> Tensor:
+        """Flow matching as openpi and LeRobot train pi0: the expert's next ``chunk_size`` actions (normalised with
+        the policy's statistics, clipped to [-1, 1], zero-padded to ``max_action_dim``), noise ~ N(0, I) and
+        t ~ Beta(1.5, 1) * 0.999 + 0.001 (the checkpoint's ``time_sampling_*``) from ``generator``, and the MSE
+        between the action expert's velocity at (x_t, t) and u = noise - actions."""
+        batch, config = actions.shape[0], self.model.config
+        chunk = gripper_from_env(actions[:, : self.chunk_size].to(self.device, torch.float32), self.cfg.gripper)
+        target = torch.zeros(batch, self.chunk_size, self.max_action_dim, device=self.device)
+        target[..., : chunk.shape[-1]] = normalize_actions(chunk, self.action_low, self.action_high).clamp(-1, 1)
+        noise = torch.randn(target.shape, generator=generator).to(self.device)
+        t = sample_flow_time(
+            batch, generator, config.time_sampling_beta_alpha, config.time_sampling_beta_beta,
+            config.time_sampling_scale, config.time_sampling_offset,
+        ).to(self.device)  # fmt: skip
+        x_t, u = flow_matching_inputs(target, noise, t)
+        velocity = self._velocity(self._prefix(obs), x_t, t)
+        step_mask = None if mask is None else mask[:, : self.chunk_size].to(self.device)
+        return flow_matching_loss(velocity, u, step_mask, self.action_dim)
 
     @torch.no_grad()
     def value(self, obs: Observation) -> Tensor:
