@@ -205,7 +205,7 @@ def test_shipped_checkpoint_loads_and_matches_the_recipe():
 
 @pytest.mark.parametrize("name", PACKAGED_ADAPTERS)
 def test_shipped_adapter_loads_on_the_shipped_base(name, tmp_path):
-    """Each builtin adapter (tiny-vla-maniskill-shift, -color) is a PEFT adapter folder in the package, with its
+    """Each builtin adapter (tiny-vla-maniskill-color) is a PEFT adapter folder in the package, with its
     card, recipe and the held-out report its card quotes; it loads through load_policy (base from its recipe) and
     through plain PeftModel.from_pretrained on the shipped base, where it changes the actions; unknown names list
     the shipped."""
@@ -235,10 +235,10 @@ def test_shipped_adapter_loads_on_the_shipped_base(name, tmp_path):
     lora = {k: v for k, v in peft_model.state_dict().items() if "lora_B" in k}
     assert lora and all(torch.equal(v, policy.peft_model.state_dict()[k]) for k, v in lora.items())
     assert any(v.abs().max() > 0 for v in lora.values())  # trained: LoRA's B starts at zero
-    with pytest.raises(
-        ValueError, match="available: builtin:tiny-vla-maniskill-shift, builtin:tiny-vla-maniskill-color"
-    ):
+    with pytest.raises(ValueError, match="available: builtin:tiny-vla-maniskill-color$"):
         resolve_adapter("builtin:tiny-vla-maniskill-rotation")
+    with pytest.raises(ValueError, match="tiny-vla-maniskill-shift: no longer shipped: .* not above the base"):
+        resolve_adapter("builtin:tiny-vla-maniskill-shift")
 
 
 def test_bc_policy_loads_without_hub_kernels():
