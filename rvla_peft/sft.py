@@ -36,10 +36,11 @@ import yaml
 from torch import Tensor
 
 from rvla_peft.cards import warmup_card
-from rvla_peft.config import ConfigError, EnvConfig, LoraSettings, ModelConfig, PolicyConfig, TrainConfig, dump_yaml
-from rvla_peft.config.parsing import apply_override, check, from_dict, read_yaml
+from rvla_peft.config import EnvConfig, LoraSettings, ModelConfig, PolicyConfig, TrainConfig, dump_yaml
+from rvla_peft.config.parsing import check
+from rvla_peft.config.schema import load_recipe
 from rvla_peft.policies.action_tokens.configuration import ActionTokenPolicyConfig
-from rvla_peft.policies.families import POLICY_VARIANTS, drop_keys_of_the_replaced_family, family_config
+from rvla_peft.policies.families import POLICY_VARIANTS, family_config
 from rvla_peft.pretrain import (
     BCData,
     ClosedLoop,
@@ -183,22 +184,7 @@ class SFTConfig:
 
 def load_sft_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SFTConfig:
     """A warm-up recipe plus ``key=value`` overrides, parsed and checked as training recipes are."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe {str(path)!r} not found; see the recipes/ folder for examples")
-        data = read_yaml(path) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping of sections")
-    recipe_policy = dict(data["policy"]) if isinstance(data.get("policy"), dict) else {}
-    for override in overrides or []:
-        apply_override(data, override)
-    if isinstance(data.get("policy"), dict):
-        data["policy"] = drop_keys_of_the_replaced_family(data["policy"], recipe_policy)
-    cfg = from_dict(SFTConfig, data)
-    cfg.validate()
-    return cfg
+    return load_recipe(SFTConfig, path, overrides)
 
 
 # --------------------------------------------------------------------------------------------------------------

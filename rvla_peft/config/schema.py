@@ -732,7 +732,13 @@ class TrainConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a recipe (or the defaults when ``path`` is None), apply overrides, validate."""
+    """Read a training recipe (or the defaults when ``path`` is None), apply overrides, validate."""
+    return load_recipe(TrainConfig, path, overrides)
+
+
+def load_recipe(config_class: type, path: str | Path | None = None, overrides: list[str] | None = None):
+    """A recipe of ``config_class`` (a dataclass with ``validate()``, e.g. TrainConfig or the warm-up's SFTConfig):
+    the YAML file (or the defaults), the ``key=value`` overrides, then the checks."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -746,7 +752,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         apply_override(data, override)
     if isinstance(data.get("policy"), dict):
         data["policy"] = drop_keys_of_the_replaced_family(data["policy"], recipe_policy)
-    cfg = from_dict(TrainConfig, data)
+    cfg = from_dict(config_class, data)
     cfg.validate()
     return cfg
 
