@@ -146,21 +146,18 @@ def plan(cpu_smoke: bool, physx: bool, gpus: int) -> list[Check]:
         for n in env_sizes
     ]
     ppo = [
-        ("openvla_lora", "openvla_maniskill.yaml", models["openvla"], [], updates[0], "OpenVLA-7B bf16 LoRA PPO"),
-        ("openvla_qlora", "openvla_qlora_maniskill.yaml", models["openvla"], [], updates[0], "OpenVLA-7B 4-bit QLoRA"),
+        ("openvla_lora", "openvla_maniskill.yaml", models["openvla"], [], updates[0], "OpenVLA LoRA PPO"),
+        ("openvla_qlora", "openvla_qlora_maniskill.yaml", models["openvla"], [], updates[0], "OpenVLA QLoRA PPO"),
         ("openvla_oft", "openvla_oft_maniskill.yaml", models["oft"], ["policy.action_head_file=null"], updates[1],
-         "OpenVLA-OFT LoRA PPO (action chunks, fresh heads)"),
+         "OpenVLA-OFT LoRA PPO (fresh action head)"),
         ("pi0", "pi0_maniskill.yaml", models["pi0"], ["model.processor_name_or_path=null"], updates[1],
-         "pi0 LoRA PPO (flow-SDE)"),
+         "pi0 LoRA PPO"),
     ]  # fmt: skip
-    if cpu_smoke:
-        ppo = [(n, r, m, x, u, w.replace("7B ", "tiny ")) for n, r, m, x, u, w in ppo]
+    precision = "fp32" if cpu_smoke else "bf16"
     for name, recipe, model, extra, n_updates, what in ppo:
         overrides = ppo_overrides(RECIPES / recipe, model, steps, num_envs, [*run, *extra])
-        checks.append(
-            Check(name, "ppo", f"{what}, {n_updates} update(s)", str(RECIPES / recipe), overrides, n_updates,
-                  timeout_s=timeout),
-        )  # fmt: skip
+        what = f"{what}, {model} {precision}, {num_envs} envs x {steps} steps, {n_updates} update(s)"
+        checks.append(Check(name, "ppo", what, str(RECIPES / recipe), overrides, n_updates, timeout_s=timeout))
     lora = next(c for c in checks if c.name == "openvla_lora")
     two = Check("two_rank", "launch", "2-rank accelerate launch of openvla_lora, 1 update", lora.recipe,
                 lora.overrides, 1, timeout_s=timeout if cpu_smoke else 360.0)  # fmt: skip
