@@ -16,8 +16,8 @@ the others):
   ``pi0`` (1 update each): the real trainer on the GPU recipes with ``model.name_or_path=random:...`` and short
   rollouts, in micro-batches of the recipe's size, one minibatch per update. Read through a ``TrainerCallback``: each
   update's ``ppo/approx_kl`` (one minibatch, before any optimizer step of the update: the first minibatch's, ~0
-  when rollouts act as the update evaluates) and ``ppo/clip_frac``; the process's
-  ``torch.cuda.max_memory_allocated`` against ``rvla_peft.memory``'s estimate without the CUDA context.
+  when rollouts act as the update evaluates) and ``ppo/clip_frac``; ``torch.cuda.max_memory_allocated`` from the
+  built model to the end (weights included) against ``rvla_peft.memory``'s estimate without the CUDA context.
 - ``two_rank``: ``accelerate launch --multi_gpu --num_processes 2`` of the LoRA check where two GPUs exist.
 
 Tolerances (:data:`TOLERANCES`): measured peak <= estimate x 1.25; approx_kl <= 1e-3 at every update's first
@@ -256,6 +256,8 @@ def run_ppo(check: Check, out: Path) -> dict:
     trainer = RobustPPOTrainer(cfg, callbacks=[record])
     built_s = time.perf_counter() - start
     cuda = trainer.accelerator.device.type == "cuda"
+    if cuda:  # the peak of training (weights included), not the transient of building a 4-bit base in bf16 first
+        torch.cuda.reset_peak_memory_stats()
     trainer.train()
     result = {
         "device": str(trainer.accelerator.device),

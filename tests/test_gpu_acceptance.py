@@ -124,6 +124,33 @@ def test_a_random_architecture_is_built_in_memory_as_its_checkpoint_loads():
     assert q_built.is_loaded_in_4bit and not any(p.is_meta for p in q_built.parameters())
     with pytest.raises(ValueError, match="unknown random architecture 'random:openvla-13b'; available: random:"):
         load_base(ModelConfig(name_or_path="random:openvla-13b"))
+    with pytest.raises(ValueError, match="quantized in memory to 4bit only"):
+        load_base(ModelConfig(name_or_path="random:tiny-openvla", quantization="8bit"))
+
+
+@pytest.mark.parametrize("name, hub_id", [("openvla-7b", "openvla/openvla-7b"), ("pi0", "lerobot/pi0_base")])
+def test_the_full_size_random_architectures_are_the_published_ones(name, hub_id):
+    """random:openvla-7b and random:pi0 (on the meta device here: a GPU builds them for real) have the parameters
+    of the published configs the memory estimate knows, and a processor that reads a 224 px frame."""
+    import numpy as np
+    from transformers import AutoConfig
+
+    from rvla_peft.config import ModelConfig
+    from rvla_peft.memory import KNOWN_CONFIGS, build_meta_model
+    from rvla_peft.policies.registry import load_base
+
+    model, processor = load_base(ModelConfig(name_or_path=f"random:{name}", torch_dtype="bfloat16"), device="meta")
+    published = build_meta_model(AutoConfig.for_model(**KNOWN_CONFIGS[hub_id]()))
+    assert {k: v.shape for k, v in model.named_parameters()} == {k: v.shape for k, v in published.named_parameters()}
+    assert sum(p.numel() for p in model.parameters()) > (7e9 if name == "openvla-7b" else 3e9)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    frame = np.zeros((224, 224, 3), dtype=np.uint8)
+    text = "In: What action should the robot take to push the cube?\nOut:" if name == "openvla-7b" else "push the cube"
+    inputs = processor(text=text, images=frame, return_tensors="pt")
+    config = getattr(model.config, "vlm_config", model.config)  # pi0: its PaliGemma's
+    assert int(inputs["input_ids"].max()) < config.get_text_config().vocab_size
+    if name == "pi0":  # one image token per 14 px patch, the id the model places the image at
+        assert int((inputs["input_ids"] == config.image_token_id).sum()) == (224 // 14) ** 2
 
 
 @pytest.mark.integration

@@ -97,12 +97,17 @@ def _prepare_quantized(model, model_cfg):
 def build_random_base(model_cfg, device: torch.device | str | None = None):
     """``model.name_or_path: random:NAME`` (:func:`rvla_peft.models.tiny.random_architecture`): the architecture
     with random weights, built straight on ``device`` in ``model.torch_dtype`` (no checkpoint written or read, host
-    memory untouched by the weights). With ``model.quantization``, the linear layers are then replaced and
+    memory untouched by the weights). With ``model.quantization=4bit``, the linear layers are then replaced and
     quantized in memory as ``from_pretrained`` would: transformers' bitsandbytes quantizer picks the layers (its
     skip list: the output layer, tied weights) and swaps in ``bnb`` modules, which quantize on their move to the
     device; the full-precision copy of each layer is freed as it is replaced."""
     from transformers import AutoModelForImageTextToText
 
+    if model_cfg.quantization == "8bit":
+        raise ValueError(
+            f"model.name_or_path={model_cfg.name_or_path}: a random model is quantized in memory to 4bit only; set "
+            "model.quantization=4bit or none"
+        )
     config, processor = random_architecture(model_cfg.name_or_path)
     if model_cfg.attn_implementation:
         config._attn_implementation = model_cfg.attn_implementation
@@ -115,7 +120,8 @@ def build_random_base(model_cfg, device: torch.device | str | None = None):
 
 
 def _quantize_in_memory(model, quant_cfg, device: torch.device) -> None:
-    """Replace ``model``'s linear layers by bitsandbytes ones holding its own weights, quantized on ``device``."""
+    """Replace ``model``'s linear layers by bitsandbytes 4-bit ones holding its own weights, quantized on
+    ``device``."""
     import bitsandbytes as bnb
     from transformers.quantizers import AutoHfQuantizer
 
@@ -123,22 +129,17 @@ def _quantize_in_memory(model, quant_cfg, device: torch.device) -> None:
     originals = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
     quantizer.preprocess_model(model, device_map={"": device}, dtype=model.dtype)  # swaps in meta bnb modules
     for name, module in model.named_modules():
-        if name not in originals or not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+        if name not in originals or not isinstance(module, bnb.nn.Linear4bit):
             continue
         original = originals.pop(name)
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.weight = bnb.nn.Params4bit(
-                original.weight.data,
-                requires_grad=False,
-                quant_type=quant_cfg.bnb_4bit_quant_type,
-                compress_statistics=quant_cfg.bnb_4bit_use_double_quant,
-                quant_storage=quant_cfg.bnb_4bit_quant_storage,
-                module=module,
-            ).to(device)
-        else:
-            module.weight = bnb.nn.Int8Params(original.weight.data, requires_grad=False, has_fp16_weights=False).to(
-                device
-            )
+        module.weight = bnb.nn.Params4bit(
+            original.weight.data,
+            requires_grad=False,
+            quant_type=quant_cfg.bnb_4bit_quant_type,
+            compress_statistics=quant_cfg.bnb_4bit_use_double_quant,
+            quant_storage=quant_cfg.bnb_4bit_quant_storage,
+            module=module,
+        ).to(device)  # quantized here, on the device
         if original.bias is not None:
             module.bias = torch.nn.Parameter(original.bias.data, requires_grad=False)
         del original
