@@ -18,7 +18,8 @@ the others):
   update's ``ppo/approx_kl`` (one minibatch, before any optimizer step of the update: the first minibatch's, ~0
   when rollouts act as the update evaluates) and ``ppo/clip_frac``; ``torch.cuda.max_memory_allocated`` from the
   built model to the end (weights included) against ``rvla_peft.memory``'s estimate without the CUDA context.
-- ``two_rank``: ``accelerate launch --multi_gpu --num_processes 2`` of the LoRA check where two GPUs exist.
+- ``two_rank``: ``accelerate launch --config_file accelerate_configs/multi_gpu.yaml --num_processes 2`` of the
+  LoRA check's training, one update, where two GPUs exist.
 
 Tolerances (:data:`TOLERANCES`): measured peak <= estimate x 1.25; approx_kl <= 1e-3 at every update's first
 minibatch; clip_frac 0 there; an optimizer step taken; env-steps/s > 0; a check that errors or times out fails.
@@ -276,9 +277,12 @@ def run_ppo(check: Check, out: Path) -> dict:
 
 
 def run_launch(check: Check, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    config = ROOT / "accelerate_configs" / "multi_gpu.yaml"  # what a user launches with; the count given here
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2"]
     cmd += ["-m", "rvla_peft.train", check.recipe, *check.overrides, "total_updates=1", f"output_dir={out}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=check.timeout_s)
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, timeout=check.timeout_s, stdin=subprocess.DEVNULL
+    )
     tail = (done.stdout + done.stderr)[-1500:]
     return {"returncode": done.returncode, "log_tail": tail if done.returncode else ""}
 
