@@ -330,7 +330,8 @@ def run_check(check: Check, device: str) -> dict:
 def measured(check: dict) -> str:
     r = check.get("result") or {}
     if check["kind"] == "envs" and r:
-        return f"{r['alone']:.0f} env-steps/s alone, {r['policy']:.0f} with the policy"
+        peak = "" if r.get("peak_gib") is None else f"; peak {r['peak_gib']:.2f} GiB allocated"
+        return f"{r['alone']:.0f} env-steps/s alone, {r['policy']:.0f} with the policy{peak}"
     if check["kind"] == "ppo" and r:
         kls = ", ".join(f"{row['ppo/approx_kl']:.1e}" for row in r["updates"])
         peak = "n/a (CPU)" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f} GiB"
