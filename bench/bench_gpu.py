@@ -29,17 +29,30 @@ from rvla_peft.policies.registry import build_policy  # noqa: E402
 GPU_ENV = ["env.sim_backend=physx_cuda", "env.render_backend=gpu"]
 
 
-def child(recipe: str, overrides: list[str], num_envs: int, steps: int, autocast: str) -> dict:
-    cfg = load_config(recipe, [*overrides, *GPU_ENV])
-    env = make_envs(dataclasses.replace(cfg.env, num_envs=num_envs), "cuda")
+def child(
+    recipe: str,
+    overrides: list[str],
+    num_envs: int,
+    steps: int,
+    autocast: str,
+    backends: list[str] = GPU_ENV,
+    device: str = "cuda",
+) -> dict:
+    """Env-steps/s of ``num_envs`` envs alone and with the recipe's policy acting; ``backends``: the env overrides
+    (GPU simulation and rendering here; ``bench/gpu_acceptance.py`` also passes others)."""
+    cfg = load_config(recipe, [*overrides, *backends])
+    env = make_envs(dataclasses.replace(cfg.env, num_envs=num_envs), device)
+    cuda = torch.device(device).type == "cuda"
     try:
-        policy = build_policy(cfg, device="cuda").eval()
+        policy = build_policy(cfg, device=device).eval()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
         steps_per_s(env, 1, policy, dtype)  # warm-up: the first steps allocate and pick kernels
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         alone, _ = steps_per_s(env, steps)
         with_policy, _ = steps_per_s(env, steps, policy, dtype)
-        return {"alone": alone, "policy": with_policy, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        return {"alone": alone, "policy": with_policy, "peak_gib": peak}
     finally:
         env.close()
 

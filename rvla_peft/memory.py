@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 from rvla_peft.config import TrainConfig
 from rvla_peft.envs.maniskill import resolve_instruction
 from rvla_peft.models.openvla.published import OPENVLA_7B_CONFIG
-from rvla_peft.models.tiny import resolve_builtin
+from rvla_peft.models.tiny import RANDOM_PREFIX, random_architecture, resolve_builtin
 from rvla_peft.policies.base import MemoryHooks
 from rvla_peft.policies.families import family_config
 from rvla_peft.policies.registry import lora_targets, policy_class, resolve_lora
@@ -420,6 +420,8 @@ def load_model_config(model_cfg) -> tuple[Any, Path | None]:
 
     name = model_cfg.name_or_path
     kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    if name.startswith(RANDOM_PREFIX):  # built in memory by load_base: its config, no folder
+        return random_architecture(name)[0], None
     if name.startswith(BUILTIN_PREFIX) or Path(name).is_dir():
         path = Path(resolve_builtin(name))
         return AutoConfig.from_pretrained(path, **kwargs), path
@@ -534,6 +536,9 @@ def count_prompt_tokens(cfg: TrainConfig, local: Path | None) -> int:
     instruction = (cfg.env.instruction or resolve_instruction(cfg.env)).lower().rstrip(".")
     text = cfg.policy.prompt_template.format(instruction=instruction)
     tokenizer_here = memory_hooks(cfg).tokenizer_in_checkpoint
+    if cfg.model.name_or_path.startswith(RANDOM_PREFIX):  # the character tokenizer load_base gives it
+        tokenizer = random_architecture(cfg.model.name_or_path)[1].tokenizer
+        return len(tokenizer(text)["input_ids"]) + 1  # OpenVLA's trailing empty token / pi0's "\n"
     if local is not None and tokenizer_here and (local / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 

@@ -6,6 +6,11 @@ Mesa 25 (the distribution's backports suite) works. ``python -m rvla_peft.render
 it into a private prefix inside the virtual environment, without touching the system's Mesa, and
 :func:`ensure_vulkan` points the Vulkan loader at it in this process and its children, so that no
 manual ``export`` is needed.
+
+GPU simulation (``env.sim_backend=physx_cuda``) needs SAPIEN's PhysX GPU library, which SAPIEN downloads into
+``~/.sapien/physx/VERSION/`` at the first GPU env. For a machine without internet: ``python -m rvla_peft.renderer
+physx --download DIR`` where there is internet (the library and its sha256), then ``python -m rvla_peft.renderer
+physx --install DIR/libPhysXGpu_64.so`` on the offline machine (placed where SAPIEN looks, checked).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import glob
+import hashlib
+import io
 import json
 import os
 import re
@@ -20,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 PREFIX = Path(sys.prefix) / "share" / "rvla_peft" / "lavapipe"
@@ -183,11 +191,115 @@ def install(force: bool = False) -> Path | None:
     return ICD_FILE
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# SAPIEN's PhysX GPU library, carried to a machine without internet
+
+PHYSX_LIBRARY = "libPhysXGpu_64.so"  # Linux x86_64, the file sapien.physx.enable_gpu loads
+PHYSX_RELEASES = "https://github.com/sapien-sim/physx-precompiled/releases/download"
+
+
+def physx_version() -> str:
+    """The PhysX build the installed SAPIEN loads (e.g. ``105.1-physx-5.3.1.patch0``)."""
+    import sapien.physx
+
+    return sapien.physx.version()
+
+
+def physx_folder(version: str | None = None) -> Path:
+    """Where SAPIEN looks for its PhysX GPU library (``sapien/physx/__init__.py``: ``~/.sapien/physx/VERSION``)."""
+    return Path.home() / ".sapien" / "physx" / (version or physx_version())
+
+
+def physx_url(version: str | None = None) -> str:
+    return f"{PHYSX_RELEASES}/{version or physx_version()}/linux-so.zip"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def physx_download(directory: Path, version: str | None = None) -> Path:
+    """Fetch SAPIEN's release zip (where there is internet) and write ``DIRECTORY/libPhysXGpu_64.so`` and its
+    ``.sha256`` beside it: the two files to carry to an offline machine."""
+    import requests
+
+    url = physx_url(version)
+    response = requests.get(url, timeout=600)
+    response.raise_for_status()
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        member = next((n for n in archive.namelist() if Path(n).name == PHYSX_LIBRARY), None)
+        if member is None:
+            raise RuntimeError(f"{url} holds no {PHYSX_LIBRARY} (its files: {archive.namelist()})")
+        data = archive.read(member)
+    directory.mkdir(parents=True, exist_ok=True)
+    library = directory / PHYSX_LIBRARY
+    library.write_bytes(data)
+    (directory / f"{PHYSX_LIBRARY}.sha256").write_text(f"{_sha256(library)}  {PHYSX_LIBRARY}\n")
+    print(f"Wrote {library} and its sha256 (PhysX {version or physx_version()}); on the offline machine run:")
+    print(f"  python -m rvla_peft.renderer physx --install {library}")
+    return library
+
+
+def physx_install(library: Path, version: str | None = None) -> Path:
+    """Place a PhysX GPU library (or the release's ``linux-so.zip``) where SAPIEN looks, after checking that it is
+    a shared library and, where ``FILE.sha256`` lies beside it, that it matches. Returns the installed path."""
+    library = Path(library)
+    if not library.is_file():
+        raise FileNotFoundError(
+            f"{library}: no such file; make it with `python -m rvla_peft.renderer physx --download DIR`"
+        )
+    if zipfile.is_zipfile(library):
+        with zipfile.ZipFile(library) as archive:
+            member = next((n for n in archive.namelist() if Path(n).name == PHYSX_LIBRARY), None)
+            if member is None:
+                raise ValueError(f"{library} holds no {PHYSX_LIBRARY}")
+            data = archive.read(member)
+    else:
+        data = library.read_bytes()
+    if data[:4] != b"\x7fELF":
+        raise ValueError(f"{library} is not a shared library (no ELF header): expected SAPIEN's {PHYSX_LIBRARY}")
+    checksum = library.with_name(library.name + ".sha256")
+    if checksum.is_file():
+        expected = checksum.read_text().split()[0]
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ValueError(f"{library} does not match {checksum}: copied incompletely? Copy it again")
+    folder = physx_folder(version)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / PHYSX_LIBRARY
+    staging = folder / f".{PHYSX_LIBRARY}.partial"
+    staging.write_bytes(data)
+    staging.rename(target)  # atomic: SAPIEN never sees half a library
+    print(f"Installed {target} (sha256 {hashlib.sha256(data).hexdigest()[:16]}...)")
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rvla_peft.renderer", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["install", "check", "where"])
+    parser.add_argument(
+        "command",
+        choices=["install", "check", "where", "physx"],
+        help="install / check / where: the Vulkan software renderer; physx: SAPIEN's PhysX GPU library",
+    )
     parser.add_argument("--force", action="store_true", help="reinstall even if present")
+    parser.add_argument("--download", type=Path, metavar="DIR", help="physx: fetch the library + sha256 into DIR")
+    parser.add_argument("--install", type=Path, metavar="FILE", help="physx: install FILE where SAPIEN looks")
+    parser.add_argument("--physx-version", help="physx: the PhysX build (default: the installed SAPIEN's)")
     args = parser.parse_args(argv)
+    if args.command == "physx":
+        if (args.download is None) == (args.install is None):
+            parser.error("physx needs exactly one of --download DIR or --install FILE")
+        if args.download is not None:
+            physx_download(args.download, args.physx_version)
+        else:
+            try:
+                physx_install(args.install, args.physx_version)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"error: {e}") from None
+        return
     if args.command == "install":
         install(force=args.force)
     elif args.command == "where":

@@ -187,6 +187,9 @@ def test_gpu_physics_offline_says_where_the_library_goes(monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="could not load its PhysX GPU library") as err:
         enable_gpu_physics()
     assert str(folder) in str(err.value) and "env.sim_backend=physx_cpu" in str(err.value)
+    # and how to carry the library over: the two commands of rvla_peft.renderer
+    assert "python -m rvla_peft.renderer physx --download DIR" in str(err.value)
+    assert "python -m rvla_peft.renderer physx --install DIR/libPhysXGpu_64.so" in str(err.value)
     # Training's preflight asks for GPU physics only where CUDA is: a CPU machine may plan a GPU recipe (--dry-run)
     from rvla_peft.cli.train import check_task
     from rvla_peft.config import TrainConfig

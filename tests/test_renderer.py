@@ -79,3 +79,55 @@ def test_lavapipe_is_used_where_no_gpu_can_render(lavapipe_installed, icd, devic
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     assert renderer.ensure_vulkan() == str(renderer.ICD_FILE)
     assert os.environ["VK_ICD_FILENAMES"] == str(renderer.ICD_FILE)
+
+
+# --- SAPIEN's PhysX GPU library carried to a machine without internet (no network here: a stand-in file)
+
+FAKE_LIBRARY = b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 4  # an ELF header, then bytes
+
+
+def test_physx_install_places_the_library_where_sapien_looks(tmp_path, monkeypatch):
+    import hashlib
+
+    from rvla_peft import renderer
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    carried = tmp_path / "carried" / renderer.PHYSX_LIBRARY
+    carried.parent.mkdir()
+    carried.write_bytes(FAKE_LIBRARY)
+    carried.with_name(carried.name + ".sha256").write_text(f"{hashlib.sha256(FAKE_LIBRARY).hexdigest()}  x\n")
+    renderer.main(["physx", "--install", str(carried)])
+    import sapien.physx
+
+    # the folder sapien.physx.enable_gpu reads: Path.home() / ".sapien" / "physx" / version()
+    installed = home / ".sapien" / "physx" / sapien.physx.version() / "libPhysXGpu_64.so"
+    assert installed.read_bytes() == FAKE_LIBRARY
+    assert renderer.physx_folder() == installed.parent
+    # the release's zip is accepted as well
+    zipped = tmp_path / "linux-so.zip"
+    import zipfile
+
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.writestr("libPhysXGpu_64.so", b"<html>rate limited</html>")  # not ELF inside: refused
+    with pytest.raises(SystemExit, match="not a shared library"):
+        renderer.main(["physx", "--install", str(zipped), "--physx-version", "v-test"])
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.writestr("linux-so/libPhysXGpu_64.so", FAKE_LIBRARY)
+    assert renderer.physx_install(zipped, "v-test").read_bytes() == FAKE_LIBRARY
+
+
+def test_physx_install_refuses_a_damaged_copy(tmp_path, monkeypatch):
+    from rvla_peft import renderer
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    carried = tmp_path / renderer.PHYSX_LIBRARY
+    carried.write_bytes(FAKE_LIBRARY[:-10])  # cut short in the copy
+    carried.with_name(carried.name + ".sha256").write_text("0" * 64 + "  libPhysXGpu_64.so\n")
+    with pytest.raises(SystemExit, match="does not match .*sha256"):
+        renderer.main(["physx", "--install", str(carried), "--physx-version", "v-test"])
+    assert not (tmp_path / "home" / ".sapien" / "physx" / "v-test" / renderer.PHYSX_LIBRARY).exists()
+    with pytest.raises(SystemExit, match="no such file"):
+        renderer.main(["physx", "--install", str(tmp_path / "absent.so"), "--physx-version", "v-test"])
+    with pytest.raises(SystemExit):  # neither --download nor --install
+        renderer.main(["physx"])

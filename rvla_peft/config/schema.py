@@ -37,8 +37,10 @@ class ModelConfig:
             "help": "Hub id or local folder of an image-text-to-text model (loaded with Auto classes), or "
             "'builtin:tiny-llava' / 'builtin:tiny-openvla', tiny random models built locally from a config (no "
             "download), or 'builtin:tiny-vla-maniskill', the small pretrained VLA shipped in the package "
-            "(rvla_peft/assets/, made by rvla_peft.pretrain). OpenVLA checkpoints (model_type 'openvla') load "
-            "natively, without remote code."
+            "(rvla_peft/assets/, made by rvla_peft.pretrain), or 'random:openvla-7b' / 'random:openvla-7b-oft' / "
+            "'random:pi0' (and random:tiny-*), a published architecture with random weights built in memory on the "
+            "run's device, for measuring a GPU without downloads (bench/gpu_acceptance.py). OpenVLA checkpoints "
+            "(model_type 'openvla') load natively, without remote code."
         },
     )
     hub_id: str | None = field(

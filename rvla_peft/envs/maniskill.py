@@ -273,8 +273,10 @@ def enable_gpu_physics() -> None:
         raise RuntimeError(
             f"env.sim_backend=physx_cuda: SAPIEN could not load its PhysX GPU library from {folder} "
             f"({type(e).__name__}: {str(e)[:200]}). On the first GPU run SAPIEN downloads it (physx-precompiled "
-            f"release {physx.version()}, linux-so.zip); on a machine without internet, fetch that zip elsewhere and "
-            f"unzip it into {folder}, or simulate on the CPU with env.sim_backend=physx_cpu"
+            f"release {physx.version()}, linux-so.zip); on a machine without internet, run `python -m "
+            f"rvla_peft.renderer physx --download DIR` where there is internet, carry DIR over and run `python -m "
+            f"rvla_peft.renderer physx --install DIR/libPhysXGpu_64.so` (it lands in {folder}), or simulate on the "
+            f"CPU with env.sim_backend=physx_cpu"
         ) from e
 
 

@@ -7,6 +7,7 @@ character so that any instruction works offline, and the last 256 of the 512 ids
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import os
 import shutil
@@ -147,33 +148,48 @@ def build_tiny_llava(
 # the tiny random OpenVLA
 
 
+def openvla_char_tokenizer():
+    """One token per character after Llama's specials, with a BOS token first as Llama's tokenizer does (the model
+    inserts the image after it); every id it makes exists in openvla-7b's vocabulary as well."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def prismatic_processor(tokenizer, image_size: int):
+    """OpenVLA's processor (fused DINOv2 + SigLIP inputs, resized naively to ``image_size``) over ``tokenizer``."""
+    from rvla_peft.models.openvla import PrismaticImageProcessor, PrismaticProcessor
+    from rvla_peft.models.openvla.processing import DINOSIGLIP_MEANS, DINOSIGLIP_STDS
+
+    image_processor = PrismaticImageProcessor(
+        use_fused_vision_backbone=True,
+        image_resize_strategy="resize-naive",
+        input_sizes=[[3, image_size, image_size]] * 2,
+        interpolations=["bicubic", "bicubic"],
+        means=DINOSIGLIP_MEANS,
+        stds=DINOSIGLIP_STDS,
+    )
+    return PrismaticProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
 def build_tiny_openvla(directory: str | Path, seed: int = 0, image_size: int = 64, patch_size: int = 16) -> Path:
     """Write a tiny random OpenVLA + processor to ``directory`` (deterministic for a seed).
 
     Text is tokenised per character (offline, any instruction) with a BOS token first, as Llama's tokenizer does:
     the model inserts the image after it. The embedding matrix has 512 rows, the last 64 of them padding as in
     openvla-7b, so the 256 action ids are 192..447."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from rvla_peft.models.openvla import OpenVLAConfig, OpenVLAForActionPrediction
 
-    from rvla_peft.models.openvla import (
-        OpenVLAConfig,
-        OpenVLAForActionPrediction,
-        PrismaticImageProcessor,
-        PrismaticProcessor,
-    )
-    from rvla_peft.models.openvla.processing import DINOSIGLIP_MEANS, DINOSIGLIP_STDS
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {token: i for i, token in enumerate(specials + chars)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
+    tokenizer = openvla_char_tokenizer()
+    vocab = tokenizer.get_vocab()
     tower = dict(img_size=image_size, patch_size=patch_size, embed_dim=64, depth=3, num_heads=4)
     config = OpenVLAConfig(
         vision_backbone_id="tiny-dinosiglip",
@@ -208,15 +224,7 @@ def build_tiny_openvla(directory: str | Path, seed: int = 0, image_size: int = 6
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
         torch.manual_seed(seed)
         model = OpenVLAForActionPrediction(config)
-    image_processor = PrismaticImageProcessor(
-        use_fused_vision_backbone=True,
-        image_resize_strategy="resize-naive",
-        input_sizes=[[3, image_size, image_size]] * 2,
-        interpolations=["bicubic", "bicubic"],
-        means=DINOSIGLIP_MEANS,
-        stds=DINOSIGLIP_STDS,
-    )
-    processor = PrismaticProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor = prismatic_processor(tokenizer, image_size)
     directory = Path(directory)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
@@ -227,6 +235,22 @@ def build_tiny_openvla(directory: str | Path, seed: int = 0, image_size: int = 6
 # the tiny random PI0
 
 
+def pi0_char_tokenizer():
+    """One token per character after Gemma-style specials (``<image>`` among them)."""
+    return char_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], bos="<bos>", eos="<eos>")
+
+
+def pi0_processor(tokenizer, image_size: int, patch_size: int, chunk_size: int):
+    """transformers' ``PI0Processor`` with a PIL SigLIP image processor (its own image processor needs
+    torchvision): one image token per patch."""
+    from transformers import PI0Processor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = (image_size // patch_size) ** 2
+    return PI0Processor(image_processor=image_processor, tokenizer=tokenizer, chunk_size=chunk_size)
+
+
 def build_tiny_pi0(directory: str | Path, seed: int = 0, image_size: int = 64, patch_size: int = 16) -> Path:
     """Write a tiny random PI0 + processor to ``directory`` (deterministic for a seed).
 
@@ -234,10 +258,9 @@ def build_tiny_pi0(directory: str | Path, seed: int = 0, image_size: int = 64, p
     expert attends to the VLM's keys layer by layer), widths 64; a chunk of 8 actions in 4 denoising steps. Text
     is tokenised per character (offline, any instruction); the processor is transformers' ``PI0Processor`` with a
     PIL SigLIP image processor (its own image processor needs torchvision)."""
-    from transformers import PI0Config, PI0ForConditionalGeneration, PI0Processor
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from transformers import PI0Config, PI0ForConditionalGeneration
 
-    tokenizer = char_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], bos="<bos>", eos="<eos>")
+    tokenizer = pi0_char_tokenizer()
     vocab = tokenizer.get_vocab()
     gemma = dict(
         model_type="gemma",
@@ -272,13 +295,72 @@ def build_tiny_pi0(directory: str | Path, seed: int = 0, image_size: int = 64, p
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
         torch.manual_seed(seed)
         model = PI0ForConditionalGeneration(config)
-    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
-    image_processor.image_seq_length = (image_size // patch_size) ** 2
-    processor = PI0Processor(image_processor=image_processor, tokenizer=tokenizer, chunk_size=config.chunk_size)
+    processor = pi0_processor(tokenizer, image_size, patch_size, config.chunk_size)
     directory = Path(directory)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+# --------------------------------------------------------------------------------------------------------------
+# random:NAME: a published architecture with random weights, built in memory (no checkpoint, no download)
+
+RANDOM_PREFIX = "random:"
+
+
+def _random_openvla_7b():
+    from transformers import AutoConfig
+
+    import rvla_peft.models.openvla  # noqa: F401  registers model_type "openvla"
+    from rvla_peft.models.openvla.published import OPENVLA_7B_CONFIG
+
+    config = AutoConfig.for_model(**copy.deepcopy(OPENVLA_7B_CONFIG))
+    return config, prismatic_processor(openvla_char_tokenizer(), 224)
+
+
+def _random_pi0():
+    from transformers import PI0Config
+
+    tokenizer = pi0_char_tokenizer()
+    config = PI0Config()  # transformers' defaults are lerobot/pi0_base's
+    vision = config.vlm_config.vision_config
+    config.vlm_config.image_token_id = tokenizer.get_vocab()["<image>"]  # the processor's image token, not Gemma's
+    processor = pi0_processor(tokenizer, vision.image_size, vision.patch_size, config.chunk_size)
+    return config, processor
+
+
+def _random_builtin(name: str):
+    def architecture():
+        from transformers import AutoConfig, AutoProcessor
+
+        import rvla_peft.models.openvla  # noqa: F401  registers model_type "openvla"
+
+        path = resolve_builtin(BUILTIN_PREFIX + name)
+        return AutoConfig.from_pretrained(path), AutoProcessor.from_pretrained(path)
+
+    return architecture
+
+
+# name -> (config, processor). The 7B-class ones take the tiny models' character tokenizers (every id they make
+# exists in the published vocabularies) and the published image sizes; the tiny ones their builtin's own.
+RANDOM_ARCHITECTURES = {
+    "openvla-7b": _random_openvla_7b,  # openvla/openvla-7b
+    "openvla-7b-oft": _random_openvla_7b,  # the OFT checkpoints are openvla-7b fine-tuned: the same architecture
+    "pi0": _random_pi0,  # lerobot/pi0_base
+    TINY_NAME: _random_builtin(TINY_NAME),
+    TINY_OPENVLA_NAME: _random_builtin(TINY_OPENVLA_NAME),
+    TINY_PI0_NAME: _random_builtin(TINY_PI0_NAME),
+}
+
+
+def random_architecture(name_or_path: str):
+    """'random:openvla-7b' -> (its config, a processor): what ``load_base`` builds with random weights in memory,
+    for measurements on a GPU without downloading or writing a checkpoint (the acceptance command)."""
+    name = name_or_path.removeprefix(RANDOM_PREFIX)
+    if name not in RANDOM_ARCHITECTURES:
+        available = ", ".join(RANDOM_PREFIX + n for n in RANDOM_ARCHITECTURES)
+        raise ValueError(f"unknown random architecture {name_or_path!r}; available: {available}")
+    return RANDOM_ARCHITECTURES[name]()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from rvla_peft.adapters import (
 )
 from rvla_peft.config import ConfigError, ModelConfig, load_config
 from rvla_peft.config.policy import gripper_convention
-from rvla_peft.models.tiny import resolve_builtin
+from rvla_peft.models.tiny import RANDOM_PREFIX, random_architecture, resolve_builtin
 from rvla_peft.policies.base import REFERENCE_ADAPTER, Policy
 from rvla_peft.policies.families import LORA_DEFAULTS, POLICY_FAMILIES, family_config
 from rvla_peft.utils.constants import POLICY_SETTINGS_FILE, VALUE_HEAD_FILE
@@ -57,6 +57,9 @@ def load_base(model_cfg, device: torch.device | str | None = None):
 
     import rvla_peft.models.openvla  # noqa: F401  registers model_type "openvla" (native OpenVLA) with the Auto classes
 
+    if model_cfg.name_or_path.startswith(RANDOM_PREFIX):
+        model, processor = build_random_base(model_cfg, device)
+        return _prepare_quantized(model, model_cfg), processor
     path = resolve_builtin(model_cfg.name_or_path)
     kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(
@@ -71,18 +74,77 @@ def load_base(model_cfg, device: torch.device | str | None = None):
         use_kernels=False,
         **kwargs,
     )
-    if model_cfg.quantization != "none":
-        from peft import prepare_model_for_kbit_training
-
-        # Freezes the base, keeps norms in float32 and lets gradients reach the (frozen) input embeddings' output.
-        # No gradient checkpointing: rollouts are inference, and the Jacobian pass needs double backward.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        _keep_4bit_weights_trainable_on_cpu(model)
+    model = _prepare_quantized(model, model_cfg)
     if model_cfg.processor_name_or_path:  # pi0 checkpoints ship without a processor
         processor = AutoProcessor.from_pretrained(model_cfg.processor_name_or_path)
     else:
         processor = AutoProcessor.from_pretrained(path, **kwargs)
     return model, processor
+
+
+def _prepare_quantized(model, model_cfg):
+    if model_cfg.quantization == "none":
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    # Freezes the base, keeps norms in float32 and lets gradients reach the (frozen) input embeddings' output.
+    # No gradient checkpointing: rollouts are inference, and the Jacobian pass needs double backward.
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    _keep_4bit_weights_trainable_on_cpu(model)
+    return model
+
+
+def build_random_base(model_cfg, device: torch.device | str | None = None):
+    """``model.name_or_path: random:NAME`` (:func:`rvla_peft.models.tiny.random_architecture`): the architecture
+    with random weights, built straight on ``device`` in ``model.torch_dtype`` (no checkpoint written or read, host
+    memory untouched by the weights). With ``model.quantization=4bit``, the linear layers are then replaced and
+    quantized in memory as ``from_pretrained`` would: transformers' bitsandbytes quantizer picks the layers (its
+    skip list: the output layer, tied weights) and swaps in ``bnb`` modules, which quantize on their move to the
+    device; the full-precision copy of each layer is freed as it is replaced."""
+    from transformers import AutoModelForImageTextToText
+
+    if model_cfg.quantization == "8bit":
+        raise ValueError(
+            f"model.name_or_path={model_cfg.name_or_path}: a random model is quantized in memory to 4bit only; set "
+            "model.quantization=4bit or none"
+        )
+    config, processor = random_architecture(model_cfg.name_or_path)
+    if model_cfg.attn_implementation:
+        config._attn_implementation = model_cfg.attn_implementation
+    device = torch.device(device or "cpu")
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=_DTYPES[model_cfg.torch_dtype])
+    if model_cfg.quantization != "none":
+        _quantize_in_memory(model, quantization_config(model_cfg), device)
+    return model.eval(), processor
+
+
+def _quantize_in_memory(model, quant_cfg, device: torch.device) -> None:
+    """Replace ``model``'s linear layers by bitsandbytes 4-bit ones holding its own weights, quantized on
+    ``device``."""
+    import bitsandbytes as bnb
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(quant_cfg, pre_quantized=False)
+    originals = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    quantizer.preprocess_model(model, device_map={"": device}, dtype=model.dtype)  # swaps in meta bnb modules
+    for name, module in model.named_modules():
+        if name not in originals or not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        original = originals.pop(name)
+        module.weight = bnb.nn.Params4bit(
+            original.weight.data,
+            requires_grad=False,
+            quant_type=quant_cfg.bnb_4bit_quant_type,
+            compress_statistics=quant_cfg.bnb_4bit_use_double_quant,
+            quant_storage=quant_cfg.bnb_4bit_quant_storage,
+            module=module,
+        ).to(device)  # quantized here, on the device
+        if original.bias is not None:
+            module.bias = torch.nn.Parameter(original.bias.data, requires_grad=False)
+        del original
+    quantizer.postprocess_model(model)  # marks the model quantized (is_loaded_in_4bit, config), as from_pretrained
+    model.hf_quantizer = quantizer
 
 
 def _keep_4bit_weights_trainable_on_cpu(model) -> None:
