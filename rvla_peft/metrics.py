@@ -134,3 +134,20 @@ def env_health(accelerator, env) -> dict[str, float]:
         return {}
     dropped, restarts = rank_sum(accelerator, [env.dropped_episodes, env.worker_restarts])
     return {"env/dropped_episodes": dropped, "env/worker_restarts": restarts}
+
+
+# shown on the progress bar's line after each update (everything goes to metrics.jsonl and the trackers)
+SHOWN_METRICS = (
+    "rollout/success_rate", "rollout/return", "rollout/step_reward", "loss/ppo", "loss/value", "loss/jacobian",
+    "loss/smooth", "loss/invariance", "loss/distill", "ppo/approx_kl", "ppo/clip_frac", "policy/kl_to_base",
+    "policy/argmax_changed", "groups/kept_frac", "time/env_steps_per_s",
+)  # fmt: skip
+
+
+def progress_line(metrics: dict[str, float], update: int, total_updates: int) -> str:
+    """One line per update for the terminal: the main metrics, then every evaluated success rate."""
+    line = " ".join(f"{k}={metrics[k]:.4g}" for k in SHOWN_METRICS if k in metrics)
+    line += "".join(
+        f" {k}={v:.3g}" for k, v in metrics.items() if k.startswith(("eval/", "eval_sampled/")) and k.endswith("rate")
+    )
+    return f"[update {update}/{total_updates}] {line}"

@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from rvla_peft import metrics as run_metrics
 from rvla_peft.algorithms.grad_share import grad_share_history, term_grad_norms
 from rvla_peft.algorithms.ppo import minibatch_indices, normalize_advantages
 from rvla_peft.callbacks import CallbackList, TrainerCallback
@@ -42,7 +43,6 @@ from rvla_peft.checkpointing import Checkpointer, rng_state, set_rng_state
 from rvla_peft.config import TrainConfig
 from rvla_peft.envs import PerturbedEnv, make_envs
 from rvla_peft.hub.push import push_training_output
-from rvla_peft.metrics import env_health, evaluation_metrics, kl_to_reference, make_probe, probe_drift, rollout_metrics
 from rvla_peft.objective import compute_losses, make_batch, micro_batches, value_only_loss
 from rvla_peft.perturbations import spec_label
 from rvla_peft.perturbations.curriculum import Curriculum
@@ -58,13 +58,6 @@ from rvla_peft.utils.errors import NonFiniteError, SaveError, TrainingInterrupte
 from rvla_peft.utils.threads import torch_threads
 
 __all__ = ["NonFiniteError", "RobustPPOTrainer", "SaveError", "TrainerCallback", "TrainingInterrupted"]
-
-# shown on the progress bar's line after each update (everything goes to metrics.jsonl and the trackers)
-SHOWN_METRICS = (
-    "rollout/success_rate", "rollout/return", "rollout/step_reward", "loss/ppo", "loss/value", "loss/jacobian",
-    "loss/smooth", "loss/invariance", "loss/distill", "ppo/approx_kl", "ppo/clip_frac", "policy/kl_to_base",
-    "policy/argmax_changed", "groups/kept_frac", "time/env_steps_per_s",
-)  # fmt: skip
 
 
 def _detach_inputs(module, args):
@@ -175,7 +168,10 @@ class RobustPPOTrainer:
                     rollout, obs = collect(self.policy, self.train_env, obs, cfg.ppo.num_steps, cfg.ppo.gamma)
             rollout_s = time.perf_counter() - start
             with torch_threads(cfg.update_threads):  # the cores are the update's now (rollouts keep torch's count)
-                metrics = {**rollout_metrics(acc, rollout, self.setting_labels), **self.policy_metrics(rollout)}
+                metrics = {
+                    **run_metrics.rollout_metrics(acc, rollout, self.setting_labels),
+                    **self.policy_metrics(rollout),
+                }
                 self._last_success_rate = metrics.get("rollout/success_rate")
                 self.policy.train()
                 metrics.update(self.update(rollout))
@@ -190,7 +186,7 @@ class RobustPPOTrainer:
                     "time/env_steps": float(self.env_steps),
                     "perturb/severity_scale": scale,
                     **self.train_env.sampler_metrics(),  # this process's episodes (each rank has its own sampler)
-                    **env_health(acc, self.base_env),
+                    **run_metrics.env_health(acc, self.base_env),
                 }
             )
             step = self.update_index + 1
@@ -244,12 +240,12 @@ class RobustPPOTrainer:
         """``policy/kl_to_base``, ``policy/argmax_changed`` / ``argmax_shift`` (on the first rollout's probe frames)
         and ``policy/temperature`` (see :mod:`rvla_peft.metrics`)."""
         metrics = {"policy/temperature": self.cfg.policy.temperature}
-        metrics.update(kl_to_reference(self.accelerator, self.policy, rollout, self.cfg))
+        metrics.update(run_metrics.kl_to_reference(self.accelerator, self.policy, rollout, self.cfg))
         if self.cfg.probe_frames:
             if self.probe is None and len(rollout.log_probs.reshape(-1)):
-                self.probe = make_probe(rollout, self.cfg.probe_frames)
+                self.probe = run_metrics.make_probe(rollout, self.cfg.probe_frames)
             if self.probe is not None:
-                metrics.update(probe_drift(self.accelerator, self.policy, self.probe))
+                metrics.update(run_metrics.probe_drift(self.accelerator, self.policy, self.probe))
         return metrics
 
     # ---------------------------------------------------------------------------------------------------------
@@ -402,7 +398,9 @@ class RobustPPOTrainer:
         """``eval/<setting>/success_rate`` and ``/return`` on fixed episodes (see :func:`evaluation_metrics`)."""
         self.policy.eval()
         with self.policy.acting():  # merged once for every mode (policy.merge_lora_to_act)
-            return evaluation_metrics(self.accelerator, self.policy, self.base_env, self.cfg, seed=self.env_seed + 7)
+            return run_metrics.evaluation_metrics(
+                self.accelerator, self.policy, self.base_env, self.cfg, seed=self.env_seed + 7
+            )
 
     def log(self, metrics: dict[str, float], step: int, bar=None) -> None:
         """Write ``metrics`` of update ``step`` to the trackers and metrics.jsonl, show the main ones on the progress
@@ -413,13 +411,7 @@ class RobustPPOTrainer:
         if acc.is_main_process:
             with open(self.output_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps({"update": step, **metrics}) + "\n")
-            line = " ".join(f"{k}={metrics[k]:.4g}" for k in SHOWN_METRICS if k in metrics)
-            line += "".join(
-                f" {k}={v:.3g}"
-                for k, v in metrics.items()
-                if k.startswith(("eval/", "eval_sampled/")) and k.endswith("rate")
-            )
-            (bar or tqdm).write(f"[update {step}/{self.cfg.total_updates}] {line}")
+            (bar or tqdm).write(run_metrics.progress_line(metrics, step, self.cfg.total_updates))
         self.callbacks.on_log(self, step, metrics)
 
     # ---------------------------------------------------------------------------------------------------------
