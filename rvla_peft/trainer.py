@@ -12,10 +12,12 @@
 - ``ppo``: T steps x N envs (:func:`rvla_peft.rollout.collect`), GAE from the value head;
 - ``rloo`` / ``grpo``: groups of G whole episodes from one initial state and perturbation draw
   (:func:`rvla_peft.rollout.collect_groups`), each episode's advantage relative to its group, no critic (no value
-  loss, the value head out of the optimizer).
+  loss, the value head out of the optimizer);
+- ``distill``: T steps x N envs as ppo, no reward and no critic: the reference's clean-frame actions are the target.
 
-The reference policy (of ``kl_to_base``, the invariance teacher and the drift probes) is the same model with the
-adapter switched off (:meth:`Policy.reference`), so it costs no second copy of the weights. Saving, rescue and
+The reference policy (of ``kl_to_base``, the invariance teacher, distillation and the drift probes) is the same model
+with the adapter switched off, or with the frozen warm-up adapter when RL starts from one (:meth:`Policy.reference`),
+so it costs no second copy of the weights. Saving, rescue and
 resume live in :mod:`rvla_peft.checkpointing`, the run's other metrics in :mod:`rvla_peft.metrics`, the
 collectives (and why the policy is not wrapped in DDP) in :mod:`rvla_peft.utils.collectives`.
 """
