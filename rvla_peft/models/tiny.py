@@ -180,17 +180,28 @@ def prismatic_processor(tokenizer, image_size: int):
     return PrismaticProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def build_tiny_openvla(directory: str | Path, seed: int = 0, image_size: int = 64, patch_size: int = 16) -> Path:
+def build_tiny_openvla(
+    directory: str | Path,
+    seed: int = 0,
+    image_size: int = 64,
+    patch_size: int = 16,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vision_hidden_size: int = 64,
+    vision_layers: int = 3,
+) -> Path:
     """Write a tiny random OpenVLA + processor to ``directory`` (deterministic for a seed).
 
     Text is tokenised per character (offline, any instruction) with a BOS token first, as Llama's tokenizer does:
     the model inserts the image after it. The embedding matrix has 512 rows, the last 64 of them padding as in
-    openvla-7b, so the 256 action ids are 192..447."""
+    openvla-7b, so the 256 action ids are 192..447. The sizes default to ``builtin:tiny-openvla``'s;
+    ``bench/warmup_chain.py`` builds a wider one."""
     from rvla_peft.models.openvla import OpenVLAConfig, OpenVLAForActionPrediction
 
     tokenizer = openvla_char_tokenizer()
     vocab = tokenizer.get_vocab()
-    tower = dict(img_size=image_size, patch_size=patch_size, embed_dim=64, depth=3, num_heads=4)
+    tower = dict(img_size=image_size, patch_size=patch_size, embed_dim=vision_hidden_size, depth=vision_layers,
+                 num_heads=4)  # fmt: skip
     config = OpenVLAConfig(
         vision_backbone_id="tiny-dinosiglip",
         llm_backbone_id="llama2-7b-pure",
@@ -206,9 +217,9 @@ def build_tiny_openvla(directory: str | Path, seed: int = 0, image_size: int = 6
         ],
         text_config=dict(
             model_type="llama",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
             num_attention_heads=4,
             num_key_value_heads=4,
             vocab_size=512,
@@ -251,25 +262,35 @@ def pi0_processor(tokenizer, image_size: int, patch_size: int, chunk_size: int):
     return PI0Processor(image_processor=image_processor, tokenizer=tokenizer, chunk_size=chunk_size)
 
 
-def build_tiny_pi0(directory: str | Path, seed: int = 0, image_size: int = 64, patch_size: int = 16) -> Path:
+def build_tiny_pi0(
+    directory: str | Path,
+    seed: int = 0,
+    image_size: int = 64,
+    patch_size: int = 16,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vision_hidden_size: int = 64,
+    vision_layers: int = 2,
+) -> Path:
     """Write a tiny random PI0 + processor to ``directory`` (deterministic for a seed).
 
-    PaliGemma (SigLIP 2 layers + Gemma 2 layers) and a Gemma action expert of the same depth and head layout (the
-    expert attends to the VLM's keys layer by layer), widths 64; a chunk of 8 actions in 4 denoising steps. Text
-    is tokenised per character (offline, any instruction); the processor is transformers' ``PI0Processor`` with a
-    PIL SigLIP image processor (its own image processor needs torchvision)."""
+    PaliGemma (SigLIP + Gemma) and a Gemma action expert of the same depth and head layout (the expert attends to
+    the VLM's keys layer by layer); a chunk of 8 actions in 4 denoising steps. The sizes default to
+    ``builtin:tiny-pi0``'s (2 layers, widths 64); ``bench/warmup_chain.py`` builds a wider one. Text is tokenised
+    per character (offline, any instruction); the processor is transformers' ``PI0Processor`` with a PIL SigLIP
+    image processor (its own image processor needs torchvision)."""
     from transformers import PI0Config, PI0ForConditionalGeneration
 
     tokenizer = pi0_char_tokenizer()
     vocab = tokenizer.get_vocab()
     gemma = dict(
         model_type="gemma",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=1,
-        head_dim=16,
+        head_dim=hidden_size // 4,
     )
     config = PI0Config(
         vlm_config=dict(
@@ -277,15 +298,15 @@ def build_tiny_pi0(directory: str | Path, seed: int = 0, image_size: int = 64, p
             text_config=dict(gemma, vocab_size=512, pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"]),
             vision_config=dict(
                 model_type="siglip_vision_model",
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
+                hidden_size=vision_hidden_size,
+                intermediate_size=2 * vision_hidden_size,
+                num_hidden_layers=vision_layers,
                 num_attention_heads=4,
                 image_size=image_size,
                 patch_size=patch_size,
                 vision_use_head=False,
             ),
-            projection_dim=64,
+            projection_dim=hidden_size,
             image_token_id=vocab["<image>"],
         ),
         dit_config=gemma,
