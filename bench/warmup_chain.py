@@ -50,8 +50,18 @@ class Scale:
 
 FULL = Scale(
     sizes=dict(patch_size=8, hidden_size=128, num_layers=4, vision_hidden_size=128, vision_layers=2),
-    sft=dict(max_steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=100, weight_decay=0.05, random_crop=2,
-             val_fraction=0.05, eval_every=250, eval_episodes=20, save_every=250),  # fmt: skip
+    sft=dict(
+        max_steps=2000,
+        batch_size=32,
+        learning_rate=1e-3,
+        warmup_steps=100,
+        weight_decay=0.05,
+        random_crop=2,
+        val_fraction=0.05,
+        eval_every=250,
+        eval_episodes=20,
+        save_every=250,
+    ),  # fmt: skip
     rl=["total_updates=10"],
 )
 SMOKE = Scale(
@@ -211,7 +221,8 @@ def chain(family: str, out: Path, demos: list[Path], scale: Scale) -> dict:
     merged = root / "merged"
     if not (merged / "config.json").is_file():
         run("rvla-export", export, [str(rl), "--out", str(merged), "--overwrite"], log)
-    results["export"] = {"files": sorted(p.name for p in merged.iterdir()), "matches_adapter": merged_matches(rl, merged)}
+    files = sorted(p.name for p in merged.iterdir())
+    results["export"] = {"files": files, "matches_adapter": merged_matches(rl, merged)}
     results["card"] = (rl / "adapter" / "README.md").is_file() and (merged / "README.md").is_file()
     save()
     return results
@@ -243,17 +254,18 @@ def summary(results: dict[str, dict]) -> str:
         lo, hi = row["ci95"]
         return f"{100 * row['difference']:+.0f} [{100 * lo:+.0f}, {100 * hi:+.0f}]"
 
+    p = RL_PERTURBATION
     lines = [
         "| family | parameters | warm-up steps (best) | warm-up clean % | after RL: clean % | "
-        f"{RL_PERTURBATION}: warm-up % | {RL_PERTURBATION}: RL % | RL - warm-up, {RL_PERTURBATION} | merged = adapter |",
+        f"{p}: warm-up % | {p}: RL % | RL - warm-up, {p} | merged = adapter |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for family, r in results.items():
         w, e = r["warmup_eval"], r["rl_eval"]
         lines.append(
             f"| `{family}` | {r['parameters'] / 1e6:.2f} M | {r['warmup']['best']['step']} | {pct(w['base/clean'])} | "
-            f"{pct(e['robust/clean'])} | {pct(e[f'base/{RL_PERTURBATION}'])} | {pct(e[f'robust/{RL_PERTURBATION}'])} | "
-            f"{diff(e[f'robust-base/{RL_PERTURBATION}'])} | {r['export']['matches_adapter']} |"
+            f"{pct(e['robust/clean'])} | {pct(e[f'base/{p}'])} | {pct(e[f'robust/{p}'])} | "
+            f"{diff(e[f'robust-base/{p}'])} | {r['export']['matches_adapter']} |"
         )
     return "\n".join(lines) + "\n"
 
