@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 import yaml
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from rvla_peft.cards import warmup_card
 from rvla_peft.config import EnvConfig, LoraSettings, ModelConfig, PolicyConfig, TrainConfig, dump_yaml
@@ -432,6 +433,7 @@ def sft(cfg: SFTConfig, command: str = "") -> dict:
             f"({', '.join(data.tasks)}); {cfg.policy.family} objective; steps {step} -> {cfg.max_steps}",
             flush=True,
         )
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="warm-up steps", disable=not acc.is_local_main_process)
         while step < cfg.max_steps:
             policy.train()
             for group in optimizer.param_groups:
@@ -464,6 +466,8 @@ def sft(cfg: SFTConfig, command: str = "") -> dict:
                 optimizer.step()
                 consecutive_skips = 0
             step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss.item():.4g}", refresh=False)
             due_eval = step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)
             due_save = step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0)
             if due_eval:
@@ -476,8 +480,7 @@ def sft(cfg: SFTConfig, command: str = "") -> dict:
                     metrics["mean_success"] = sum(metrics["success"].values()) / len(metrics["success"])
                 metrics["elapsed_s"] = round(time.perf_counter() - start_time, 1)
                 record["history"].append(metrics)
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
-                      flush=True)  # fmt: skip
+                bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
                 key = (metrics.get("mean_success", 0.0), -metrics.get("val_loss", metrics["train_loss"]))
                 if best_key is None or key > best_key:
                     best_key, record["best"] = key, metrics
@@ -486,6 +489,7 @@ def sft(cfg: SFTConfig, command: str = "") -> dict:
             if due_save and acc.is_main_process:
                 state = {"step": step, "best_key": best_key, "record": record}
                 save_checkpoint(out / CHECKPOINT_DIR, params, optimizer, state)
+        bar.close()
         record["wall_time_s"] = round(time.perf_counter() - start_time, 1)
         if acc.is_main_process:
             atomic_write_text(out / SFT_RECORD_FILE, json.dumps(record, indent=2) + "\n")

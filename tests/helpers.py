@@ -1,6 +1,7 @@
 """Small helpers shared by tests."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ def load_bench_script(name: str):
     """A script of bench/ (not a package) imported as a module, ``name`` without ``.py``."""
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
