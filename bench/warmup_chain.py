@@ -21,6 +21,7 @@ command is recorded there as it would be typed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import time
@@ -275,10 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="results folder (resumes what is there)")
     parser.add_argument("--family", action="append", choices=sorted(FAMILIES), help="default: every family")
     parser.add_argument("--smoke", action="store_true", help="builtin widths, 3 demonstrations, 2 steps: no bar")
+    parser.add_argument("--max-steps", type=int, default=FULL.sft["max_steps"], help="warm-up optimizer steps")
+    parser.add_argument("--clean-episodes", type=int, default=FULL.demos["clean"][0], help="expert demonstrations")
+    parser.add_argument("--dart-episodes", type=int, default=FULL.demos["dart"][0], help="DART ones (noise 0.5)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scale = SMOKE if args.smoke else FULL
+    if not args.smoke:
+        demos = {"clean": (args.clean_episodes, 10_000, 0.0), "dart": (args.dart_episodes, 20_000, 0.5)}
+        scale = dataclasses.replace(scale, sft={**scale.sft, "max_steps": args.max_steps}, demos=demos)
     log: list = []
     demos = record_demos(out, scale, log)
     results = {family: chain(family, out, demos, scale) for family in args.family or sorted(FAMILIES)}
