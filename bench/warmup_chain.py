@@ -285,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     scale = SMOKE if args.smoke else FULL
     if not args.smoke:
         demos = {"clean": (args.clean_episodes, 10_000, 0.0), "dart": (args.dart_episodes, 20_000, 0.5)}
-        scale = dataclasses.replace(scale, sft={**scale.sft, "max_steps": args.max_steps}, demos=demos)
+        every = max(args.max_steps // 8, 1)  # 8 checks of closed-loop success along the warm-up
+        sft = {**scale.sft, "max_steps": args.max_steps, "eval_every": every, "save_every": every}
+        scale = dataclasses.replace(scale, sft=sft, demos=demos)
     log: list = []
     demos = record_demos(out, scale, log)
     results = {family: chain(family, out, demos, scale) for family in args.family or sorted(FAMILIES)}
