@@ -12,7 +12,7 @@ import torch
 from helpers import fixed_obs
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from rvla_peft.cli.export import main as export_cli
 from rvla_peft.config import dump_yaml, load_config
@@ -116,8 +116,9 @@ def test_merged_export_acts_as_the_adapter_policy(family, tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "lora" in k or "value_head" in k]
 
-    # (a) plain transformers: no peft anywhere
+    # (a) plain transformers, as the card's snippet loads it: no peft anywhere, and a processor for every family
     model = AutoModelForImageTextToText.from_pretrained(out)
+    assert AutoProcessor.from_pretrained(out).tokenizer("pick")["input_ids"]
     assert not [n for n, _ in model.named_modules() if "lora" in n]
     assert not hasattr(model, "peft_config")
     merged_state = model.state_dict()
