@@ -165,16 +165,19 @@ def aggregate(reports: list[dict], shared: tuple[str, ...] = (BASE,), resamples:
     The "mean perturbed" row averages the perturbed settings; its Wilson interval pools their episodes as if
     independent (somewhat narrow)."""
     settings = [s["name"] for s in reports[0]["settings"]]
-    variants = [p["name"] for p in reports[0]["policies"]]
+    variants = list(dict.fromkeys(p["name"] for rep in reports for p in rep["policies"]))  # in order, once each
     perturbed = [s for s in settings if s != "clean"]
     index = {s: [settings.index(n) for n in (perturbed if s == MEAN else [s])] for s in [*settings, MEAN]}
 
     def successes(rep: dict, v: str, s: str) -> list[float]:
         return next(r for r in rep["results"] if r["policy"] == v and r["setting"] == s)["successes"]
 
+    def has(rep: dict, *names: str) -> bool:  # an arm may have run fewer seeds than the others (--arm-seeds)
+        return all(any(p["name"] == v for p in rep["policies"]) for v in names)
+
     outcomes = {}  # variant -> [seeds, settings, episodes]
     for v in variants:
-        runs = [[successes(rep, v, s) for s in settings] for rep in reports]
+        runs = [[successes(rep, v, s) for s in settings] for rep in reports if has(rep, v)]
         if v in shared:
             if any(run != runs[0] for run in runs):
                 sys.exit(f"{v}: its results differ between the seeds' reports, so it is not one shared evaluation")
@@ -205,7 +208,7 @@ def aggregate(reports: list[dict], shared: tuple[str, ...] = (BASE,), resamples:
     for v in variants:
         for s in [*settings, MEAN]:
             per_seed = []
-            for rep in reports:
+            for rep in (rep for rep in reports if has(rep, v, baseline)):  # the seeds both arms ran
                 per_setting = [
                     [a - b for a, b in zip(successes(rep, v, name), successes(rep, baseline, name), strict=True)]
                     for name in (perturbed if s == MEAN else [s])
@@ -394,6 +397,23 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def parse_arm_seeds(specs: list[str], variants: list[str], seeds: list[int]) -> dict[str, list[int]]:
+    """Each variant's training seeds: ``seeds``, or a subset of them given as ``ARM=S,S,...``."""
+    arm_seeds = {v: list(seeds) for v in variants}
+    for spec in specs:
+        arm, _, listed = spec.partition("=")
+        if arm not in arm_seeds:
+            sys.exit(f"--arm-seeds {spec}: {arm!r} is not among --variants {variants}")
+        try:
+            chosen = [int(x) for x in listed.split(",")]
+        except ValueError:
+            sys.exit(f"--arm-seeds {spec}: expected ARM=S,S,... with integer seeds, e.g. {arm}=0,1,2")
+        if not set(chosen) <= set(seeds) or not chosen:
+            sys.exit(f"--arm-seeds {spec}: the seeds must be a non-empty subset of --seeds {seeds}")
+        arm_seeds[arm] = chosen
+    return arm_seeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "tiny_cpu.yaml")
@@ -413,20 +433,25 @@ def main() -> None:
     parser.add_argument("--eval-num-envs", type=int, help="envs per evaluation (default: the recipe's)")
     parser.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override for the evaluations only, e.g. env.vectorization=async")  # fmt: skip
+    parser.add_argument("--arm-seeds", action="append", default=[], metavar="ARM=S,S,...",
+                        help="one arm's seeds where it runs fewer than --seeds, e.g. ARM=0,1,2")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. env.num_envs=4")
     args = parser.parse_intermixed_args()
     if args.pinned and code_commit().endswith("+dirty"):
         sys.exit("--pinned: rvla_peft/ or recipes/ has uncommitted changes; commit them or run from a clean worktree")
+    arm_seeds = parse_arm_seeds(args.arm_seeds, args.variants, args.seeds)
     args.out.mkdir(parents=True, exist_ok=True)
     base = evaluate(args, BASE)
-    runs = [(variant, seed) for seed in args.seeds for variant in args.variants]
+    runs = [(variant, seed) for seed in args.seeds for variant in args.variants if seed in arm_seeds[variant]]
 
     def train_and_evaluate(variant: str, seed: int) -> dict:  # each report as soon as its training ends
         return evaluate(args, f"{variant}-seed{seed}", train(args, variant, seed), label=variant)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         trained = dict(zip(runs, pool.map(lambda run: train_and_evaluate(*run), runs), strict=True))
-    reports = [seed_report(base, [trained[variant, seed] for variant in args.variants]) for seed in args.seeds]
+    reports = [
+        seed_report(base, [trained[v, seed] for v in args.variants if (v, seed) in trained]) for seed in args.seeds
+    ]
     baseline = STUDY_BASELINE if args.targets == "study" else None
     summary = aggregate(reports, resamples=args.resamples, bootstrap_seed=args.bootstrap_seed, baseline=baseline)
     summary["targets"] = study_targets(summary) if args.targets == "study" else targets(summary)

@@ -258,3 +258,32 @@ def test_the_study_targets_compare_every_arm_with_equal_budget_ppo(reproduce):
         rows["weak", "action_noise@1"]["value"] == pytest.approx(-3 / 4) and not rows["weak", "action_noise@1"]["met"]
     )
     assert ("ppo_klclean", "mean") not in rows and rows["ppo_klclean", "clean"]["met"]
+
+
+def test_an_arm_with_fewer_seeds_is_pooled_over_its_own_seeds(reproduce):
+    """--arm-seeds: robustvla runs seed 0 only, ppo seeds 0 and 1. Its cells pool its one seed, its paired
+    per-seed differences use the seeds both ran, and the bootstrap draws each arm's own seeds."""
+    summary = reproduce.aggregate([report(SEED0), report({"ppo": SEED1["ppo"]})])
+    cells, paired = summary["cells"], summary["paired"]
+    assert summary["variants"] == ["ppo", "robustvla"]
+    assert cells["robustvla|clean"]["per_seed"] == [1.0] and cells["robustvla|clean"]["episodes"] == 4
+    assert cells["ppo|clean"]["per_seed"] == [0.75, 0.5] and cells["ppo|clean"]["episodes"] == 8
+    # seed 0 alone: robustvla a 2/4 against ppo 1/4, b 2/4 against 1/4
+    assert paired[f"robustvla|{reproduce.MEAN}"]["per_seed"] == [0.25]
+    order = ["clean", "a", "b"]
+    boot = TwoLevelBootstrap(
+        {
+            "ppo": [[s["ppo"][x] for x in order] for s in (SEED0, SEED1)],
+            "robustvla": [[SEED0["robustvla"][x] for x in order]],
+        },
+        resamples=2000,
+    )
+    d = paired[f"robustvla|{reproduce.MEAN}"]
+    assert [d["difference"], *d["ci95"]] == list(boot.difference("robustvla", "ppo", [1, 2]))
+
+
+def test_arm_seeds_must_name_an_arm_and_a_subset_of_the_seeds(reproduce):
+    assert reproduce.parse_arm_seeds(["b=0,2"], ["a", "b"], [0, 1, 2]) == {"a": [0, 1, 2], "b": [0, 2]}
+    for spec, message in [("c=0", "not among --variants"), ("b=0,x", "integer seeds"), ("b=3", "subset of --seeds")]:
+        with pytest.raises(SystemExit, match=message):
+            reproduce.parse_arm_seeds([spec], ["a", "b"], [0, 1, 2])
