@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from rvla_peft.cards import interrupted_update  # noqa: E402
 from rvla_peft.stats import (  # noqa: E402
     DIFFERENCE_BOUNDS,
     RATE_BOUNDS,
@@ -100,7 +101,8 @@ def train(args, variant: str, seed: int) -> Path:
     interruption, resumes from its latest checkpoint; the run records the commit it started from (``COMMIT``) and
     refuses to continue on other code, so each training seed runs from one pinned commit."""
     out = args.out / f"{variant}-seed{seed}"
-    if (out / "adapter" / "adapter_model.safetensors").exists():
+    # finished: an adapter that no signal stopped (a stopped run leaves one marked interrupted, and resumes)
+    if (out / "adapter" / "adapter_model.safetensors").exists() and interrupted_update(out / "adapter") is None:
         return out / "adapter"
     commit, stamp = code_commit(), out / "COMMIT"
     if stamp.exists() and stamp.read_text().strip() != commit:

@@ -235,6 +235,18 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_on_its_starting_commit(r
     cmd, _ = launched[-1]
     assert cmd[cmd.index("--seed") + 1] == "100000"
 
+    monkeypatch.setattr(reproduce, "code_commit", lambda: "abc123")
+    # a run stopped by a signal leaves an adapter marked interrupted: not finished, it resumes
+    adapter = tmp_path / "invariance_adv-seed3" / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    (adapter / "trainer_state.json").write_text(json.dumps({"update": 39, "total_updates": 120, "interrupted": True}))
+    launched.clear()
+    reproduce.train(args, "invariance_adv", 3)
+    assert "resume_from_checkpoint=latest" in launched[-1][0]
+    (adapter / "trainer_state.json").write_text(json.dumps({"update": 120, "interrupted": False}))
+    assert reproduce.train(args, "invariance_adv", 3) == adapter and len(launched) == 1
+
 
 def test_the_study_targets_compare_every_arm_with_equal_budget_ppo(reproduce):
     base = {"clean": [1, 1, 1, 1], "shift": [0, 0, 0, 0], "action_noise@1": [1, 1, 1, 0]}
