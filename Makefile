@@ -44,8 +44,11 @@ demo: setup
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) -m rvla_peft.eval --adapter trained=outputs/tiny_demo/adapter \
 		--adapter color=builtin:tiny-vla-maniskill-color $(DEMO_EVAL) --out outputs/tiny_demo/report --overwrite
 
+# One pytest-xdist worker per core (at most 4: each holds torch, transformers and ManiSkill); worksteal evens out
+# the few minute-long tests. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(ARGS)

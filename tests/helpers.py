@@ -1,6 +1,7 @@
 """Small helpers shared by tests."""
 
 import importlib.util
+import socket
 import sys
 from pathlib import Path
 
@@ -16,6 +17,13 @@ def load_bench_script(name: str):
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: for a rendezvous of ranks, so that tests running at once never share one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def fixed_obs(batch: int = 3, size: int = 64, seed: int = 0, instructions=None) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import RECIPES
+from helpers import free_port
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -19,7 +20,7 @@ def test_two_cpu_ranks_exchange_gradients_and_end_identical(tmp_path):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
-        "--main_process_port", "29533",
+        "--main_process_port", str(free_port()),
         str(ROOT / "tests" / "dist_train.py"), str(RECIPES / "tiny_cpu.yaml"), str(tmp_path),
         f"output_dir={tmp_path / 'run'}", "total_updates=2", "eval_episodes=0", "report_to=[]",
         "env.num_envs=1", "env.max_episode_steps=6", "ppo.num_steps=4", "ppo.num_minibatches=2",

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import RECIPES
+from helpers import free_port
 from safetensors.torch import load_file, save_file
 
 from rvla_peft.adapters import AdapterFolderError, check_adapter_folder
@@ -41,7 +42,7 @@ def _command(out: Path, *extra: str, ranks: int = 1) -> list[str]:
         launcher = [sys.executable, "-m", "rvla_peft.train"]
     else:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29541",
+                    str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
                     "-m", "rvla_peft.train"]  # fmt: skip
     return [*launcher, TINY, f"output_dir={out}", *SHORT, *extra]
 
