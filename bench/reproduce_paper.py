@@ -310,7 +310,8 @@ def study_targets(summary: dict, baseline: str = STUDY_BASELINE) -> list[dict]:
 def targets_markdown(rows: list[dict]) -> str:
     lines = ["| arm | target | measured [95% interval] | met |", "|---|---|---|---|"]
     for r in rows:
-        percent = "cut" in r["target"] or "clean" in r["target"]
+        # a rate or a share in %; a difference in points, signed ("clean" alone would match ppo_klclean)
+        percent = r["target"].startswith(("clean", "robustness gap cut"))
         if r["ci95"] is not None:
             value = _t(r["value"], r["ci95"], "" if percent else "+", percent)
         else:

@@ -270,6 +270,11 @@ def test_the_study_targets_compare_every_arm_with_equal_budget_ppo(reproduce):
         rows["weak", "action_noise@1"]["value"] == pytest.approx(-3 / 4) and not rows["weak", "action_noise@1"]["met"]
     )
     assert ("ppo_klclean", "mean") not in rows and rows["ppo_klclean", "clean"]["met"]
+    table = reproduce.targets_markdown(reproduce.study_targets(summary))
+    lo, hi = (100 * x for x in rows["strong", "mean"]["ci95"])
+    row = f"| strong | mean perturbed minus ppo_klclean >= +8, interval above 0 | +37.5 [{lo:+.1f}, {hi:+.1f}] | yes |"
+    assert row in table
+    assert "| weak | clean >= 97% | 75.0% | no |" in table and "| weak | action_noise@1 not below" in table
 
 
 def test_an_arm_with_fewer_seeds_is_pooled_over_its_own_seeds(reproduce):
