@@ -13,13 +13,14 @@ os.environ.setdefault("RVLA_PEFT_CACHE", os.path.join(_SESSION_TMP, "cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `make test` runs one pytest-xdist worker per core: each worker, and the processes it starts, computes on one torch
 # thread. Two workers each spinning two OpenMP threads on two cores made the heaviest test 5-10x slower.
-if os.environ.get("PYTEST_XDIST_WORKER"):
+XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+if XDIST_WORKER:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if XDIST_WORKER:
     torch.set_num_threads(1)  # in case a plugin imported torch before OMP_NUM_THREADS was set
 
 from rvla_peft.config import TrainConfig, load_config  # noqa: E402
