@@ -411,8 +411,8 @@ def parse_arm_seeds(specs: list[str], variants: list[str], seeds: list[int]) -> 
             chosen = [int(x) for x in listed.split(",")]
         except ValueError:
             sys.exit(f"--arm-seeds {spec}: expected ARM=S,S,... with integer seeds, e.g. {arm}=0,1,2")
-        if not set(chosen) <= set(seeds) or not chosen:
-            sys.exit(f"--arm-seeds {spec}: the seeds must be a non-empty subset of --seeds {seeds}")
+        if not set(chosen) <= set(seeds):  # never empty: "ARM=" fails int() above
+            sys.exit(f"--arm-seeds {spec}: the seeds must be a subset of --seeds {seeds}")
         arm_seeds[arm] = chosen
     return arm_seeds
 

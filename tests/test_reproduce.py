@@ -301,6 +301,8 @@ def test_an_arm_with_fewer_seeds_is_pooled_over_its_own_seeds(reproduce):
 
 def test_arm_seeds_must_name_an_arm_and_a_subset_of_the_seeds(reproduce):
     assert reproduce.parse_arm_seeds(["b=0,2"], ["a", "b"], [0, 1, 2]) == {"a": [0, 1, 2], "b": [0, 2]}
-    for spec, message in [("c=0", "not among --variants"), ("b=0,x", "integer seeds"), ("b=3", "subset of --seeds")]:
+    errors = [("c=0", "not among --variants"), ("b=0,x", "integer seeds"), ("b=", "integer seeds"),
+              ("b=3", "subset of --seeds")]  # fmt: skip
+    for spec, message in errors:
         with pytest.raises(SystemExit, match=message):
             reproduce.parse_arm_seeds([spec], ["a", "b"], [0, 1, 2])
