@@ -137,7 +137,7 @@ def sft_recipe(family: str, base: Path, demos: list[Path], out: Path, scale: Sca
 
 def rl_recipe(warmup_recipe: Path, out: Path, scale: Scale) -> dict:
     """recipes/tiny_demo.yaml's training under colour jitter with PPO and the invariance penalty to the warm-up (the
-    configuration docs/warm-up.md measured; the demo itself now distills), the KL to the warm-up on clean frames,
+    configuration docs/warm-up.md measured, not the demo's distillation), the KL to the warm-up on clean frames,
     with the warmed-up model as the base and the warm-up's policy, LoRA and env sections."""
     recipe = yaml.safe_load((Path(__file__).resolve().parent.parent / "recipes" / "tiny_demo.yaml").read_text())
     recipe["algorithm"] = "ppo"
