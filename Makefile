@@ -28,8 +28,8 @@ $(STAMP): pyproject.toml Makefile rvla_peft/renderer.py
 # clean and perturbed: outputs/tiny_demo/report/report.md. Reset seeds 2000 onwards: episodes no study or choice of
 # recipe here has seen (the demo's recipe was checked on seeds 7000-7049). 50 episodes per cell, 10 async envs
 # that each start their next episode as soon as one ends (a batched action costs about the same for 2 and for 10
-# envs, and async envs render on the second core; bench/bench_eval.py). --video 2: the first 2 episodes of each setting played again with the
-# three policies side by side, report/videos/SETTING.mp4 and .gif.
+# envs, and async envs render on the second core; bench/bench_eval.py). --video 2: the first 2 episodes of each
+# setting played again with the three policies side by side, report/videos/SETTING.mp4 and .gif.
 DEMO_EVAL ?= --suite none --perturb color_jitter@0.5 --perturb shift@0.5 --perturb rotation@0.5 --episodes 50 \
 	--seed 2000 --num-envs 10 --schedule stream --video 2 env.vectorization=async
 # Training: one torch thread while acting, since OpenMP workers spinning beside the in-process simulator and software
