@@ -5,6 +5,7 @@ and the cards; a second call resumes (every stage's output is there, no command 
 import json
 
 import pytest
+import yaml
 from helpers import load_bench_script
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
@@ -27,6 +28,9 @@ def test_the_chain_runs_for_every_family_and_resumes(tmp_path):
         # RL trained a LoRA on the warmed-up model, which its adapter names as its base
         adapter_config = json.loads((tmp_path / family / "rl" / "adapter" / "adapter_config.json").read_text())
         assert adapter_config["base_model_name_or_path"] == str(tmp_path / family / "warmup" / "model")
+        # the configuration docs/warm-up.md measured (PPO + invariance), whatever algorithm the demo's recipe uses
+        rl = yaml.safe_load((tmp_path / family / "rl" / "adapter" / "recipe.yaml").read_text())
+        assert rl["algorithm"] == "ppo" and rl["regularizers"]["invariance"]["weight"] == 1.0
     table = (tmp_path / "summary.md").read_text()
     assert all(f"| `{family}` |" in table for family in chain.FAMILIES)
 
