@@ -140,14 +140,14 @@ def rl_recipe(warmup_recipe: Path, out: Path, scale: Scale) -> dict:
     configuration docs/warm-up.md measured, not the demo's distillation), the KL to the warm-up on clean frames,
     with the warmed-up model as the base and the warm-up's policy, LoRA and env sections."""
     recipe = yaml.safe_load((Path(__file__).resolve().parent.parent / "recipes" / "tiny_demo.yaml").read_text())
-    recipe["algorithm"] = "ppo"
-    recipe["regularizers"]["invariance"] = {"weight": 1.0, "form": "exact", "fraction": 0.5, "target": "base"}
     warm = yaml.safe_load(warmup_recipe.read_text())
+    # the exact KL needs a token distribution; the continuous families sample theirs
+    form = "exact" if warm["policy"]["family"] in ("action_tokens", "openvla") else "sampled"
+    recipe["algorithm"] = "ppo"
+    recipe["regularizers"]["invariance"] = {"weight": 1.0, "form": form, "fraction": 0.5, "target": "base"}
     recipe.update({k: warm[k] for k in ("model", "policy", "lora")}, output_dir=str(out), report_to=[])
     recipe["env"] = {**warm["env"], "num_envs": 2, "reward_mode": "sparse"}
     recipe["lora"].update(r=8, alpha=16)
-    if warm["policy"]["family"] not in ("action_tokens", "openvla"):  # the exact KL needs a token distribution
-        recipe["regularizers"]["invariance"]["form"] = "sampled"
     return recipe
 
 
